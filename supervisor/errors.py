@@ -1,0 +1,39 @@
+"""Exception families, classified by who is at fault.
+
+* :class:`BadInput` -- the user's config, job or request is wrong. The CLI turns it into
+  exit code 2 and one sentence on stderr; the HTTP API turns it into a 400.
+* :class:`PodError` -- the pod cannot do its work (a container died, the port is owned by a
+  stranger, ...). It carries the Cortex status code the job should end with.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BadInput", "ConfigError", "JobError", "PodError", "PortOwnerError", "SupervisorError"]
+
+
+class SupervisorError(Exception):
+    """Base class for every error the supervisor raises on purpose."""
+
+
+class BadInput(SupervisorError):
+    """Input supplied by the user is invalid; the message is one sentence naming the field."""
+
+
+class ConfigError(BadInput):
+    """The BatchAPI configuration file is invalid."""
+
+
+class JobError(BadInput):
+    """The job submission is invalid."""
+
+
+class PodError(SupervisorError):
+    """The pod cannot process batches. ``status`` is the Cortex job status it implies."""
+
+    def __init__(self, message: str, status: str = "worker_error") -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PortOwnerError(PodError):
+    """pod.port is held by a process that is not ours, or claimed by two containers."""

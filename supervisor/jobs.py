@@ -1,0 +1,212 @@
+"""Job submission, job spec and job status (SPEC §5), as msgspec Structs.
+
+Field names are the ones Cortex's code emits, so existing clients keep working. Items of an
+``item_list`` are kept as :class:`msgspec.Raw`: they reach the worker byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from supervisor.config import format_validation_error
+from supervisor.errors import JobError
+
+__all__ = [
+    "END_STATES",
+    "DeadLetterQueue",
+    "DelimitedFiles",
+    "FilePathLister",
+    "ItemList",
+    "JobMetrics",
+    "JobSpec",
+    "JobStatus",
+    "JobStatusResponse",
+    "JobSubmission",
+    "WorkerCounts",
+    "decode_submission",
+    "load_submission",
+    "new_job_id",
+    "rfc3339",
+]
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+# Status codes as Cortex's code writes them.
+PENDING: Final = "pending"
+ENQUEUING: Final = "enqueuing"
+RUNNING: Final = "running"
+ENQUEUE_FAILED: Final = "enqueue_failed"
+COMPLETED_WITH_FAILURES: Final = "completed_with_failures"
+SUCCEEDED: Final = "succeeded"
+UNEXPECTED_ERROR: Final = "unexpected_error"
+WORKER_ERROR: Final = "worker_error"
+WORKER_OOM: Final = "worker_oom"
+TIMED_OUT: Final = "timed_out"
+STOPPED: Final = "stopped"
+END_STATES: Final = frozenset(
+    {
+        ENQUEUE_FAILED,
+        COMPLETED_WITH_FAILURES,
+        SUCCEEDED,
+        UNEXPECTED_ERROR,
+        WORKER_ERROR,
+        WORKER_OOM,
+        TIMED_OUT,
+        STOPPED,
+    }
+)
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class ItemList(_Strict):
+    items: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
+    batch_size: PositiveInt
+
+
+class DelimitedFiles(_Strict):
+    s3_paths: Annotated[list[str], msgspec.Meta(min_length=1)]
+    batch_size: PositiveInt
+    includes: list[str] = []
+    excludes: list[str] = []
+
+
+class FilePathLister(_Strict):
+    s3_paths: Annotated[list[str], msgspec.Meta(min_length=1)]
+    batch_size: PositiveInt
+    includes: list[str] = []
+    excludes: list[str] = []
+
+
+class DeadLetterQueue(_Strict):
+    arn: str
+    max_receive_count: PositiveInt
+
+
+class JobSubmission(_Strict):
+    """What a user POSTs to ``/batch/<api_name>`` (or passes to ``run --job``)."""
+
+    workers: PositiveInt
+    item_list: ItemList | None = None
+    delimited_files: DelimitedFiles | None = None
+    file_path_lister: FilePathLister | None = None
+    config: dict[str, Any] | None = None
+    timeout: PositiveInt | None = None
+    sqs_dead_letter_queue: DeadLetterQueue | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            k
+            for k in ("item_list", "delimited_files", "file_path_lister")
+            if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            found = " and ".join(f"`{k}`" for k in given) if given else "none"
+            raise ValueError(
+                "A job needs exactly one of `item_list`, `delimited_files`, "
+                f"`file_path_lister`; found {found}"
+            )
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts per batch: once without a dead-letter queue (Cortex), else max_receive_count."""
+        dlq = self.sqs_dead_letter_queue
+        return 1 if dlq is None else dlq.max_receive_count
+
+
+class JobSpec(msgspec.Struct, kw_only=True):
+    """The job spec: the submission response and ``/cortex/spec/job.json``."""
+
+    job_id: str
+    api_name: str
+    kind: str = "BatchAPI"
+    workers: int
+    config: dict[str, Any] | None = None
+    api_id: str
+    sqs_url: str
+    timeout: int | None = None
+    sqs_dead_letter_queue: DeadLetterQueue | None = None
+    created_time: str
+    total_batch_count: int | None = None
+    start_time: str | None = None
+
+
+class WorkerCounts(msgspec.Struct, omit_defaults=True):
+    pending: int = 0
+    creating: int = 0
+    not_ready: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    killed: int = 0
+    killed_oom: int = 0
+    stalled: int = 0
+    unknown: int = 0
+
+
+class JobStatus(JobSpec, kw_only=True):
+    status: str
+    batches_in_queue: int = 0
+    worker_counts: WorkerCounts | None = None
+    end_time: str | None = None
+
+
+class JobMetrics(msgspec.Struct):
+    succeeded: int = 0
+    failed: int = 0
+    average_time_per_batch: float | None = None
+
+
+class JobStatusResponse(msgspec.Struct):
+    """``GET /batch/<api_name>?jobID=<id>`` and the final line of ``supervisor run``."""
+
+    job_status: JobStatus
+    endpoint: str
+    api_spec: dict[str, Any]
+    metrics: JobMetrics
+
+
+_MAX_INT64: Final = (1 << 63) - 1
+
+
+def new_job_id(now_ns: int | None = None) -> str:
+    """Cortex's job id: hex of MaxInt64 minus Unix nanoseconds, so ids sort newest first."""
+    ns = time.time_ns() if now_ns is None else now_ns
+    return format(_MAX_INT64 - ns, "x")
+
+
+def rfc3339(ts: float | None = None) -> str:
+    t = time.time() if ts is None else ts
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+_decoder = msgspec.json.Decoder(JobSubmission)
+
+
+def decode_submission(data: bytes, where: str = "job") -> JobSubmission:
+    """Decode and validate a JSON job submission; errors name the field path."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise JobError(format_validation_error(e, where)) from None
+    except msgspec.DecodeError as e:
+        raise JobError(f"{where}: not valid JSON ({e})") from None
+
+
+def load_submission(path: str | os.PathLike[str]) -> tuple[JobSubmission, bytes]:
+    """Read a job file (JSON; ``-`` for stdin). Returns the submission and its raw bytes."""
+    where = str(path)
+    try:
+        data = sys.stdin.buffer.read() if where == "-" else Path(path).read_bytes()
+    except OSError as e:
+        raise JobError(f"{where}: cannot read the job file ({e.strerror or e})") from None
+    return decode_submission(data, where), data

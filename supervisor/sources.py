@@ -1,0 +1,268 @@
+"""Which local files a ``delimited_files`` / ``file_path_lister`` submission names (SPEC §5).
+
+Theory of operation
+-------------------
+Every ``s3_paths`` entry is a *prefix*, as an S3 key is in Cortex, written either as a local
+path (``data/``, ``/srv/data/part-``) or as a ``file://`` URL (``file:///srv/data/``). Any other
+scheme (``s3://``, ``gs://``, ...) is refused: object stores are not supported in this build.
+An entry selects:
+
+* a folder: every regular file under it, recursively (symlinked folders are followed, once);
+* a regular file: that file;
+* anything else: every entry of its parent folder whose name starts with the last component
+  (``data/part-`` selects ``data/part-0.ndjson`` and everything under ``data/part-1/``).
+
+Each selected file is *shown* as the entry followed by the rest of the file's path, with ``/``
+separators (percent-encoded after a ``file://`` entry): ``data/`` shows ``data/a/x.ndjson``,
+``file:///srv/d`` shows ``file:///srv/d/a/x.ndjson``. Within one entry files are sorted by that
+string (S3 lists keys in the same order); entries keep the submitted order; a file selected by
+two entries is kept once, at its first place.
+
+``includes`` / ``excludes`` are globs matched against the whole shown string, with the
+semantics of the glob library Cortex uses (gobwas/glob with ``/`` as separator): ``*`` and
+``?`` stay within one path component, ``**`` matches anything including ``/``, ``[abc]``,
+``[a-z]``, ``[!abc]`` are character classes, ``{a,b}`` is an alternation, ``\\`` escapes.
+One addition: a whole ``**/`` component also matches no folder at all, so ``data/**/*.ndjson``
+selects ``data/x.ndjson`` too. A file is kept when ``includes`` is empty or one of them
+matches, and none of ``excludes`` matches (excludes win).
+
+``allowed_roots`` (job submissions over HTTP) confines every entry and every selected file,
+after resolving ``..`` and symlinks, to the given folders; ``None`` means no restriction (the
+``run`` command reads whatever its user can).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import quote, unquote
+
+from supervisor.errors import JobError
+
+__all__ = ["Source", "compile_glob", "list_files", "list_sources"]
+
+
+class Source(NamedTuple):
+    """One selected file: how it is shown (to globs, users and workers) and where it is."""
+
+    shown: str
+    path: str
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def compile_glob(pattern: str, where: str = "pattern") -> re.Pattern[str]:
+    """Translate a Cortex-style glob (see the module docstring) into a regular expression.
+
+    Use ``.fullmatch``. A malformed pattern raises :class:`JobError` naming ``where``.
+    """
+    out: list[str] = []
+    depth = 0  # open `{` groups
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            j = i
+            while j < n and pattern[j] == "*":
+                j += 1
+            if j - i == 1:
+                out.append("[^/]*")
+            elif (i == 0 or pattern[i - 1] == "/") and pattern[j : j + 1] == "/":
+                out.append("(?:.*/)?")  # a whole `**/` component: zero or more folders
+                j += 1
+            else:
+                out.append(".*")
+            i = j
+            continue
+        if c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            k = i + 1
+            negate = pattern[k : k + 1] in ("!", "^")
+            if negate:
+                k += 1
+            end = pattern.find("]", k)
+            if end < 0:
+                raise JobError(f"`{where}`: the glob `{pattern}` has a `[` without its `]`")
+            body = pattern[k:end]
+            if not body:
+                raise JobError(f"`{where}`: the glob `{pattern}` has an empty `[]` class")
+            chars = "".join(ch if ch == "-" else re.escape(ch) for ch in body)
+            out.append(f"[^/{chars}]" if negate else f"[{chars}]")
+            i = end
+        elif c == "{":
+            depth += 1
+            out.append("(?:")
+        elif c == "}" and depth:
+            depth -= 1
+            out.append(")")
+        elif c == "," and depth:
+            out.append("|")
+        elif c == "\\":
+            if i + 1 == n:
+                raise JobError(f"`{where}`: the glob `{pattern}` ends with a lone `\\`")
+            i += 1
+            out.append(re.escape(pattern[i]))
+        else:
+            out.append(re.escape(c))
+        i += 1
+    if depth:
+        raise JobError(f"`{where}`: the glob `{pattern}` has a `{{` without its `}}`")
+    try:
+        return re.compile("".join(out), re.DOTALL)
+    except re.error as e:
+        raise JobError(f"`{where}`: the glob `{pattern}` is malformed ({e})") from None
+
+
+def _local_path(entry: str, where: str) -> tuple[str, bool]:
+    """The local path an ``s3_paths`` entry names, and whether it was a ``file://`` URL."""
+    if not entry:
+        raise JobError(f"`{where}` is empty; expected a local path or a file:// URL")
+    m = _SCHEME.match(entry)
+    if m is None:
+        return entry, False
+    if m.group(1).lower() != "file":
+        raise JobError(
+            f"`{where}`: `{entry}` is in an object store; object stores are not supported in "
+            "this build (use a local path or a file:// URL)"
+        )
+    rest = entry[m.end() :]
+    host, slash, tail = rest.partition("/")
+    if host not in ("", "localhost"):
+        raise JobError(f"`{where}`: `{entry}` names the host `{host}`; file:// URLs must be local")
+    return unquote(slash + tail) or "/", True
+
+
+def _walk(top: str, seen: set[tuple[int, int]]) -> Iterator[str]:
+    """Relative paths (``/``-separated) of the regular files under ``top``, following links."""
+    st = os.stat(top)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:  # a symlink loop, or a folder reached twice
+        return
+    seen.add(key)
+    with os.scandir(top) as it:
+        entries = list(it)
+    for e in entries:
+        try:
+            if e.is_dir():
+                for rel in _walk(e.path, seen):
+                    yield f"{e.name}/{rel}"
+            elif e.is_file():
+                yield e.name
+        except FileNotFoundError:  # removed while listing, or a broken link below
+            continue
+
+
+def _expand(local: str) -> list[tuple[str, str]]:
+    """(suffix to append to the entry, local path) for every file the prefix ``local`` selects."""
+    if os.path.isdir(local):
+        sep = "" if local.endswith("/") else "/"
+        return [(sep + rel, os.path.join(local, rel)) for rel in _walk(local, set())]
+    if os.path.isfile(local):
+        return [("", local)]
+    parent, name = os.path.split(local)
+    if not name or not os.path.isdir(parent or "."):
+        return []
+    found: list[tuple[str, str]] = []
+    with os.scandir(parent or ".") as it:
+        children = [e for e in it if e.name.startswith(name)]
+    for e in children:
+        rest = e.name[len(name) :]
+        if e.is_dir():
+            found.extend(
+                (f"{rest}/{rel}", os.path.join(e.path, rel)) for rel in _walk(e.path, set())
+            )
+        elif e.is_file():
+            found.append((rest, e.path))
+    return found
+
+
+def _inside(path: str, roots: Sequence[Path]) -> bool:
+    real = Path(path).resolve()
+    return any(real.is_relative_to(r) for r in roots)
+
+
+def list_sources(
+    paths: Sequence[str],
+    includes: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    *,
+    allowed_roots: Sequence[str | os.PathLike[str]] | None = None,
+    where: str = "",
+) -> list[Source]:
+    """The files ``paths`` select after ``includes``/``excludes``, in processing order.
+
+    Raises :class:`JobError` (one sentence naming ``<where>.s3_paths[i]`` or the glob) for an
+    object-store path, a path outside ``allowed_roots``, an entry that selects no file, an
+    unreadable file, or when the globs leave nothing.
+    """
+    pre = f"{where}." if where else ""
+    inc = [compile_glob(p, f"{pre}includes[{i}]") for i, p in enumerate(includes)]
+    exc = [compile_glob(p, f"{pre}excludes[{i}]") for i, p in enumerate(excludes)]
+    roots = None if allowed_roots is None else [Path(r).resolve() for r in allowed_roots]
+
+    result: list[Source] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(paths):
+        field = f"{pre}s3_paths[{i}]"
+        local, is_url = _local_path(entry, field)
+        if roots is not None:
+            if not roots:
+                raise JobError(
+                    f"`{field}`: local paths are not allowed in jobs submitted over HTTP "
+                    "until the server is given a data folder (--data-dir)"
+                )
+            if not _inside(local, roots):
+                raise JobError(f"`{field}`: `{entry}` is outside the allowed data folders")
+        try:
+            found = _expand(local)
+        except OSError as e:
+            raise JobError(
+                f"`{field}`: cannot list `{entry}` ({e.strerror or e}: {e.filename})"
+            ) from None
+        if not found:
+            raise JobError(f"`{field}`: no file found at or under `{entry}`")
+        shown_found = [
+            Source(entry + (quote(suffix, safe="/") if is_url else suffix), path)
+            for suffix, path in found
+        ]
+        shown_found.sort()
+        for src in shown_found:
+            if inc and not any(p.fullmatch(src.shown) for p in inc):
+                continue
+            if any(p.fullmatch(src.shown) for p in exc):
+                continue
+            real = os.path.realpath(src.path)
+            if real in seen:
+                continue
+            seen.add(real)
+            if roots is not None and not _inside(src.path, roots):
+                raise JobError(f"`{field}`: `{src.shown}` is outside the allowed data folders")
+            if not os.access(src.path, os.R_OK):
+                raise JobError(f"`{field}`: `{src.shown}` is not readable")
+            result.append(src)
+    if not result:
+        raise JobError(
+            f"`{pre}includes`/`{pre}excludes` leave no file out of the {len(paths)} "
+            f"path(s) in `{pre}s3_paths`"
+        )
+    return result
+
+
+def list_files(
+    paths: Sequence[str],
+    includes: Sequence[str] = (),
+    excludes: Sequence[str] = (),
+    *,
+    allowed_roots: Sequence[str | os.PathLike[str]] | None = None,
+    where: str = "",
+) -> list[str]:
+    """What ``?dryRun=true`` shows: the selected files, as shown (see the module docstring)."""
+    return [
+        s.shown
+        for s in list_sources(paths, includes, excludes, allowed_roots=allowed_roots, where=where)
+    ]

@@ -1,0 +1,460 @@
+"""supervisor.split / supervisor.sources: submissions into batch bodies, file selection."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor import split
+from supervisor.errors import JobError
+from supervisor.jobs import JobSubmission, decode_submission
+from supervisor.sources import compile_glob, list_files
+from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
+
+# -- helpers ---------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+# How one item may be spelled: compact, spaced, indented over several lines, non-ASCII kept.
+spellings = st.sampled_from(
+    [
+        {"separators": (",", ":")},
+        {},
+        {"indent": 1},
+        {"ensure_ascii": False, "separators": (", ", " : ")},
+    ]
+)
+
+
+def spell(value: Any, how: dict[str, Any]) -> bytes:
+    return json.dumps(value, **how).encode()
+
+
+def item_list_job(items: list[bytes], batch_size: int) -> JobSubmission:
+    body = b'{"workers":1,"item_list":{"items":[ ' + b" ,\n".join(items) + b" ],"
+    return decode_submission(body + b'"batch_size":%d}}' % batch_size)
+
+
+def files_job(kind: str, paths: list[str], batch_size: int = 10, **kw: Any) -> JobSubmission:
+    spec = {"s3_paths": paths, "batch_size": batch_size, **kw}
+    return decode_submission(json.dumps({"workers": 1, kind: spec}).encode())
+
+
+def unpack(body: bytes) -> list[bytes]:
+    return [bytes(r) for r in msgspec.json.decode(body, type=list[msgspec.Raw])]
+
+
+def check_batches(bodies: list[bytes], expected: list[bytes], batch_size: int, limit: int) -> None:
+    """Every item once, in order, byte for byte; batches full unless the limit forced a cut."""
+    got: list[bytes] = []
+    for k, body in enumerate(bodies):
+        assert len(body) <= limit
+        items = unpack(body)
+        assert 1 <= len(items) <= batch_size
+        assert body == b"[" + b",".join(items) + b"]"
+        got.extend(items)
+        if k < len(bodies) - 1 and len(items) < batch_size:
+            nxt = expected[len(got)]
+            assert len(body) + 1 + len(nxt) > limit  # cut early only when the next didn't fit
+    assert got == expected
+
+
+@contextlib.contextmanager
+def chunk_size(n: int) -> Iterator[None]:
+    """Read NDJSON in tiny chunks, so lines straddle reads (a tuning knob, not a mock)."""
+    saved = split._CHUNK
+    split._CHUNK = n  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        split._CHUNK = saved  # type: ignore[misc]
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def ndjson(*values: Any) -> bytes:
+    return b"".join(json.dumps(v).encode() + b"\n" for v in values)
+
+
+# -- item_list -------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(json_values, spellings), min_size=1, max_size=40),
+    st.integers(1, 12),
+    st.integers(0, 200),
+)
+def test_item_list_properties(
+    values: list[tuple[Any, dict[str, Any]]], batch_size: int, slack: int
+) -> None:
+    items = [spell(v, how) for v, how in values]
+    limit = max(map(len, items)) + 2 + slack
+    bodies = list(iter_batches(item_list_job(items, batch_size), max_batch_bytes=limit))
+    check_batches(bodies, items, batch_size, limit)
+
+
+def test_item_list_keeps_bytes_and_cuts_by_count() -> None:
+    items = [b'{"b": 1,  "a": 1.0e0}', b'"\\u00e9"', b"[ ]", b"1E+2", b'"x"']
+    bodies = list(iter_batches(item_list_job(items, 2)))
+    assert bodies == [b'[{"b": 1,  "a": 1.0e0},"\\u00e9"]', b"[[ ],1E+2]", b'["x"]']
+
+
+def test_item_list_cuts_early_at_the_byte_limit() -> None:
+    items = [b'"aaaa"', b'"bbbb"', b'"cccc"']  # 6 bytes each
+    # [a,b] is 15 bytes; [a,b,c] would be 22.
+    bodies = list(iter_batches(item_list_job(items, 3), max_batch_bytes=15))
+    assert bodies == [b'["aaaa","bbbb"]', b'["cccc"]']
+    assert validate_submission(item_list_job(items, 3), max_batch_bytes=15) == 2
+
+
+def test_item_list_item_over_the_limit_is_named() -> None:
+    items = [b"1", b'"' + b"x" * 100 + b'"', b"2"]
+    with pytest.raises(JobError, match=r"`item_list\.items\[1\]` is 102 bytes.*limit of 50 bytes"):
+        iter_batches(item_list_job(items, 1), max_batch_bytes=50)  # raises before any batch
+
+
+def test_item_list_long_list_runs_across_size_windows() -> None:
+    items = [b"%d" % i for i in range(40_000)]
+    job = item_list_job(items, 7)
+    check_batches(list(iter_batches(job, max_batch_bytes=30)), items, 7, 30)
+    items[33_333] = b'"' + b"x" * 40 + b'"'
+    with pytest.raises(JobError, match=r"`item_list\.items\[33333\]` is 42 bytes"):
+        iter_batches(item_list_job(items, 7), max_batch_bytes=30)
+
+
+def test_default_limit_is_256_kib() -> None:
+    assert DEFAULT_MAX_BATCH_BYTES == 256 * 1024
+    big = b'"' + b"x" * (DEFAULT_MAX_BATCH_BYTES - 4) + b'"'  # exactly fills a batch
+    assert [len(b) for b in iter_batches(item_list_job([big], 1))] == [DEFAULT_MAX_BATCH_BYTES]
+    with pytest.raises(JobError, match="over the batch limit"):
+        list(iter_batches(item_list_job([big + b" "], 1), max_batch_bytes=len(big) + 1))
+
+
+# -- delimited_files: NDJSON -----------------------------------------------------------------
+
+line_endings = st.sampled_from([b"\n", b"\r\n", b" \n", b"\n\n", b"\n  \t\n"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.tuples(json_values, line_endings), max_size=15), min_size=1, max_size=3),
+    st.integers(1, 7),
+    st.integers(0, 60),
+    st.integers(1, 64),
+    st.booleans(),
+)
+def test_ndjson_properties(
+    files: list[list[tuple[Any, bytes]]], batch_size: int, slack: int, chunk: int, tail: bool
+) -> None:
+    expected = [spell(v, {}) for f in files for v, _ in f]
+    if not expected:
+        expected = [b"0"]
+        files[0].append((0, b"\n"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, f in enumerate(files):
+            data = b"".join(b"  " + spell(v, {}) + end for v, end in f)
+            if not tail:
+                data = data.rstrip(b"\r\n")  # no newline at the end of the file
+            write(Path(tmp, f"part-{i}.ndjson"), data)
+        limit = max(map(len, expected)) + 2 + slack
+        job = files_job("delimited_files", [tmp], batch_size)
+        with chunk_size(chunk):
+            bodies = list(iter_batches(job, max_batch_bytes=limit))
+    check_batches(bodies, expected, batch_size, limit)
+
+
+def test_ndjson_crlf_blank_lines_bom_and_whitespace(tmp_path: Path) -> None:
+    data = b'\xef\xbb\xbf{"a": 1}\r\n\r\n   \n\t[1, 2] \r\n"\xc3\xa9"'
+    write(tmp_path / "x.ndjson", data)
+    bodies = list(iter_batches(files_job("delimited_files", [str(tmp_path / "x.ndjson")], 2)))
+    assert bodies == [b'[{"a": 1},[1, 2]]', b'["\xc3\xa9"]']
+
+
+def test_ndjson_batches_run_on_across_files(tmp_path: Path) -> None:
+    write(tmp_path / "d" / "a.ndjson", ndjson(1, 2, 3))
+    write(tmp_path / "d" / "b.ndjson", ndjson(4, 5))
+    bodies = list(iter_batches(files_job("delimited_files", [str(tmp_path / "d")], 2)))
+    assert bodies == [b"[1,2]", b"[3,4]", b"[5]"]
+
+
+def test_ndjson_gzip(tmp_path: Path) -> None:
+    with gzip.open(tmp_path / "x.ndjson.gz", "wb") as f:
+        f.write(ndjson(*range(5)))
+    job = files_job("delimited_files", [str(tmp_path / "x.ndjson.gz")], 3)
+    assert list(iter_batches(job)) == [b"[0,1,2]", b"[3,4]"]
+
+
+def test_ndjson_bad_line_is_named(tmp_path: Path) -> None:
+    write(tmp_path / "x.ndjson", b'{"a": 1}\n\n{"a": }\n3\n')
+    job = files_job("delimited_files", [f"{tmp_path}/x.ndjson"], 1)
+    with pytest.raises(JobError, match=r"`.*/x\.ndjson:3` is not valid JSON"):
+        list(iter_batches(job))
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"1, 2", b"[1", b"2]", b'"a', b"{}{}", b"1 2", b"nul"],
+    ids=["two-values", "open", "close", "open-string", "two-objects", "space", "truncated"],
+)
+def test_ndjson_lines_that_would_only_parse_together_are_refused(
+    tmp_path: Path, line: bytes
+) -> None:
+    # [1 / 2] / 3,4 make the valid array [[1,2],3,4] when joined: each line must stand alone.
+    write(tmp_path / "x.ndjson", b"0\n" + line + b"\n2]\n3,4\n")
+    with pytest.raises(JobError, match=r"x\.ndjson:2` is not valid JSON"):
+        list(iter_batches(files_job("delimited_files", [str(tmp_path / "x.ndjson")], 10)))
+
+
+def test_ndjson_oversized_line_is_named(tmp_path: Path) -> None:
+    write(tmp_path / "x.ndjson", ndjson(1, "x" * 100, 2))
+    job = files_job("delimited_files", [str(tmp_path / "x.ndjson")], 1)
+    with pytest.raises(JobError, match=r"x\.ndjson:2` is 102 bytes.*limit of 64 bytes"):
+        list(iter_batches(job, max_batch_bytes=64))
+
+
+def test_ndjson_endless_line_fails_without_reading_it_whole(tmp_path: Path) -> None:
+    write(tmp_path / "x.ndjson", b"1\n" + b"[" + b"0," * 200_000)  # no newline, no end
+    job = files_job("delimited_files", [str(tmp_path / "x.ndjson")], 1)
+    with chunk_size(4096), pytest.raises(JobError, match=r"x\.ndjson:2` is more than"):
+        list(iter_batches(job, max_batch_bytes=10_000))
+
+
+def test_ndjson_long_whitespace_is_not_an_item(tmp_path: Path) -> None:
+    write(tmp_path / "x.ndjson", b"1\n" + b" " * 50_000 + b"2\n")
+    job = files_job("delimited_files", [str(tmp_path / "x.ndjson")], 5)
+    with chunk_size(4096):
+        assert list(iter_batches(job, max_batch_bytes=1000)) == [b"[1,2]"]
+
+
+def test_ndjson_files_without_items(tmp_path: Path) -> None:
+    write(tmp_path / "a.ndjson", b"\n \n")
+    write(tmp_path / "b.ndjson", b"")
+    with pytest.raises(JobError, match="hold no items"):
+        list(iter_batches(files_job("delimited_files", [str(tmp_path)], 5)))
+
+
+# -- file selection --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """data/{a.ndjson, b.json, part-1.ndjson, part-2/c.ndjson, sub/deep/d.ndjson}, cwd=tmp."""
+    for name in ["a.ndjson", "b.json", "part-1.ndjson", "part-2/c.ndjson", "sub/deep/d.ndjson"]:
+        write(tmp_path / "data" / name, ndjson(name))
+    write(tmp_path / "datafile.ndjson", ndjson("datafile"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_folder_is_a_recursive_prefix_in_sorted_order(tree: Path) -> None:
+    expected = [
+        "data/a.ndjson",
+        "data/b.json",
+        "data/part-1.ndjson",
+        "data/part-2/c.ndjson",
+        "data/sub/deep/d.ndjson",
+    ]
+    assert list_files(["data"]) == expected
+    assert list_files(["data/"]) == expected
+
+
+def test_plain_prefix_matches_like_s3(tree: Path) -> None:
+    assert list_files(["data/part-"]) == ["data/part-1.ndjson", "data/part-2/c.ndjson"]
+    assert list_files(["data"]) != list_files(["dat"])  # `dat` also selects datafile.ndjson
+    assert "datafile.ndjson" in list_files(["dat"])
+
+
+def test_single_file_and_dedupe(tree: Path) -> None:
+    assert list_files(["data/b.json", "data/", str(tree / "data" / "b.json")]) == [
+        "data/b.json",
+        "data/a.ndjson",
+        "data/part-1.ndjson",
+        "data/part-2/c.ndjson",
+        "data/sub/deep/d.ndjson",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("includes", "excludes", "expected"),
+    [
+        (["**.ndjson"], [], ["a.ndjson", "part-1.ndjson", "part-2/c.ndjson", "sub/deep/d.ndjson"]),
+        (["data/*.ndjson"], [], ["a.ndjson", "part-1.ndjson"]),
+        (["*.ndjson"], [], []),  # `*` stays within one component: matches nothing here
+        (
+            ["data/**/*.ndjson"],
+            [],
+            ["a.ndjson", "part-1.ndjson", "part-2/c.ndjson", "sub/deep/d.ndjson"],
+        ),
+        (["**.ndjson"], ["**/part-*"], ["a.ndjson", "part-2/c.ndjson", "sub/deep/d.ndjson"]),
+        (["**.ndjson"], ["**/part-**"], ["a.ndjson", "sub/deep/d.ndjson"]),
+        ([], ["**.ndjson"], ["b.json"]),
+        (["data/{a,b}.*"], ["**.json"], ["a.ndjson"]),
+        (["data/part-?.ndjson", "**/d.ndjson"], [], ["part-1.ndjson", "sub/deep/d.ndjson"]),
+        (["data/[ab].*"], [], ["a.ndjson", "b.json"]),
+        (["data/[!ab]*"], [], ["part-1.ndjson"]),
+    ],
+)
+def test_includes_and_excludes(
+    tree: Path, includes: list[str], excludes: list[str], expected: list[str]
+) -> None:
+    if not expected:
+        with pytest.raises(JobError, match="leave no file"):
+            list_files(["data/"], includes, excludes)
+    else:
+        assert list_files(["data/"], includes, excludes) == [f"data/{e}" for e in expected]
+
+
+def test_nothing_left_after_globs(tree: Path) -> None:
+    with pytest.raises(JobError, match="leave no file"):
+        list_files(["data/"], ["**.csv"], [])
+
+
+def test_file_urls(tree: Path) -> None:
+    spaced = write(tree / "my data" / "x y.ndjson", ndjson(1))
+    url = (tree / "data").as_uri()
+    assert list_files([url], ["file://**/sub/**"]) == [f"{url}/sub/deep/d.ndjson"]
+    assert list_files([(tree / "my data").as_uri() + "/"]) == [spaced.as_uri()]
+    assert list_files([f"file://localhost{tree}/data/b.json"]) == [
+        f"file://localhost{tree}/data/b.json"
+    ]
+    job = files_job("file_path_lister", [url], 2, includes=["**.ndjson"])
+    bodies = list(iter_batches(job))
+    assert [json.loads(b) for b in bodies] == [
+        [f"{url}/a.ndjson", f"{url}/part-1.ndjson"],
+        [f"{url}/part-2/c.ndjson", f"{url}/sub/deep/d.ndjson"],
+    ]
+
+
+def test_file_path_lister_local_paths(tree: Path) -> None:
+    job = files_job("file_path_lister", ["data/part-", "data/b.json"], 10)
+    assert list(iter_batches(job)) == [
+        b'["data/part-1.ndjson","data/part-2/c.ndjson","data/b.json"]'
+    ]
+    with pytest.raises(JobError, match=r"the path `data/b\.json` is 13 bytes"):
+        iter_batches(files_job("file_path_lister", ["data/b.json"], 1), max_batch_bytes=14)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("s3://bucket/key/", "object stores are not supported"),
+        ("gs://bucket/key", "object stores are not supported"),
+        ("file://otherhost/data", "must be local"),
+        ("missing/", "no file found at or under `missing/`"),
+        ("data/nope-", "no file found"),
+        ("data/b.json/", "no file found"),
+        ("", "is empty"),
+    ],
+)
+def test_bad_paths(tree: Path, path: str, message: str) -> None:
+    with pytest.raises(JobError, match=message) as e:
+        iter_batches(files_job("delimited_files", ["data/a.ndjson", path]))  # raises eagerly
+    assert "`delimited_files.s3_paths[1]`" in str(e.value)
+
+
+def test_bad_globs(tree: Path) -> None:
+    for pattern, what in [("data/[ab", "`\\[`"), ("{a,b", "`{`"), ("a\\", "lone"), ("[]", "empty")]:
+        with pytest.raises(JobError, match=f"`file_path_lister.includes\\[0\\]`.*{what}"):
+            iter_batches(files_job("file_path_lister", ["data/"], includes=[pattern]))
+    with pytest.raises(JobError, match=r"`excludes\[0\]`.*malformed"):
+        list_files(["data/"], [], ["[z-a]"])
+
+
+def test_glob_semantics() -> None:
+    def match(pattern: str, path: str) -> bool:
+        return compile_glob(pattern).fullmatch(path) is not None
+
+    assert match("**.jpg", "s3://bucket/images/img_2.jpg")
+    assert match("s3://b/dir/**/*.json", "s3://b/dir/x.json")
+    assert match("s3://b/dir/**/*.json", "s3://b/dir/y/z/x.json")
+    assert not match("s3://b/dir/*.json", "s3://b/dir/y/x.json")
+    assert not match("a?c", "a/c")
+    assert match("a\\*c", "a*c") and not match("a\\*c", "abc")
+    assert match("{x,y/z}.txt", "y/z.txt")
+    assert match("a.b", "a.b") and not match("a.b", "axb")
+
+
+def test_symlinked_folders_are_followed_once(tmp_path: Path) -> None:
+    write(tmp_path / "d" / "x.ndjson", ndjson(1))
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    assert list_files([str(tmp_path / "d")]) == [f"{tmp_path}/d/x.ndjson"]
+
+
+# -- whose files (allowed_roots) -------------------------------------------------------------
+
+
+def test_allowed_roots(tmp_path: Path) -> None:
+    root = tmp_path / "allowed"
+    write(root / "in.ndjson", ndjson(1))
+    write(tmp_path / "secret.ndjson", ndjson("secret"))
+    (root / "link.ndjson").symlink_to(tmp_path / "secret.ndjson")
+    (root / "linkdir").symlink_to(tmp_path, target_is_directory=True)
+    roots = [root]
+
+    assert list_files([str(root / "in.ndjson")], allowed_roots=roots) == [str(root / "in.ndjson")]
+    assert list_files([root.as_uri() + "/in"], allowed_roots=roots) == [
+        root.as_uri() + "/in.ndjson"
+    ]
+
+    outside = [
+        str(root / ".." / "secret.ndjson"),
+        str(tmp_path / "secret.ndjson"),
+        str(root / "link.ndjson"),
+        str(root / "linkdir" / "secret.ndjson"),
+        (root / ".." / "secret.ndjson").as_uri(),
+        "/etc/",
+    ]
+    for path in outside:
+        with pytest.raises(JobError, match="is outside the allowed data folders"):
+            list_files([path], allowed_roots=roots)
+
+    # A folder inside, holding a symlink leading out: refused unless excluded.
+    with pytest.raises(JobError, match=r"`.*link\.ndjson` is outside the allowed data folders"):
+        list_files([str(root)], allowed_roots=roots)
+    assert list_files([str(root)], [], ["**/link**"], allowed_roots=roots) == [
+        str(root / "in.ndjson")
+    ]
+
+    with pytest.raises(JobError, match=r"not allowed .* until the server is given a data folder"):
+        list_files([str(root / "in.ndjson")], allowed_roots=[])
+    job = files_job("delimited_files", [str(root / "in.ndjson")])
+    assert list(iter_batches(job, allowed_roots=None)) == [b"[1]"]
+    with pytest.raises(JobError, match="outside"):
+        iter_batches(job, allowed_roots=[tmp_path / "elsewhere"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_file(tmp_path: Path) -> None:
+    f = write(tmp_path / "x.ndjson", ndjson(1))
+    f.chmod(0)
+    try:
+        with pytest.raises(JobError, match="is not readable"):
+            list_files([str(f)])
+    finally:
+        f.chmod(0o600)

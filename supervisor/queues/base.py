@@ -1,0 +1,212 @@
+"""The job queue interface shared by every backend (SPEC §5 Attempts/Durability, §7).
+
+A queue stores jobs (one :class:`JobRecord` each) and their batches. Producing is
+:meth:`JobQueue.enqueue`; consuming goes through a :class:`Feed`, opened per job with
+:meth:`JobQueue.open_feed`::
+
+    async with queue.open_feed(job_id, max_attempts=3) as feed:
+        while (d := await feed.receive()) is not None:
+            ...  # POST d.body, then feed.ack(d, elapsed) or feed.fail(d, record)
+
+Delivery is at-least-once: a batch received but neither acked nor failed when the process
+dies is delivered again when the job is re-opened. A batch whose ack was committed (after
+:meth:`Feed.flush`, or when the feed is left) is never delivered again. Each failed attempt
+is persisted; when ``attempt == max_attempts`` fails, the batch is dead-lettered: written as
+``dead_letter_dir(job_id)/batch-<seq>.json`` and counted as ``dead``.
+
+The embedded backend (``embedded.py``, one SQLite file) implements this for one machine; the
+Redis backend (``redis.py``) for many.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from supervisor.errors import SupervisorError
+
+__all__ = [
+    "AttemptRecord",
+    "DeadLetter",
+    "Delivery",
+    "Feed",
+    "JobQueue",
+    "JobRecord",
+    "Progress",
+    "QueueError",
+    "dead_letter_name",
+]
+
+
+class QueueError(SupervisorError):
+    """The queue was used wrongly (unknown job, a second feed, a stale delivery) or is broken."""
+
+
+class Delivery(msgspec.Struct, frozen=True, gc=False):
+    """One batch handed to a consumer: ``seq`` counts from 0, ``attempt`` from 1."""
+
+    seq: int
+    body: bytes
+    attempt: int
+
+
+class AttemptRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What happened on one failed attempt, as kept in a dead letter."""
+
+    attempt: int
+    status: int | None = None  # the HTTP status, if a response arrived
+    error: str | None = None  # "connection reset", "timed out after 30s", ...
+    response_head: str = ""  # first bytes of the response body, decoded with replacement
+    stderr_tail: str = ""  # the tail of the port owner's stderr
+    time: str = ""  # RFC3339
+
+
+class DeadLetter(msgspec.Struct, frozen=True):
+    """The content of ``batch-<seq>.json`` (``body`` is the batch JSON, byte for byte)."""
+
+    job_id: str
+    batch: int
+    body: msgspec.Raw
+    attempts: list[AttemptRecord]
+
+
+class JobRecord(msgspec.Struct, kw_only=True):
+    """A job as the queue stores it. ``spec_json`` is opaque to the queue."""
+
+    job_id: str
+    api_name: str
+    digest: str  # identifies submission + API, to find a job to resume
+    spec_json: bytes
+    status: str
+    created_time: str
+    start_time: str | None = None
+    end_time: str | None = None
+    total_batches: int | None = None  # None until enqueueing has finished
+    succeeded: int = 0
+    dead: int = 0  # batches that failed for good
+    failed_attempts: int = 0
+    time_per_batch_sum: float = 0.0
+
+
+class Progress(msgspec.Struct, kw_only=True):
+    """A job's counters; ``in_queue`` is what is neither resolved nor in flight."""
+
+    total: int | None
+    succeeded: int
+    dead: int
+    failed_attempts: int
+    in_flight: int
+    in_queue: int
+    average_time_per_batch: float | None  # seconds, over succeeded batches
+
+
+def dead_letter_name(seq: int) -> str:
+    """The file name of batch ``seq``'s dead letter."""
+    return f"batch-{seq}.json"
+
+
+class Feed(Protocol):
+    """The consuming side of one job (see the module docstring)."""
+
+    async def receive(self) -> Delivery | None:
+        """The next batch to send; ``None`` once the job has no more work or the feed is closed.
+
+        "No more work" means every batch succeeded or is dead and nothing is in flight: while
+        a batch is in flight, ``receive`` waits, because a failure may deliver it again.
+        """
+        ...
+
+    def ack(self, d: Delivery, elapsed: float) -> None:
+        """``d`` succeeded after ``elapsed`` seconds (buffered; durable after :meth:`flush`)."""
+        ...
+
+    def fail(self, d: Delivery, record: AttemptRecord) -> None:
+        """``d``'s attempt failed: deliver it again later, or dead-letter it after the last."""
+        ...
+
+    def release(self, d: Delivery) -> None:
+        """Give ``d`` back uncounted (its worker was restarted under it); it comes next."""
+        ...
+
+    def close(self) -> None:
+        """Stop: every :meth:`receive` returns ``None`` from now on; pending batches stay."""
+        ...
+
+    def progress(self) -> Progress:
+        """The job's counters now, from memory."""
+        ...
+
+    async def flush(self) -> None:
+        """Wait until every ack and failure reported so far is durable."""
+        ...
+
+
+class JobQueue(Protocol):
+    """Jobs and their batches. Closed with :meth:`aclose` (or ``async with``)."""
+
+    async def create_job(
+        self, job_id: str, api_name: str, digest: str, spec_json: bytes, created_time: str
+    ) -> None:
+        """Store a new job with status ``enqueuing`` and no batches."""
+        ...
+
+    async def enqueue(self, job_id: str, batches: Iterator[bytes], *, chunk: int = 2048) -> int:
+        """Store ``batches`` (seq 0, 1, ...) and return how many; all or nothing.
+
+        If ``batches`` raises, the job and everything enqueued for it are deleted and the
+        error propagates. Batches already stored for the job are replaced.
+        """
+        ...
+
+    async def set_status(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        start_time: str | None = None,
+        end_time: str | None = None,
+    ) -> None:
+        """Set the job's status (and the times that are given)."""
+        ...
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """The job, or ``None``."""
+        ...
+
+    async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
+        """Jobs (of one API, or all), newest first."""
+        ...
+
+    async def find_resumable(self, api_name: str, digest: str) -> JobRecord | None:
+        """The newest job with this digest that has not reached an end state."""
+        ...
+
+    async def delete_job(self, job_id: str) -> None:
+        """Forget the job and its batches (dead-letter files stay)."""
+        ...
+
+    async def progress(self, job_id: str) -> Progress:
+        """The job's counters (live while a feed is open)."""
+        ...
+
+    def dead_letter_dir(self, job_id: str) -> Path:
+        """The folder holding the job's dead letters."""
+        ...
+
+    async def list_dead_letters(self, job_id: str) -> list[Path]:
+        """The job's dead-letter files, by batch number."""
+        ...
+
+    def open_feed(
+        self, job_id: str, *, max_attempts: int, buffer: int = 1024
+    ) -> AbstractAsyncContextManager[Feed]:
+        """Consume the job's batches; leaving it commits everything acked or failed."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the queue's resources."""
+        ...

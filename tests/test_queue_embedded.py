@@ -1,0 +1,506 @@
+"""The embedded queue: delivery, attempts, dead letters, resume, and a real SIGKILL crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+
+from supervisor.errors import JobError
+from supervisor.jobs import new_job_id
+from supervisor.queues.base import AttemptRecord, DeadLetter, Delivery, JobQueue, QueueError
+from supervisor.queues.embedded import EmbeddedFeed, EmbeddedQueue
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "7e5c6d1f00000001"
+
+
+def body(i: int) -> bytes:
+    return b'[{"item": %d}, "x"]' % i
+
+
+async def new_job(q: EmbeddedQueue, n: int, *, job_id: str = JOB, chunk: int = 2048) -> None:
+    await q.create_job(job_id, "api", "digest", b'{"job_id": "%s"}' % job_id.encode(), "t0")
+    assert await q.enqueue(job_id, (body(i) for i in range(n)), chunk=chunk) == n
+
+
+def record(
+    d: Delivery,
+    *,
+    status: int | None = None,
+    error: str | None = None,
+    response_head: str = "",
+    stderr_tail: str = "",
+) -> AttemptRecord:
+    return AttemptRecord(
+        attempt=d.attempt,
+        status=status,
+        error=error,
+        response_head=response_head,
+        stderr_tail=stderr_tail,
+        time="2024-01-01T00:00:00Z",
+    )
+
+
+async def drain(feed: EmbeddedFeed) -> list[Delivery]:
+    """Receive everything (acking each) with one consumer."""
+    got = []
+    while (d := await feed.receive()) is not None:
+        got.append(d)
+        feed.ack(d, 0.5)
+    return got
+
+
+def table_counts(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        return {
+            t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("jobs", "batches", "bodies", "attempts")
+        }
+    finally:
+        conn.close()
+
+
+def succeeded_seqs(path: Path) -> set[int]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT id FROM batches WHERE state = 1").fetchall()
+        return {r[0] & 0xFFFFFFFF for r in rows}
+    finally:
+        conn.close()
+
+
+async def test_every_batch_delivered_once_to_concurrent_consumers(tmp_path: Path) -> None:
+    n, k = 1000, 8
+    seen: list[Delivery] = []
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as eq:
+        q: JobQueue = eq  # the embedded queue implements the interface
+        await eq.create_job(JOB, "api", "digest", b"{}", "t0")
+        assert await q.enqueue(JOB, (body(i) for i in range(n)), chunk=64) == n
+        with anyio.fail_after(20):
+            async with q.open_feed(JOB, max_attempts=1, buffer=50) as feed:
+
+                async def consumer() -> None:
+                    while (d := await feed.receive()) is not None:
+                        seen.append(d)
+                        if d.seq % 3 == 0:
+                            await anyio.lowlevel.checkpoint()  # a "request" in between
+                        feed.ack(d, 0.25)
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(k):
+                        tg.start_soon(consumer)
+                p = feed.progress()
+                assert (p.total, p.succeeded, p.in_flight, p.in_queue) == (n, n, 0, 0)
+                assert p.average_time_per_batch == pytest.approx(0.25)
+                assert await feed.receive() is None
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.total_batches, job.succeeded, job.dead, job.failed_attempts) == (n, n, 0, 0)
+        assert job.time_per_batch_sum == pytest.approx(0.25 * n)
+    assert sorted(d.seq for d in seen) == list(range(n))
+    assert all(d.body == body(d.seq) and d.attempt == 1 for d in seen)
+
+
+async def test_one_attempt_then_dead_letter(tmp_path: Path) -> None:
+    raw = b'[ {"a":1} ,\t"\\u00e9 \xc3\xa9" , 1.50e3 ]'
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        assert await q.enqueue(JOB, iter([body(0), raw, body(2)])) == 3
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                while (d := await feed.receive()) is not None:
+                    if d.seq == 1:
+                        assert d.body == raw
+                        feed.fail(
+                            d,
+                            record(d, status=500, response_head="oops", stderr_tail="Trace\n"),
+                        )
+                    else:
+                        feed.ack(d, 0.1)
+                p = feed.progress()
+                assert (p.succeeded, p.dead, p.failed_attempts, p.in_queue) == (2, 1, 1, 0)
+        assert await q.list_dead_letters(JOB) == [q.dead_letter_dir(JOB) / "batch-1.json"]
+        data = (q.dead_letter_dir(JOB) / "batch-1.json").read_bytes()
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.succeeded, job.dead, job.failed_attempts) == (2, 1, 1)
+    assert raw in data  # embedded byte for byte
+    letter = msgspec.json.decode(data, type=DeadLetter)
+    assert (letter.job_id, letter.batch, bytes(letter.body)) == (JOB, 1, raw)
+    assert letter.attempts == [
+        AttemptRecord(
+            attempt=1,
+            status=500,
+            response_head="oops",
+            stderr_tail="Trace\n",
+            time="2024-01-01T00:00:00Z",
+        )
+    ]
+
+
+async def test_three_attempts_then_dead_letter(tmp_path: Path) -> None:
+    attempts = []
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 2)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=3) as feed:
+                while (d := await feed.receive()) is not None:
+                    if d.seq == 0:
+                        attempts.append(d.attempt)
+                        feed.fail(d, record(d, error=f"timed out after {d.attempt}s"))
+                    else:
+                        feed.ack(d, 0.1)
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.succeeded, job.dead, job.failed_attempts) == (1, 1, 3)
+        (path,) = await q.list_dead_letters(JOB)
+    assert attempts == [1, 2, 3]
+    letter = msgspec.json.decode(path.read_bytes(), type=DeadLetter)
+    assert bytes(letter.body) == body(0)
+    assert [(a.attempt, a.error) for a in letter.attempts] == [
+        (i, f"timed out after {i}s") for i in (1, 2, 3)
+    ]
+
+
+async def test_fails_twice_then_succeeds(tmp_path: Path) -> None:
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 1)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=3) as feed:
+                while (d := await feed.receive()) is not None:
+                    if d.attempt < 3:
+                        feed.fail(d, record(d, error="connection reset"))
+                    else:
+                        feed.ack(d, 2.0)
+                p = feed.progress()
+                assert (p.succeeded, p.dead, p.failed_attempts) == (1, 0, 2)
+                assert p.average_time_per_batch == 2.0
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.succeeded, job.dead, job.failed_attempts) == (1, 0, 2)
+        assert await q.list_dead_letters(JOB) == []
+
+
+async def test_close_wakes_every_waiter(tmp_path: Path) -> None:
+    results: list[Delivery | None] = []
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 2)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                held = [await feed.receive(), await feed.receive()]
+
+                async def waiter() -> None:
+                    results.append(await feed.receive())
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(5):
+                        tg.start_soon(waiter)
+                    await anyio.wait_all_tasks_blocked()
+                    assert results == []  # the two batches in flight may still come back
+                    feed.close()
+                assert results == [None] * 5
+                assert await feed.receive() is None
+                for d in held:
+                    assert d is not None
+                    feed.ack(d, 0.1)  # in-flight batches may still finish
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert job.succeeded == 2
+
+
+async def test_waiters_woken_by_retry_and_by_the_last_resolution(tmp_path: Path) -> None:
+    results: list[Delivery | None] = []
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 1)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=2) as feed:
+                first = await feed.receive()
+                assert first is not None
+
+                async def waiter() -> None:
+                    results.append(await feed.receive())
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(waiter)
+                    await anyio.wait_all_tasks_blocked()
+                    assert results == []
+                    feed.fail(first, record(first, status=503))
+                    await anyio.wait_all_tasks_blocked()
+                    # One waiter got the retry; the others wait for it to resolve.
+                    (retry,) = results
+                    assert retry == Delivery(0, body(0), 2)
+                    feed.ack(retry, 0.1)
+                assert results == [retry, None, None]
+
+
+async def test_misuse_is_refused(tmp_path: Path) -> None:
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 2)
+        with pytest.raises(QueueError, match="already exists"):
+            await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=2) as feed:
+                with pytest.raises(QueueError, match="already has an open feed"):
+                    async with q.open_feed(JOB, max_attempts=2):
+                        pass
+                with pytest.raises(QueueError, match="while its feed is open"):
+                    await q.delete_job(JOB)
+                d = await feed.receive()
+                assert d is not None
+                feed.fail(d, record(d))
+                with pytest.raises(QueueError, match="not in flight"):
+                    feed.ack(d, 0.1)  # attempt 1 was already failed
+                await drain(feed)
+            with pytest.raises(QueueError, match="no longer open"):
+                feed.ack(d, 0.1)
+            with pytest.raises(QueueError, match="there is no job"):
+                async with q.open_feed("nope", max_attempts=1):
+                    pass
+
+
+async def test_an_error_in_the_block_propagates_and_acks_are_kept(tmp_path: Path) -> None:
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 10)
+        with anyio.fail_after(10), pytest.raises(ValueError, match="consumer broke"):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                for _ in range(4):
+                    d = await feed.receive()
+                    assert d is not None
+                    feed.ack(d, 0.1)
+                raise ValueError("consumer broke")
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert job.succeeded == 4
+
+
+async def test_bad_input_leaves_nothing_enqueued(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+
+    def bad() -> Iterator[bytes]:
+        for i in range(35):
+            yield body(i)
+        raise JobError("data.ndjson line 36: not valid JSON")
+
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        with anyio.fail_after(10), pytest.raises(JobError, match="line 36"):
+            await q.enqueue(JOB, bad(), chunk=10)
+        assert await q.get_job(JOB) is None
+        assert await q.list_jobs() == []
+    assert table_counts(path) == {"jobs": 0, "batches": 0, "bodies": 0, "attempts": 0}
+
+
+async def test_enqueue_again_starts_over(tmp_path: Path) -> None:
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, 5)
+        assert await q.enqueue(JOB, iter([b"[1]", b"[2]", b"[3]"])) == 3
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                got = await drain(feed)
+        assert [(d.seq, d.body) for d in got] == [(0, b"[1]"), (1, b"[2]"), (2, b"[3]")]
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.total_batches, job.succeeded) == (3, 3)
+
+
+async def test_jobs_are_listed_found_and_deleted(tmp_path: Path) -> None:
+    old, new = new_job_id(1_000_000_000), new_job_id(2_000_000_000)
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await q.create_job(old, "api", "d1", b'{"a": 1}', "t1")
+        await q.create_job(new, "api", "d1", b'{"a": 2}', "t2")
+        await q.create_job("7000000000000000", "other", "d1", b"{}", "t3")
+        assert [j.job_id for j in await q.list_jobs("api")] == [new, old]
+        assert len(await q.list_jobs()) == 3
+        job = await q.get_job(new)
+        assert job is not None
+        assert (job.status, job.spec_json, job.total_batches, job.start_time) == (
+            "enqueuing",
+            b'{"a": 2}',
+            None,
+            None,
+        )
+
+        found = await q.find_resumable("api", "d1")
+        assert found is not None and found.job_id == new
+        await q.set_status(new, "succeeded", start_time="t4", end_time="t5")
+        found = await q.find_resumable("api", "d1")
+        assert found is not None and found.job_id == old
+        await q.set_status(old, "running", start_time="t6")
+        assert await q.find_resumable("api", "d2") is None
+
+        job = await q.get_job(new)
+        assert job is not None
+        assert (job.status, job.start_time, job.end_time) == ("succeeded", "t4", "t5")
+        with pytest.raises(QueueError, match="there is no job"):
+            await q.set_status("missing", "running")
+
+        await new_job(q, 3, job_id="7000000000000001")
+        p = await q.progress("7000000000000001")
+        assert (p.total, p.succeeded, p.in_queue, p.average_time_per_batch) == (3, 0, 3, None)
+        await q.delete_job("7000000000000001")
+        assert await q.get_job("7000000000000001") is None
+        await q.delete_job("7000000000000001")  # unknown ids are ignored
+    assert table_counts(tmp_path / "q.sqlite3")["batches"] == 0
+
+
+async def test_resume_delivers_only_what_was_not_acked(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    n = 100
+    acked, failed, in_flight = set(), set(), set()
+    async with await EmbeddedQueue.open(path) as q:
+        await new_job(q, n)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=3, buffer=16) as feed:
+                for _ in range(30):
+                    d = await feed.receive()
+                    assert d is not None
+                    if d.seq < 20:
+                        feed.ack(d, 1.0)
+                        acked.add(d.seq)
+                    elif d.seq < 25 and d.attempt == 1:
+                        feed.fail(d, record(d, status=500))
+                        failed.add(d.seq)
+                    else:
+                        in_flight.add(d.seq)
+                await feed.flush()
+                feed.close()
+    async with await EmbeddedQueue.open(path) as q:
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.succeeded, job.dead, job.failed_attempts) == (20, 0, 5)
+        assert job.time_per_batch_sum == pytest.approx(20.0)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=3) as feed:
+                p = feed.progress()
+                assert (p.total, p.succeeded, p.in_queue) == (n, 20, 80)
+                got = await drain(feed)
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.succeeded, job.dead, job.failed_attempts) == (n, 0, 5)
+    assert sorted(d.seq for d in got) == sorted(set(range(n)) - acked)
+    assert in_flight <= {d.seq for d in got}
+    assert {d.seq: d.attempt for d in got if d.attempt != 1} == dict.fromkeys(failed, 2)
+
+
+CHILD = """
+import os, signal, sys
+import anyio
+from supervisor.queues.base import AttemptRecord
+from supervisor.queues.embedded import EmbeddedQueue
+
+async def main(path, n):
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job("JOB", "api", "digest", b"{}", "t0")
+        await q.enqueue("JOB", (b"[%d]" % i for i in range(n)), chunk=100)
+        async with q.open_feed("JOB", max_attempts=3, buffer=64) as feed:
+            for _ in range(20):
+                acked, failed = [], []
+                for _ in range(10):
+                    d = await feed.receive()
+                    if d.attempt > 1:
+                        print("inflight", d.seq, flush=True)  # a retry: leave it in flight
+                    elif d.seq % 7 == 3:
+                        feed.fail(d, AttemptRecord(attempt=d.attempt, error="boom"))
+                        failed.append(d.seq)
+                    else:
+                        feed.ack(d, 0.01)
+                        acked.append(d.seq)
+                await feed.flush()
+                print("acked", *acked, flush=True)
+                print("failed", *failed, flush=True)
+            for _ in range(5):
+                print("inflight", (await feed.receive()).seq, flush=True)
+            for _ in range(300):  # acked, not flushed: the crash comes while committing
+                d = await feed.receive()
+                if d.attempt == 1:
+                    feed.ack(d, 0.01)
+                await anyio.lowlevel.checkpoint()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+anyio.run(main, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+async def test_sigkill_mid_run_loses_no_flushed_ack(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "queue.sqlite3"
+    n = 2000
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    with anyio.fail_after(60):
+        child = await anyio.run_process(
+            [sys.executable, "-c", textwrap.dedent(CHILD), str(path), str(n)], env=env, check=False
+        )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    flushed_acked: set[int] = set()
+    flushed_failed: set[int] = set()
+    in_flight: set[int] = set()
+    for line in child.stdout.decode().splitlines():
+        kind, *seqs = line.split()
+        {"acked": flushed_acked, "failed": flushed_failed, "inflight": in_flight}[kind].update(
+            map(int, seqs)
+        )
+    assert len(flushed_acked) > 100 and flushed_failed and in_flight
+
+    succeeded = succeeded_seqs(path)
+    async with await EmbeddedQueue.open(path) as q:
+        job = await q.get_job("JOB")
+        assert job is not None
+        # Counters were committed with the batch states.
+        assert (job.total_batches, job.succeeded, job.dead) == (n, len(succeeded), 0)
+        assert job.failed_attempts == len(flushed_failed)
+        assert flushed_acked <= succeeded
+        with anyio.fail_after(20):
+            async with q.open_feed("JOB", max_attempts=3) as feed:
+                got = await drain(feed)
+        job = await q.get_job("JOB")
+        assert job is not None
+        assert job.succeeded == n
+    delivered = Counter(d.seq for d in got)
+    assert max(delivered.values()) == 1
+    assert not set(delivered) & flushed_acked
+    assert set(delivered) | succeeded == set(range(n))
+    assert not set(delivered) & succeeded
+    assert in_flight <= set(delivered)
+    attempts = {d.seq: d.attempt for d in got}
+    assert {s: attempts[s] for s in flushed_failed} == dict.fromkeys(flushed_failed, 2)
+    assert all(a == 1 for s, a in attempts.items() if s not in flushed_failed)
+
+
+async def test_many_small_batches(tmp_path: Path) -> None:
+    """Not a timing test: 20k batches through 32 consumers, all delivered once."""
+    n = 20_000
+    count = 0
+    async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
+        await new_job(q, n)
+        with anyio.fail_after(30):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+
+                async def consumer() -> None:
+                    nonlocal count
+                    while (d := await feed.receive()) is not None:
+                        count += 1
+                        feed.ack(d, 0.0)
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(32):
+                        tg.start_soon(consumer)
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert (job.succeeded, count) == (n, n)

@@ -1,0 +1,528 @@
+"""Containers as child processes: env expansion, spawning, output relay, stopping (SPEC §2, §3).
+
+Theory of operation
+-------------------
+:func:`open_child` is the only way a container runs. It spawns the command with
+``start_new_session=True``, so every container is the leader of its own session and process
+group: a signal sent to the group (``os.killpg(pid, ...)``) reaches the whole container, the
+way a signal to a Kubernetes container reaches its processes. Two relay tasks, owned by the
+context manager, read stdout and stderr, cut them into lines (:class:`LineSplitter`: a partial
+last line is flushed at EOF, an endless line is cut into 64 KiB pieces) and hand each line to
+``on_line``; the last 8 KiB of stderr are kept for error reports (:meth:`Child.stderr_tail`).
+
+Leaving the context, for whatever reason (normal exit, an exception, cancellation), runs a
+shielded cleanup: :meth:`Child.terminate` (SIGTERM to the group, ``grace`` seconds, SIGKILL to
+the group), a bounded wait for the relays to drain the pipes, then closing the pipes. When the
+container's main process has ended, whatever is left in its process group is SIGKILLed at
+once, as Kubernetes does when a container's main process exits. Processes that left the group
+(``setsid`` daemons) are the reaper's business (:mod:`supervisor.reaper`).
+
+Whether a SIGKILL came from the OOM killer is read from the cgroup's ``oom_kill`` counter
+(v2 ``memory.events``, v1 ``memory.oom_control``), sampled at spawn and at exit. A SIGKILL we
+sent ourselves never counts.
+
+The pids this module spawned are kept in a registry (:func:`is_direct_child`) so the orphan
+reaper never steals the exit status of a process anyio is waiting for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import msgspec
+
+from supervisor.errors import PodError
+
+__all__ = [
+    "Child",
+    "Exit",
+    "LineSplitter",
+    "build_env",
+    "expand",
+    "expand_argv",
+    "is_direct_child",
+    "memory_events_path",
+    "oom_evidence",
+    "oom_kill_count",
+    "open_child",
+]
+
+MAX_LINE = 64 * 1024
+"""Longest line relayed in one piece; longer ones are cut."""
+
+STDERR_TAIL = 8 * 1024
+"""Bytes of stderr kept per child for error reports."""
+
+DRAIN_TIMEOUT = 2.0
+"""After the child is gone, how long the relays may take to empty the pipes (a daemon that
+left the process group may hold them open forever)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Kubernetes $(VAR) expansion
+
+
+def expand(template: str, env: Mapping[str, str]) -> str:
+    """Expand ``$(NAME)`` references the way Kubernetes does for env, command and args.
+
+    ``$(NAME)`` becomes ``env[NAME]`` when NAME is defined and stays as written when it is not;
+    ``$$`` is an escaped ``$`` (so ``$$(X)`` yields the literal ``$(X)``); an unterminated
+    ``$(`` and any other ``$`` are kept. The scan is a single left-to-right pass: values that
+    are inserted are not expanded again.
+    """
+    if "$" not in template:
+        return template
+    out: list[str] = []
+    n = len(template)
+    checkpoint = 0
+    i = 0
+    while i < n:
+        if template[i] != "$" or i + 1 >= n:
+            i += 1
+            continue
+        out.append(template[checkpoint:i])
+        nxt = template[i + 1]
+        if nxt == "$":  # escaped operator
+            out.append("$")
+            i += 2
+        elif nxt == "(":
+            close = template.find(")", i + 2)
+            if close < 0:  # unterminated: keep "$(" and go on scanning after it
+                out.append("$(")
+                i += 2
+            else:
+                name = template[i + 2 : close]
+                value = env.get(name)
+                out.append(value if value is not None else f"$({name})")
+                i = close + 1
+        else:  # a lone "$" followed by anything else
+            out.append("$" + nxt)
+            i += 2
+        checkpoint = i
+    out.append(template[checkpoint:])
+    return "".join(out)
+
+
+def expand_argv(argv: Iterable[str], env: Mapping[str, str]) -> list[str]:
+    """Expand every word of a container's ``command`` + ``args`` (no shell, no splitting)."""
+    return [expand(word, env) for word in argv]
+
+
+def build_env(
+    container_env: Mapping[str, str],
+    extra: Mapping[str, str],
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of one container.
+
+    ``base`` (default: this process's environment), then ``extra`` (the ``CORTEX_*`` variables,
+    taken literally), then the container's own ``env`` in order, each value expanded against
+    ``extra`` and the container entries before it. As in Kubernetes, a reference to an entry
+    further down, or to a variable only in ``base``, stays literal. Pass ``base={}`` to get
+    only the declared variables (what Kubernetes expands ``command``/``args`` against).
+    """
+    result = dict(os.environ if base is None else base)
+    result.update(extra)
+    context = dict(extra)
+    for name, value in container_env.items():
+        expanded = expand(value, context)
+        context[name] = expanded
+        result[name] = expanded
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# How a child ended
+
+
+class Exit(msgspec.Struct, frozen=True):
+    """How a child process ended: an exit code, or a signal (maybe from the OOM killer)."""
+
+    returncode: int | None
+    signal: int | None = None
+    oom_killed: bool = False
+
+    @classmethod
+    def from_returncode(cls, returncode: int, *, oom_killed: bool = False) -> Exit:
+        """From a Popen-style return code (negative = killed by that signal)."""
+        if returncode < 0:
+            sig = -returncode
+            return cls(None, sig, oom_killed=oom_killed and sig == signal.SIGKILL)
+        return cls(returncode, None)
+
+    @property
+    def exit_status(self) -> int:
+        """The status a shell would report: the code, or 128 + the signal number."""
+        if self.returncode is not None:
+            return self.returncode
+        return 128 + (self.signal or 0)
+
+    def describe(self) -> str:
+        """``exited with code 3``, ``killed by SIGTERM``, ``killed by SIGKILL (OOM killer)``."""
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name} (OOM killer)" if self.oom_killed else f"killed by {name}"
+        if self.returncode is not None:
+            return f"exited with code {self.returncode}"
+        return "is still running"
+
+
+# --------------------------------------------------------------------------------------------
+# OOM evidence (cgroup counters)
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+def memory_events_path(
+    proc_cgroup: Path = _PROC_SELF_CGROUP, cgroup_root: Path = _CGROUP_ROOT
+) -> Path | None:
+    """The file holding this process's cgroup ``oom_kill`` counter, or None if there is none.
+
+    cgroup v2: ``<root>/<path>/memory.events``; v1: ``<root>/memory/<path>/memory.oom_control``.
+    Inside a container the cgroup is usually mounted at the root itself, so the root's file is
+    tried as well. Children inherit our cgroup, so its counter covers them.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    candidates: list[Path] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        rel = path.strip().lstrip("/")
+        if hierarchy == "0" and controllers == "":
+            for root in (cgroup_root, cgroup_root / "unified"):
+                if rel:
+                    candidates.append(root / rel / "memory.events")
+                candidates.append(root / "memory.events")
+        elif "memory" in controllers.split(","):
+            if rel:
+                candidates.append(cgroup_root / "memory" / rel / "memory.oom_control")
+            candidates.append(cgroup_root / "memory" / "memory.oom_control")
+    candidates.append(cgroup_root / "memory.events")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def oom_kill_count(path: Path | None) -> int | None:
+    """The ``oom_kill N`` counter in a cgroup ``memory.events``/``memory.oom_control`` file."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def oom_evidence(before: int | None, after: int | None) -> bool:
+    """True when the OOM-kill counter rose; False when it did not or could not be read."""
+    return before is not None and after is not None and after > before
+
+
+# --------------------------------------------------------------------------------------------
+# Output relay
+
+
+class LineSplitter:
+    """Bytes in, text lines out (sans-IO). Lines lose their ``\\n`` (and a ``\\r`` before it);
+    a line longer than ``max_line`` bytes comes out in pieces cut on UTF-8 boundaries."""
+
+    __slots__ = ("_buf", "_max")
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        if max_line < 4:
+            raise ValueError("max_line must be at least 4 bytes")
+        self._buf = bytearray()
+        self._max = max_line
+
+    def feed(self, data: bytes) -> list[str]:
+        buf = self._buf
+        buf += data
+        lines: list[str] = []
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start, start + self._max + 1)
+            if nl >= 0:
+                lines.append(_decode(buf[start:nl]))
+                start = nl + 1
+            elif len(buf) - start > self._max:
+                cut = start + self._max
+                floor = cut - 3
+                while cut > floor and buf[cut] & 0xC0 == 0x80:  # inside a UTF-8 sequence
+                    cut -= 1
+                lines.append(_decode(buf[start:cut]))
+                start = cut
+            else:
+                break
+        del buf[:start]
+        return lines
+
+    def flush(self) -> list[str]:
+        """The partial last line, if any (call at EOF)."""
+        if not self._buf:
+            return []
+        line = _decode(self._buf)
+        self._buf.clear()
+        return [line]
+
+
+def _decode(raw: bytes | bytearray) -> str:
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw.decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of our direct children (for the reaper)
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.spawning = 0
+
+
+_registry = _Registry()
+
+
+def is_direct_child(pid: int) -> bool:
+    """True if ``pid`` was spawned by :func:`open_child` and anyio has not reaped it yet, or
+    while a spawn is in flight (its pid is not known yet, so every pid counts as ours)."""
+    return _registry.spawning > 0 or pid in _registry.pids
+
+
+# --------------------------------------------------------------------------------------------
+# The child
+
+
+OnLine = Callable[[str, str], None]
+
+
+class Child:
+    """A running container process; made by :func:`open_child`."""
+
+    def __init__(
+        self,
+        name: str,
+        process: anyio.abc.Process,
+        *,
+        oom_path: Path | None = None,
+        oom_before: int | None = None,
+    ) -> None:
+        self.name = name
+        self.pid = process.pid
+        self._process = process
+        self._oom_path = oom_path
+        self._oom_before = oom_before
+        self._killed_by_us = False
+        self._exit: Exit | None = None
+        self._tail = bytearray()
+        self._relays_running = 0
+        self._drained = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Child {self.name!r} pid={self.pid} returncode={self.returncode}>"
+
+    @property
+    def returncode(self) -> int | None:
+        """Popen-style: None while running, negative for a signal."""
+        return self._process.returncode
+
+    @property
+    def exit(self) -> Exit | None:
+        """How the child ended, once :meth:`wait` has seen it end."""
+        return self._exit
+
+    async def wait(self) -> Exit:
+        """Wait for the main process to end (any number of tasks may wait)."""
+        returncode = await self._process.wait()
+        return self._finish(returncode)
+
+    async def terminate(self, grace: float) -> Exit:
+        """SIGTERM the process group, wait up to ``grace`` seconds, then SIGKILL it. Idempotent."""
+        if self._process.returncode is None:
+            self.send_signal_group(signal.SIGTERM)
+            with anyio.move_on_after(grace):
+                await self._process.wait()
+            if self._process.returncode is None:
+                self._kill()
+        return await self.wait()
+
+    def send_signal_group(self, sig: int) -> None:
+        """Send ``sig`` to every process in the child's process group (gone: ignored)."""
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # nobody left (PermissionError: a group of zombies, on some systems)
+
+    def stderr_tail(self, limit: int = 4096) -> str:
+        """The last ``limit`` bytes of stderr, decoded."""
+        data = bytes(self._tail[-limit:]) if limit > 0 else b""
+        skip = 0
+        while skip < min(3, len(data)) and data[skip] & 0xC0 == 0x80:
+            skip += 1  # do not start in the middle of a UTF-8 sequence
+        return data[skip:].decode("utf-8", errors="replace")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _kill(self) -> None:
+        self._killed_by_us = True
+        self.send_signal_group(signal.SIGKILL)
+        try:
+            self._process.kill()  # the leader, even if it somehow left its group
+        except ProcessLookupError:
+            pass
+
+    def _finish(self, returncode: int) -> Exit:
+        if self._exit is None:
+            oom = False
+            if returncode == -signal.SIGKILL and not self._killed_by_us:
+                oom = oom_evidence(self._oom_before, oom_kill_count(self._oom_path))
+            self._exit = Exit.from_returncode(returncode, oom_killed=oom)
+            _registry.pids.discard(self.pid)
+            # The main process is gone: whatever is left of its group goes with it (as when a
+            # Kubernetes container's main process exits). Done once, right after reaping, while
+            # the group id cannot have been reused.
+            self.send_signal_group(signal.SIGKILL)
+        return self._exit
+
+    async def _relay(
+        self, stream: anyio.abc.ByteReceiveStream | None, name: str, on_line: OnLine | None
+    ) -> None:
+        try:
+            if stream is None:
+                return
+            splitter = LineSplitter()
+            keep_tail = name == "stderr"
+            try:
+                async for data in stream:
+                    if keep_tail:
+                        self._tail += data
+                        if len(self._tail) > STDERR_TAIL:
+                            del self._tail[:-STDERR_TAIL]
+                    lines = splitter.feed(data)
+                    if on_line is not None:
+                        for line in lines:
+                            on_line(name, line)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+            rest = splitter.flush()
+            if on_line is not None:
+                for line in rest:
+                    on_line(name, line)
+        finally:
+            self._relays_running -= 1
+            if self._relays_running == 0:
+                self._drained.set()
+
+    async def _close(self) -> None:
+        """Last resort and pipe cleanup: kill if still running, close pipes, reap."""
+        if self._process.returncode is None:
+            self._kill()
+        await self._process.aclose()
+        returncode = self._process.returncode
+        if returncode is not None:
+            self._finish(returncode)
+
+
+def _spawn_error(name: str, argv: Sequence[str], cwd: Path | None, exc: OSError) -> PodError:
+    command = argv[0]
+    if isinstance(exc, FileNotFoundError):
+        if cwd is not None and exc.filename is not None and str(exc.filename) == str(cwd):
+            return PodError(f"container `{name}`: working directory `{cwd}` does not exist")
+        return PodError(f"container `{name}`: command `{command}` not found")
+    if isinstance(exc, PermissionError):
+        return PodError(
+            f"container `{name}`: command `{command}` is not executable (permission denied)"
+        )
+    reason = exc.strerror or str(exc)
+    return PodError(f"container `{name}`: cannot start command `{command}`: {reason}")
+
+
+@asynccontextmanager
+async def open_child(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    cwd: Path | None = None,
+    on_line: OnLine | None = None,
+    grace: float = 10.0,
+) -> AsyncIterator[Child]:
+    """Run ``argv`` (no shell) as container ``name`` for the duration of the ``async with``.
+
+    Raises :class:`PodError` if it cannot be started. On leaving, a child still running is
+    terminated (SIGTERM, ``grace``, SIGKILL); nothing it started in its process group survives.
+    """
+    if not argv:
+        raise PodError(f"container `{name}`: the command is empty")
+    oom_path = memory_events_path()
+    oom_before = oom_kill_count(oom_path)
+    _registry.spawning += 1
+    try:
+        with anyio.CancelScope(shield=True):  # a half-spawned child could not be cleaned up
+            process = await anyio.open_process(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+            )
+    except OSError as exc:
+        raise _spawn_error(name, argv, cwd, exc) from None
+    else:
+        _registry.pids.add(process.pid)
+    finally:
+        _registry.spawning -= 1
+
+    child = Child(name, process, oom_path=oom_path, oom_before=oom_before)
+    body_error: BaseException | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            child._relays_running = 2
+            tg.start_soon(child._relay, process.stdout, "stdout", on_line)
+            tg.start_soon(child._relay, process.stderr, "stderr", on_line)
+            try:
+                yield child
+            except BaseException as exc:
+                # Re-raised below, outside the task group, so callers see it as it was and
+                # not wrapped in an exception group.
+                body_error = exc
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await child.terminate(grace)
+                    with anyio.move_on_after(DRAIN_TIMEOUT):
+                        await child._drained.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await child._close()
+    if body_error is not None:
+        try:
+            raise body_error
+        finally:
+            body_error = None

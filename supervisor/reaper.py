@@ -1,0 +1,138 @@
+"""Orphans and zombies: what a supervisor that may be PID 1 owes its process tree (SPEC §3).
+
+Theory of operation
+-------------------
+When a container's process double-forks and its parent exits, the grandchild is reparented to
+the nearest *subreaper* -- us, after :func:`become_subreaper` (or to us anyway when we are PID
+1, as ``tini`` is). When such an orphan exits, nobody but us can collect its exit status, and
+until somebody does it stays a zombie holding a pid.
+
+:func:`reap_orphans` therefore scans ``/proc`` for zombies whose parent is this process and
+collects them with ``waitpid(pid, WNOHANG)``. It must never collect a child that anyio is
+waiting for (its ``Process.wait()`` would then report a made-up status), so a zombie is left
+alone when
+
+* ``is_known(pid)`` says it is a container's main process, or
+  :func:`supervisor.process.is_direct_child` says it is (or a spawn is in flight), or
+* it has not yet been a zombie for a whole scan period: anyio's child watchers collect their
+  own children as soon as they exit, so a zombie that survives a full period is nobody's
+  business but ours. This also covers children spawned elsewhere (exec probes).
+
+SIGCHLD is not used: backends handle it differently, other code may own the handler, and a
+zombie costs only a pid slot for a second or two.
+
+:func:`kill_descendants` is the last-resort sweep at shutdown: every live process below us in
+the ``ppid`` tree gets a signal.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import anyio
+
+from supervisor.ports import ProcStat, process_tree, scan_stats
+from supervisor.process import is_direct_child
+
+__all__ = ["become_subreaper", "is_subreaper", "kill_descendants", "reap_orphans", "reap_zombies"]
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+
+def _prctl(option: int, arg2: int | ctypes.c_int) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return False
+    arg: object = ctypes.byref(arg2) if isinstance(arg2, ctypes.c_int) else ctypes.c_ulong(arg2)
+    zero = ctypes.c_ulong(0)
+    return bool(prctl(ctypes.c_int(option), arg, zero, zero, zero) == 0)
+
+
+def become_subreaper(enable: bool = True) -> bool:
+    """Make orphaned descendants reparent to this process (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    Returns False where unsupported or refused. ``enable=False`` turns it off again.
+    """
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1 if enable else 0)
+
+
+def is_subreaper() -> bool:
+    """Whether this process is currently a child subreaper (always True-ish as PID 1)."""
+    value = ctypes.c_int(0)
+    return _prctl(PR_GET_CHILD_SUBREAPER, value) and value.value != 0
+
+
+def _our_zombies(stats: dict[int, ProcStat]) -> set[tuple[int, int]]:
+    me = os.getpid()
+    return {(st.pid, st.starttime) for st in stats.values() if st.ppid == me and st.state == "Z"}
+
+
+def reap_zombies(
+    is_known: Callable[[int], bool] | None,
+    previous: set[tuple[int, int]],
+) -> tuple[list[int], set[tuple[int, int]]]:
+    """One scan: reap our unknown zombies already seen in ``previous``.
+
+    Returns the pids reaped and the zombies seen now (pass them as ``previous`` next time).
+    Zombies are identified by (pid, start time) so a recycled pid is not mistaken for an old one.
+    """
+    seen = _our_zombies(scan_stats())
+    reaped: list[int] = []
+    for pid, start in sorted(seen & previous):
+        if is_direct_child(pid) or (is_known is not None and is_known(pid)):
+            continue
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue  # someone else reaped it meanwhile
+        if done == pid:
+            reaped.append(pid)
+            seen.discard((pid, start))
+    return reaped, seen
+
+
+async def reap_orphans(
+    is_known: Callable[[int], bool] | None = None, interval: float = 1.0
+) -> None:
+    """Reap zombie orphans every ``interval`` seconds, forever (cancel to stop)."""
+    previous: set[tuple[int, int]] = set()
+    while True:
+        _, previous = reap_zombies(is_known, previous)
+        await anyio.sleep(interval)
+
+
+def kill_descendants(sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to every live process below this one (by ``ppid``); returns their pids.
+
+    The tree is walked again after each round (up to a few times) to catch processes forked
+    while the previous round was being signalled.
+    """
+    me = os.getpid()
+    signalled: list[int] = []
+    done: set[int] = set()
+    for _ in range(5):
+        stats = scan_stats()
+        targets = sorted(
+            pid
+            for pid in process_tree(me, stats)
+            if pid != me and pid not in done and stats[pid].state not in ("Z", "X")
+        )
+        if not targets:
+            break
+        for pid in targets:
+            done.add(pid)
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+            signalled.append(pid)
+    return signalled

@@ -1,0 +1,292 @@
+"""One pod: its containers as child processes, their probes, and the port owner (SPEC §2, §3).
+
+Theory of operation
+-------------------
+``Pod.run`` is a task group with one supervising task per container and, when no readiness
+probe aims at pod.port, a pod-level TCP probe on it (Cortex adds one). Each supervising task
+spawns its container, runs its readiness and liveness probes, and waits for the first of:
+
+* the container exits on its own -> :class:`~supervisor.errors.PodError` (``worker_error``,
+  or ``worker_oom`` with OOM evidence), which ends the pod and so the job;
+* its liveness probe fails -> the container is stopped (SIGTERM, grace, SIGKILL) and
+  respawned after a backoff; ``generation`` goes up so dispatch retries the batches that were
+  in flight instead of counting them as failures.
+
+A watcher turns "every readiness gate passes" plus "the port owner is one of our containers"
+into ``serving``; dispatch waits on ``wait_serving()`` before each batch, which is how losing
+readiness pauses dispatch without dropping anything. Stopping the pod is cancelling ``run``:
+each container is then stopped with its grace period, concurrently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisor.config import BatchAPI, Container
+from supervisor.errors import PodError, PortOwnerError
+from supervisor.logs import Logger
+from supervisor.ports import PortOwner, find_port_owner
+from supervisor.probes import ProbeLoop, ProbeResult, ReadinessGate, aims_at, default_readiness_probe
+from supervisor.process import Child, build_env, expand_argv, open_child
+
+__all__ = ["CORTEX_VERSION", "Pod"]
+
+CORTEX_VERSION = "0.42.0"
+POD_PORT_GATE = "pod.port"
+_BACKOFF_START = 1.0
+_BACKOFF_MAX = 60.0
+
+
+class Pod:
+    """Pod ``index`` of a local set: listens on ``api.pod.port + index`` (SPEC §6)."""
+
+    def __init__(
+        self,
+        api: BatchAPI,
+        *,
+        index: int = 0,
+        env: Mapping[str, str],
+        log: Logger,
+        grace: float = 30.0,
+        cwd: Path | None = None,
+    ) -> None:
+        self.api = api
+        self.index = index
+        self.port = api.pod.port + index
+        self.grace = grace
+        self.cwd = cwd
+        self.log = log.bind(pod=index)
+        self.gate = ReadinessGate()
+        self.children: dict[str, Child] = {}
+        self.restarts: dict[str, int] = {c.name: 0 for c in api.pod.containers}
+        self.owner: PortOwner | None = None
+        self.generation = 0
+        self.state = "creating"
+        self._extra_env = {"CORTEX_PORT": str(self.port), **env}
+        self._serving = False
+        self._serving_changed = anyio.Event()
+        self._stopping = False
+
+    # -- what dispatch and status look at -------------------------------------------------
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    async def wait_serving(self) -> None:
+        while not self._serving:
+            await self._serving_changed.wait()
+
+    def owner_stderr_tail(self, limit: int = 2048) -> str:
+        if self.owner is None:
+            return ""
+        child = self.children.get(self.owner.container)
+        return child.stderr_tail(limit) if child is not None else ""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "port": self.port,
+            "state": self.state,
+            "serving": self._serving,
+            "readiness": self.gate.states(),
+            "containers": {
+                name: {"pid": c.pid, "restarts": self.restarts[name]}
+                for name, c in self.children.items()
+            },
+            "port_owner": None
+            if self.owner is None
+            else {"container": self.owner.container, "pid": self.owner.pid},
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the pod until cancelled; raises PodError when a container fails for good."""
+        containers = self.api.pod.containers
+        needs_default = not any(
+            c.readiness_probe is not None and aims_at(c.readiness_probe, self.api.pod.port)
+            for c in containers
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                for c in containers:
+                    self.gate.set(c.name, False)
+                    await tg.start(self._supervise, c)
+                if needs_default:
+                    self.gate.set(POD_PORT_GATE, False)
+                    tg.start_soon(self._default_probe)
+                tg.start_soon(self._watch_readiness)
+                task_status.started()
+        finally:
+            self._stopping = True
+            self._set_serving(False)
+            if self.state not in ("failed", "killed_oom"):
+                self.state = "stopped"
+
+    def _set_serving(self, value: bool) -> None:
+        if value != self._serving:
+            self._serving = value
+            self._serving_changed.set()
+            self._serving_changed = anyio.Event()
+
+    async def _default_probe(self) -> None:
+        probe = default_readiness_probe(self.api.pod.port)
+
+        def changed(ok: bool, result: ProbeResult) -> None:
+            self.gate.set(POD_PORT_GATE, ok)
+            self.log.info("probe", container=None, probe="readiness", port=self.port, ok=ok, detail=result.detail)
+
+        await ProbeLoop(
+            probe, container=POD_PORT_GATE, kind="readiness", port_shift=self.index, on_change=changed
+        ).run()
+
+    async def _watch_readiness(self) -> None:
+        while True:
+            await self.gate.wait_ready()
+            roots = {name: c.pid for name, c in self.children.items() if c.returncode is None}
+            owner = await anyio.to_thread.run_sync(_find_owner, self.port, roots)
+            if owner is None:
+                # Probes pass but nobody listens yet (an exec-only gate): look again shortly.
+                await anyio.sleep(0.2)
+                continue
+            if self.owner != owner:
+                self.owner = owner
+                self.log.info(
+                    "port_owner", port=self.port, container=owner.container, pid=owner.pid, cmdline=owner.cmdline
+                )
+            self.state = "ready"
+            self._set_serving(True)
+            self.log.info("pod_ready", port=self.port)
+            await self.gate.wait_not_ready()
+            self._set_serving(False)
+            if not self._stopping:
+                self.state = "not_ready"
+                self.log.warning("pod_not_ready", port=self.port, readiness=self.gate.states())
+
+    async def _supervise(
+        self, c: Container, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        backoff = _BACKOFF_START
+        started = False
+        log = self.log.bind(container=c.name)
+        while True:
+            env = build_env(c.env, self._extra_env)
+            # Kubernetes expands $(VAR) in command/args from the container's env only.
+            argv = expand_argv([*c.command, *c.args], build_env(c.env, self._extra_env, base={}))
+            relay = _relay(log)
+            async with open_child(c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace) as child:
+                self.children[c.name] = child
+                log.info("container_started", pid=child.pid, argv=argv, restarts=self.restarts[c.name])
+                if not started:
+                    started = True
+                    task_status.started()
+                outcome = await self._watch_container(c, child, log)
+                self.gate.set(c.name, False)
+                if outcome == "liveness":
+                    self.generation += 1
+                    log.warning("container_restart", reason="liveness probe failed", grace=self.grace)
+                    exit_ = await child.terminate(self.grace)
+                    log.info("container_stopped", exit=exit_.describe())
+                else:
+                    exit_ = await child.wait()
+                    self.generation += 1
+                    oom = exit_.oom_killed
+                    self.state = "killed_oom" if oom else "failed"
+                    log.error("container_exited", exit=exit_.describe(), oom=oom)
+                    raise PodError(
+                        f"container `{c.name}` of pod {self.index} {exit_.describe()}",
+                        status="worker_oom" if oom else "worker_error",
+                    )
+            self.restarts[c.name] += 1
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _watch_container(self, c: Container, child: Child, log: Logger) -> str:
+        """Wait for the container to exit ("exit") or fail its liveness probe ("liveness")."""
+        outcome = "exit"
+        shift = {True: self.index, False: 0}
+        probe_env = build_env(c.env, self._extra_env)
+        async with anyio.create_task_group() as tg:
+
+            async def watch_exit() -> None:
+                await child.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_exit)
+            if c.readiness_probe is not None:
+                rp = c.readiness_probe
+
+                def ready_changed(ok: bool, result: ProbeResult) -> None:
+                    self.gate.set(c.name, ok)
+                    log.info("probe", probe="readiness", ok=ok, detail=result.detail)
+
+                tg.start_soon(
+                    ProbeLoop(
+                        rp,
+                        container=c.name,
+                        kind="readiness",
+                        port_shift=shift[aims_at(rp, self.api.pod.port)],
+                        env=probe_env,
+                        cwd=self.cwd,
+                        on_change=ready_changed,
+                    ).run
+                )
+            else:
+                self.gate.set(c.name, True)
+            if c.liveness_probe is not None:
+                lp = c.liveness_probe
+                dead = anyio.Event()
+
+                def alive_changed(ok: bool, result: ProbeResult) -> None:
+                    log.info("probe", probe="liveness", ok=ok, detail=result.detail)
+                    if not ok:
+                        dead.set()
+
+                async def watch_liveness() -> None:
+                    nonlocal outcome
+                    await dead.wait()
+                    outcome = "liveness"
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(
+                    ProbeLoop(
+                        lp,
+                        container=c.name,
+                        kind="liveness",
+                        port_shift=shift[aims_at(lp, self.api.pod.port)],
+                        env=probe_env,
+                        cwd=self.cwd,
+                        on_change=alive_changed,
+                    ).run
+                )
+                tg.start_soon(watch_liveness)
+        return outcome
+
+
+def _find_owner(port: int, roots: dict[str, int]) -> PortOwner | None:
+    try:
+        return find_port_owner(port, roots)
+    except PortOwnerError:
+        raise
+    except OSError as e:  # /proc unreadable: say so rather than guess
+        raise PortOwnerError(f"cannot tell who owns port {port}: {e}") from None
+
+
+def _relay(log: Logger) -> Callable[[str, str], None]:
+    def on_line(stream: str, line: str) -> None:
+        log.info("output", stream=stream, line=line)
+
+    return on_line
+
+
+def backoff_schedule(n: int) -> list[float]:
+    """The restart delays used, for docs and tests."""
+    return [min(_BACKOFF_START * math.pow(2, i), _BACKOFF_MAX) for i in range(n)]
+

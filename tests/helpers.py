@@ -1,0 +1,108 @@
+"""Shared helpers for tests that drive the real `supervisor` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+RECORDER = TESTS / "workers" / "recorder.py"
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int = 1) -> int:
+    """A base port such that base..base+n-1 are free right now (racy, but rarely matters)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000)
+        if all(port_is_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block found")
+
+
+def recorder_container(name: str = "api", **env: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "command": [sys.executable, "-u", str(RECORDER)],
+        "env": env,
+    }
+
+
+def write_api(
+    path: Path,
+    containers: list[dict[str, Any]],
+    *,
+    port: int,
+    name: str = "test-api",
+) -> Path:
+    api = [{"name": name, "kind": "BatchAPI", "pod": {"port": port, "containers": containers}}]
+    path.write_text(yaml.safe_dump(api))
+    return path
+
+
+def write_job(path: Path, job: dict[str, Any] | bytes) -> Path:
+    path.write_bytes(job if isinstance(job, bytes) else json.dumps(job).encode())
+    return path
+
+
+def supervisor_cmd(*args: str, backend: str = "asyncio") -> list[str]:
+    return [sys.executable, "-m", "supervisor", "--backend", backend, *args]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_supervisor(
+    *args: str, backend: str = "asyncio", timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        supervisor_cmd(*args, backend=backend),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=child_env(),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def read_records(record_dir: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for f in sorted(record_dir.glob("requests-*.ndjson")):
+        out.extend(json.loads(line) for line in f.read_text().splitlines() if line)
+    return out
+
+
+def header(entry: dict[str, Any], name: str) -> str | None:
+    for k, v in entry["headers"]:
+        if k.lower() == name.lower():
+            return str(v)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"

@@ -32,7 +32,13 @@ from supervisor.config import BatchAPI, Container
 from supervisor.errors import PodError, PortOwnerError
 from supervisor.logs import Logger
 from supervisor.ports import PortOwner, find_port_owner
-from supervisor.probes import ProbeLoop, ProbeResult, ReadinessGate, aims_at, default_readiness_probe
+from supervisor.probes import (
+    ProbeLoop,
+    ProbeResult,
+    ReadinessGate,
+    aims_at,
+    default_readiness_probe,
+)
 from supervisor.process import Child, build_env, expand_argv, open_child
 
 __all__ = ["CORTEX_VERSION", "Pod"]
@@ -79,9 +85,18 @@ class Pod:
     def serving(self) -> bool:
         return self._serving
 
-    async def wait_serving(self) -> None:
-        while not self._serving:
+    async def wait_serving(self, value: bool = True) -> None:
+        """Wait until ``serving`` is ``value``."""
+        while self._serving != value:
             await self._serving_changed.wait()
+
+    async def wait_changed(self) -> None:
+        """Wait for the next change of ``serving`` or of a container (start, restart)."""
+        await self._serving_changed.wait()
+
+    def _changed(self) -> None:
+        self._serving_changed.set()
+        self._serving_changed = anyio.Event()
 
     def owner_stderr_tail(self, limit: int = 2048) -> str:
         if self.owner is None:
@@ -133,8 +148,7 @@ class Pod:
     def _set_serving(self, value: bool) -> None:
         if value != self._serving:
             self._serving = value
-            self._serving_changed.set()
-            self._serving_changed = anyio.Event()
+            self._changed()
 
     async def _default_probe(self) -> None:
         probe = default_readiness_probe(self.api.pod.port)
@@ -183,6 +197,7 @@ class Pod:
             relay = _relay(log)
             async with open_child(c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace) as child:
                 self.children[c.name] = child
+                self._changed()
                 log.info("container_started", pid=child.pid, argv=argv, restarts=self.restarts[c.name])
                 if not started:
                     started = True
@@ -205,6 +220,7 @@ class Pod:
                         status="worker_oom" if oom else "worker_error",
                     )
             self.restarts[c.name] += 1
+            self._changed()
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 

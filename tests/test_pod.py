@@ -44,11 +44,6 @@ def pod_error(match: str) -> pytest.RaisesGroup[PodError]:
     )
 
 
-async def wait_serving(pod: Pod, value: bool) -> None:
-    while pod.serving != value:
-        await pod.wait_serving() if value else anyio.sleep(0.05)
-
-
 async def test_readiness_lost_pauses_and_returns(tmp_path: Path) -> None:
     port = free_ports()
     ready = tmp_path / "ready"
@@ -73,8 +68,7 @@ async def test_readiness_lost_pauses_and_returns(tmp_path: Path) -> None:
             await pod.wait_serving()
             assert pod.owner is not None and pod.owner.container == "api"
             ready.unlink()
-            while pod.serving:
-                await anyio.sleep(0.05)
+            await pod.wait_serving(False)
             assert not pod.gate.ready
             ready.touch()
             await pod.wait_serving()
@@ -108,11 +102,10 @@ async def test_liveness_failure_restarts_container(tmp_path: Path) -> None:
             generation = pod.generation
             dead.touch()
             while pod.restarts["api"] == 0:
-                await anyio.sleep(0.05)
+                await pod.wait_changed()
             dead.unlink()
-            await wait_serving(pod, True)
             while pod.children["api"].pid == first_pid:
-                await anyio.sleep(0.05)
+                await pod.wait_changed()
             await pod.wait_serving()
             assert pod.generation > generation
             tg.cancel_scope.cancel()

@@ -8,7 +8,19 @@
 
 from __future__ import annotations
 
-__all__ = ["BadInput", "ConfigError", "JobError", "PodError", "PortOwnerError", "SupervisorError"]
+from typing import TypeVar
+
+__all__ = [
+    "BadInput",
+    "ConfigError",
+    "JobError",
+    "PodError",
+    "PortOwnerError",
+    "SupervisorError",
+    "first_leaf",
+]
+
+E = TypeVar("E", bound=BaseException)
 
 
 class SupervisorError(Exception):
@@ -37,3 +49,16 @@ class PodError(SupervisorError):
 
 class PortOwnerError(PodError):
     """pod.port is held by a process that is not ours, or claimed by two containers."""
+
+
+def first_leaf(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E:
+    """The first exception of type ``kind`` in a (nested) exception group from task groups."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            try:
+                return first_leaf(exc, kind)
+            except LookupError:
+                continue
+        if isinstance(exc, kind):
+            return exc
+    raise LookupError(kind.__name__)

@@ -22,12 +22,17 @@ _encoder = msgspec.json.Encoder()
 class Logger:
     """Writes ``{"ts", "level", "event", **base, **fields}`` lines to ``stream``."""
 
-    __slots__ = ("_base", "_lock", "_stream")
+    __slots__ = ("_base", "_lock", "_prefix", "_stream")
 
     def __init__(self, stream: IO[str] | None = None, **base: Any) -> None:
         self._stream = stream if stream is not None else sys.stderr
         self._base = base
         self._lock = threading.Lock()
+        # On a terminal a progress bar may own the current line: clear it before each record.
+        try:
+            self._prefix = "\r\x1b[K" if self._stream.isatty() else ""
+        except (AttributeError, ValueError):
+            self._prefix = ""
 
     def bind(self, **fields: Any) -> Logger:
         """A logger writing to the same stream with more base fields."""
@@ -39,7 +44,7 @@ class Logger:
         record = {"ts": round(time.time(), 6), "level": level, "event": event}
         record.update(self._base)
         record.update(fields)
-        line = _encoder.encode(record).decode() + "\n"
+        line = self._prefix + _encoder.encode(record).decode() + "\n"
         with self._lock:
             try:
                 self._stream.write(line)

@@ -89,6 +89,7 @@ def read_records(record_dir: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for f in sorted(record_dir.glob("requests-*.ndjson")):
         out.extend(json.loads(line) for line in f.read_text().splitlines() if line)
+    out.sort(key=lambda r: r["t"])  # in the order the workers answered, across pods
     return out
 
 

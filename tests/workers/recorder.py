@@ -54,6 +54,7 @@ def ready() -> bool:
 
 
 def record(entry: dict[str, object]) -> None:
+    entry["t"] = time.monotonic_ns()  # CLOCK_MONOTONIC: comparable across processes
     line = json.dumps(entry) + "\n"
     with LOCK, open(RECORD, "a") as f:
         f.write(line)
@@ -62,6 +63,7 @@ def record(entry: dict[str, object]) -> None:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def _reply(self, status: int, body: bytes = b"ok") -> None:
         self.send_response(status)

@@ -1,0 +1,211 @@
+"""The ``supervisor`` command (SPEC §6): parse arguments, load files, run on the chosen backend.
+
+Exit codes: 0 success (``run``: the job ``succeeded``), 1 the job ended in another state or
+the pod failed, 2 bad input (one sentence on stderr, no traceback, nothing started),
+128+N when stopped by signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from supervisor import __version__
+from supervisor.config import BatchAPI, load_api
+from supervisor.errors import BadInput, PodError
+from supervisor.jobs import load_submission
+from supervisor.layout import Layout
+from supervisor.logs import Logger
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own errors: exit 2, one line + usage
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"supervisor: error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
+    return (host.strip("[]") or "127.0.0.1"), number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="supervisor",
+        description="Run Cortex Batch API pods: containers as child processes, batches as POST /.",
+    )
+    parser.add_argument("--version", action="version", version=f"supervisor {__version__}")
+    parser.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default=os.environ.get("SUPERVISOR_BACKEND", "asyncio"),
+        help="event loop (asyncio uses uvloop when installed); default asyncio",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("api", metavar="API", help="the BatchAPI file (Cortex YAML or JSON)")
+        p.add_argument("--api", dest="api_name", metavar="NAME", help="which API, when the file lists several")
+
+    run = sub.add_parser("run", help="run one job on this machine with the embedded queue")
+    common(run)
+    run.add_argument("--job", required=True, metavar="JOB", help="the job submission (JSON; - for stdin)")
+    run.add_argument("--workers", type=_positive_int, metavar="N", help="local pods (default: the job's `workers`)")
+    run.add_argument("--concurrency", type=_positive_int, default=1, metavar="K", help="batches in flight per pod (default 1)")
+    run.add_argument("--root", metavar="DIR", help="where cortex/ and mnt/ live (default ./.supervisor outside a container)")
+    run.add_argument("--fresh", action="store_true", help="start a new job instead of resuming an unfinished one")
+    run.add_argument("--batch-timeout", type=_positive_float, metavar="S", help="fail an attempt after S seconds")
+    run.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S", help="grace period on stop (default 30)")
+    run.add_argument("--max-batch-bytes", type=_positive_int, default=256 * 1024, metavar="N", help="largest batch body (default 262144)")
+
+    validate = sub.add_parser("validate", help="check the API file (and a job), start nothing")
+    common(validate)
+    validate.add_argument("--job", metavar="JOB", help="also check this job submission, splitting it fully")
+    validate.add_argument("--max-batch-bytes", type=_positive_int, default=256 * 1024, metavar="N")
+
+    proxy = sub.add_parser("proxy", help="run the pod and forward POST / from outside to it")
+    common(proxy)
+    proxy.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8888), metavar="HOST:PORT", help="default 127.0.0.1:8888")
+    proxy.add_argument("--root", metavar="DIR")
+    proxy.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S")
+    return parser
+
+
+def _run_async(backend: str, fn: Callable[[], Awaitable[T]]) -> T:
+    options: dict[str, Any] = {}
+    if backend == "asyncio":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            options["use_uvloop"] = True
+    return anyio.run(fn, backend=backend, backend_options=options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "run":
+            return _run(args)
+        if args.command == "proxy":
+            return _proxy(args)
+    except BadInput as e:
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    raise AssertionError(args.command)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from supervisor.split import validate_submission
+
+    api = load_api(args.api, args.api_name)
+    msg = f"{args.api}: BatchAPI `{api.name}` is valid ({len(api.pod.containers)} container(s), port {api.pod.port})"
+    if args.job:
+        sub, _ = load_submission(args.job)
+        count = validate_submission(sub, max_batch_bytes=args.max_batch_bytes, allowed_roots=None)
+        msg += f"; {args.job}: job is valid ({count} batch(es))"
+    print(msg)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from supervisor.runner import RunOptions, run_job
+
+    api = load_api(args.api, args.api_name)
+    sub, raw = load_submission(args.job)
+    opts = RunOptions(
+        layout=Layout.at(args.root),
+        workers=args.workers,
+        concurrency=args.concurrency,
+        fresh=args.fresh,
+        batch_timeout=args.batch_timeout,
+        grace=args.grace,
+        max_batch_bytes=args.max_batch_bytes,
+        cwd=Path.cwd(),
+    )
+    log = Logger(sys.stderr)
+    try:
+        result = _run_async(args.backend, partial(run_job, api, sub, raw, opts, log))
+    except PodError as e:  # failed before the job could run (e.g. a missing command)
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_FAILED
+    sys.stdout.write(msgspec.json.encode(result.status).decode() + "\n")
+    sys.stdout.flush()
+    return result.exit_code
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from supervisor.proxy_command import run_proxy
+
+    api: BatchAPI = load_api(args.api, args.api_name)
+    host, port = args.listen
+    log = Logger(sys.stdout, api_name=api.name)
+    try:
+        return _run_async(
+            args.backend,
+            partial(run_proxy, api, host=host, port=port, layout=Layout.at(args.root), grace=args.grace, log=log),
+        )
+    except PodError as e:
+        sys.stderr.write(f"supervisor: {e}\n")
+        return EXIT_FAILED

@@ -430,3 +430,34 @@ def test_sigkill_whole_pod_then_resume(tmp_path: Path, backend: str) -> None:
     assert everything == set(range(600))
     # only the in-flight ones (and acks not yet committed) were resent
     assert len(resent) == 600 - len(done)
+
+
+def test_batch_timeout_and_job_timeout(tmp_path: Path) -> None:
+    """A batch slower than --batch-timeout is a failed attempt ("timed out"); the job's own
+    `timeout` ends it as timed_out with exit 1."""
+    port = free_ports()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    api = write_api(
+        tmp_path / "api.yaml",
+        [{**recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.6"), "readiness_probe": probe_on(port)}],
+        port=port,
+    )
+    items = [json.dumps({"i": i}).encode() for i in range(2)]
+    job = write_job(tmp_path / "job.json", raw_job(items, 1))
+    root = tmp_path / "root"
+    r = run_supervisor("run", str(api), "--job", str(job), "--root", str(root), "--batch-timeout", "0.2")
+    assert r.returncode == 1, r.stderr
+    status = json.loads(r.stdout)
+    assert status["job_status"]["status"] == "completed_with_failures"
+    letters = list((root / "cortex" / "supervisor" / "dead-letters").glob("*/*.json"))
+    assert len(letters) == 2
+    assert "timed out after 0.2s" in json.loads(letters[0].read_bytes())["attempts"][0]["error"]
+
+    many = [json.dumps({"i": i}).encode() for i in range(100)]
+    job2 = write_job(tmp_path / "job2.json", raw_job(many, 1, b'"timeout": 2, '))
+    r = run_supervisor("run", str(api), "--job", str(job2), "--root", str(root))
+    assert r.returncode == 1, r.stderr
+    status = json.loads(r.stdout)
+    assert status["job_status"]["status"] == "timed_out"
+    assert status["metrics"]["succeeded"] < 100

@@ -81,6 +81,7 @@ _PENDING: Final = 0
 _SUCCEEDED: Final = 1
 _DEAD: Final = 2
 _PAGE: Final = 512  # rows per feeder read
+_COMMIT_WINDOW: Final = 0.005  # seconds acks may wait to share a transaction
 _CHUNK_BYTES: Final = 16 << 20  # an enqueue chunk also ends at this many bytes
 
 _SCHEMA: Final = """
@@ -562,6 +563,7 @@ class EmbeddedFeed:
         "_failed_attempts",
         "_feeder_scope",
         "_feeder_wakeup",
+        "_hurry",
         "_in_flight",
         "_jid",
         "_job_id",
@@ -615,6 +617,7 @@ class EmbeddedFeed:
         self._n_committed = 0  # ... of which committed
         self._committer_wakeup: anyio.Event | None = None
         self._commit_done: anyio.Event | None = None
+        self._hurry: anyio.Event | None = None  # set to end a group-commit window early
         self._stopping = False  # leaving open_feed: commit what is left, then stop
         self._stopped = False  # the committer has stopped: ack/fail are refused
 
@@ -704,6 +707,7 @@ class EmbeddedFeed:
             if done is None:
                 done = self._commit_done = anyio.Event()
             self._wake_committer()
+            self._hurry_committer()
             await done.wait()
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -735,6 +739,12 @@ class EmbeddedFeed:
             self._feeder_wakeup = None
             wakeup.set()
 
+    def _hurry_committer(self) -> None:
+        hurry = self._hurry
+        if hurry is not None:
+            self._hurry = None
+            hurry.set()
+
     def _wake_committer(self) -> None:
         wakeup = self._committer_wakeup
         if wakeup is not None:
@@ -746,6 +756,7 @@ class EmbeddedFeed:
         self.close()
         self._feeder_scope.cancel()
         self._wake_committer()
+        self._hurry_committer()
 
     # -- the feeder -----------------------------------------------------------------------
 
@@ -789,6 +800,14 @@ class EmbeddedFeed:
                     wakeup = self._committer_wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
+                if not self._stopping and self._commit_done is None:
+                    # Group commit: let acks gather for a moment so a busy feed costs one
+                    # transaction per window, not one per batch (a flush() skips the wait).
+                    # Acks do not wake us meanwhile; flush() and shutdown do.
+                    hurry = self._hurry = anyio.Event()
+                    with anyio.move_on_after(_COMMIT_WINDOW):
+                        await hurry.wait()
+                    self._hurry = None
                 await self._commit_buffered()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):

@@ -1,0 +1,13 @@
+"""HTTP/1.1 over anyio: sans-IO parsing apart from the I/O loops.
+
+* ``response`` -- the fast sans-IO response parser (``ResponseParser``, ``Response``);
+* ``client`` -- ``BatchClient`` (the dispatch hot path), ``ConnectionPool``, ``request()``;
+* ``server`` -- the h11 server (``serve``, ``start_server``, ``Request``, ``Response``);
+* ``proxy`` -- ``ProxyApp``, the front of ``supervisor proxy``;
+* ``errors`` -- the exception family (``HTTPError`` and its subclasses).
+
+Import from the modules: ``response.Response`` (what a client reads) and ``server.Response``
+(what a handler returns) are different types.
+"""
+
+from __future__ import annotations

@@ -121,7 +121,7 @@ class _Connection:
         if self._poll is None:  # pragma: no cover - no poll() on this platform: trust it
             return True
         # Readable (EOF or unsolicited bytes), hung up or invalid: do not reuse.
-        return True
+        return not self._poll.poll(0)
 
     async def exchange(
         self, request: bytes, body: bytes, *, head_request: bool = False
@@ -355,7 +355,7 @@ class ConnectionPool:
             if lower == b"host":
                 has_host = True
             elif lower == b"content-length":
-                if value.strip() != b"%d" % len(body):
+                if not value.strip().isdigit() or int(value) != len(body):
                     raise LocalProtocolError(
                         f"Content-Length {value!r} does not match the body ({len(body)} bytes)."
                     )

@@ -8,8 +8,9 @@ is h11's I/O loop (h11 ``examples/trio-server.py``): read until h11 has a whole 
 ``start_next_cycle()`` when both sides are ``DONE`` -- otherwise close. Pipelined requests
 wait in h11's buffer and are answered in order.
 
-Nothing a client sends can crash the server: malformed bytes get 400 (431 for a head over
-``max_head``), a body over ``max_body`` gets 413 (from ``Content-Length`` before reading the
+Nothing a client sends can crash the server: malformed bytes get 400 (431 when h11 has
+buffered ``max_head`` bytes of a still incomplete head -- h11's bound, checked per read of
+at most 64 KiB), a body over ``max_body`` gets 413 (from ``Content-Length`` before reading the
 body, or as soon as a chunked body passes the limit), then the connection is closed after
 a short lingering drain so the client can read the answer. A handler that raises gets a 500
 and the connection keeps serving; cancellation is never swallowed.

@@ -1,0 +1,251 @@
+"""ProxyApp behind the real server, in front of a scripted raw upstream on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import anyio.abc
+import msgspec
+import pytest
+
+from supervisor.http.client import request
+from supervisor.http.proxy import ProxyApp
+from supervisor.http.response import Response as Parsed
+from supervisor.http.response import ResponseParser
+from supervisor.http.server import start_server
+
+pytestmark = pytest.mark.anyio
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Upstream:
+    """A raw HTTP server: records each request's bytes, answers with scripted bytes."""
+
+    def __init__(self, reply: bytes | None = OK, *, reset: bool = False) -> None:
+        self.reply = reply  # None: never answer
+        self.reset = reset  # answer nothing, reset the connection after the request
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.got_request = anyio.Event()
+
+    async def on_connection(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        buf = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    try:
+                        buf += await stream.receive()
+                    except (anyio.EndOfStream, anyio.BrokenResourceError):
+                        return
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                while len(rest) < length:
+                    rest += await stream.receive()
+                self.requests.append(head + b"\r\n\r\n" + rest[:length])
+                buf = rest[length:]
+                self.got_request.set()
+                if self.reset:
+                    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                if self.reply is None:
+                    await anyio.sleep_forever()
+                else:
+                    await stream.send(self.reply)
+
+
+class Ready:
+    def __init__(self, value: bool) -> None:
+        self.value = value
+
+    def __call__(self) -> bool:
+        return self.value
+
+
+@asynccontextmanager
+async def proxy_in_front_of(
+    upstream: Upstream | None,
+    *,
+    ready: Ready | None = None,
+    status: Callable[[], object] | None = None,
+    upstream_timeout: float | None = None,
+) -> AsyncIterator[int]:
+    """Start ``upstream`` (None: a port where nothing listens) and a proxy; yield its port."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    target = listener.extra(anyio.abc.SocketAttribute.local_port)
+    if upstream is None:
+        await listener.aclose()
+    app = ProxyApp(
+        target_host="127.0.0.1",
+        target_port=lambda: target,
+        is_ready=ready or Ready(True),
+        status=status,
+        upstream_timeout=upstream_timeout,
+    )
+    async with listener, anyio.create_task_group() as tg:
+        if upstream is not None:
+            tg.start_soon(listener.serve, upstream.on_connection)
+        port = await tg.start(start_server, "127.0.0.1", 0, app.handle)
+        try:
+            yield port
+        finally:
+            tg.cancel_scope.cancel()
+            await app.aclose()
+
+
+async def raw_exchange(port: int, data: bytes) -> Parsed:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(data)
+        parser = ResponseParser(keep_body=None)
+        while (response := parser.next_response()) is None:
+            parser.receive_data(await stream.receive())
+        return response
+
+
+async def post(port: int, path: str = "/", body: bytes = b"[1]") -> Parsed:
+    return await request("127.0.0.1", port, "POST", path, body=body)
+
+
+async def test_not_ready_gets_503_and_nothing_reaches_the_target() -> None:
+    upstream = Upstream()
+    ready = Ready(False)
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream, ready=ready) as port:
+            refused = await post(port)
+            refused_done = await post(port, "/on-job-complete", b'{"message":"job_complete"}')
+            health = await request("127.0.0.1", port, "GET", "/healthz")
+            assert upstream.connections == 0
+            ready.value = True
+            accepted = await post(port)
+            health_after = await request("127.0.0.1", port, "GET", "/healthz")
+    assert refused.status == refused_done.status == 503
+    assert refused.header(b"retry-after") == b"1"
+    assert refused.header(b"content-type") == b"application/json"
+    assert b"not ready" in refused.body_head
+    assert (health.status, health.body_head) == (503, b'{"ready":false}')
+    assert (accepted.status, accepted.body_head) == (200, b"ok")
+    assert (health_after.status, health_after.body_head) == (200, b'{"ready":true}')
+    assert len(upstream.requests) == 1
+
+
+async def test_forwarding_is_byte_exact_and_drops_hop_by_hop_headers() -> None:
+    upstream = Upstream(
+        b"HTTP/1.1 201 Created Here\r\nX-Reply: a\r\nConnection: keep-alive, X-Up-Hop\r\n"
+        b"X-Up-Hop: 1\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    body = b'[{"id": 1, "x": "\xc3\xa9"}, 2]'
+    sent = (
+        b"POST /?x=1 HTTP/1.1\r\nHost: pod.local\r\nContent-Type: application/json\r\n"
+        b"X-Cortex-Job-ID: j1\r\nConnection: keep-alive, X-Hop\r\nX-Hop: secret\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nTE: trailers\r\n"
+        b"Upgrade: h2c\r\nExpect: 100-continue\r\nContent-Length: %d\r\nX-Last: z\r\n\r\n"
+        % len(body)
+    ) + body
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            response = await raw_exchange(port, sent)
+    assert upstream.requests == [
+        b"POST /?x=1 HTTP/1.1\r\nHost: pod.local\r\nContent-Type: application/json\r\n"
+        b"X-Cortex-Job-ID: j1\r\nContent-Length: %d\r\nX-Last: z\r\n\r\n" % len(body) + body
+    ]
+    assert (response.status, response.reason) == (201, b"Created Here")
+    assert response.body_head == b"abcde"
+    names = [name for name, _ in response.headers]
+    assert names == [b"x-reply", b"set-cookie", b"set-cookie", b"content-length"]
+    assert response.header(b"content-length") == b"5"
+
+
+async def test_chunked_request_is_forwarded_with_a_length() -> None:
+    upstream = Upstream()
+    sent = (
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"2\r\n[1\r\n1\r\n]\r\n0\r\n\r\n"
+    )
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            response = await raw_exchange(port, sent)
+    assert response.status == 200
+    assert upstream.requests == [
+        b"POST / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nContent-Length: 3\r\n\r\n[1]"
+    ]
+
+
+async def test_on_job_complete_is_forwarded_and_connections_are_reused() -> None:
+    upstream = Upstream(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            for _ in range(3):
+                response = await post(port, "/on-job-complete", b'{"message":"job_complete"}')
+                assert response.status == 404
+    assert upstream.connections == 1
+    assert len(upstream.requests) == 3
+    assert upstream.requests[0].startswith(b"POST /on-job-complete HTTP/1.1\r\n")
+    assert upstream.requests[0].endswith(b'\r\n\r\n{"message":"job_complete"}')
+
+
+async def test_target_down_or_resetting_gets_502() -> None:
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(None) as port:
+            down = await post(port)
+        upstream = Upstream(reset=True)
+        async with proxy_in_front_of(upstream) as port:
+            reset = await post(port)
+    assert down.status == 502
+    assert b"could not be reached" in down.body_head
+    assert reset.status == 502
+    assert len(upstream.requests) == 1  # not retried
+
+
+async def test_target_too_slow_gets_504() -> None:
+    upstream = Upstream(reply=None)
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream, upstream_timeout=0.2) as port:
+            response = await post(port)
+    assert response.status == 504
+
+
+async def test_admin_routes_and_unknown_ones() -> None:
+    state = {"containers": [{"name": "api", "ready": True}], "port_owner": 1234}
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(Upstream(), status=lambda: state) as port:
+            status = await request("127.0.0.1", port, "GET", "/status")
+            wrong_method = await request("127.0.0.1", port, "GET", "/")
+            post_health = await request("127.0.0.1", port, "POST", "/healthz")
+            unknown = await request("127.0.0.1", port, "POST", "/elsewhere")
+        async with proxy_in_front_of(Upstream()) as port:
+            no_status = await request("127.0.0.1", port, "GET", "/status")
+    assert status.status == 200
+    assert msgspec.json.decode(status.body_head) == state
+    assert wrong_method.status == 405 and wrong_method.header(b"allow") == b"POST"
+    assert post_health.status == 405
+    assert unknown.status == 404
+    assert no_status.status == 404
+
+
+async def test_many_concurrent_requests() -> None:
+    upstream = Upstream()
+    with anyio.fail_after(20):
+        async with proxy_in_front_of(upstream) as port:
+            results: list[int] = []
+
+            async def one(i: int) -> None:
+                results.append((await post(port, body=b"[%d]" % i)).status)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(one, i)
+    assert results == [200] * 50
+    assert sorted(r.rpartition(b"\r\n\r\n")[2] for r in upstream.requests) == sorted(
+        b"[%d]" % i for i in range(50)
+    )

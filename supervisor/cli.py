@@ -101,27 +101,70 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("api", metavar="API", help="the BatchAPI file (Cortex YAML or JSON)")
-        p.add_argument("--api", dest="api_name", metavar="NAME", help="which API, when the file lists several")
+        p.add_argument(
+            "--api", dest="api_name", metavar="NAME", help="which API, when the file lists several"
+        )
 
     run = sub.add_parser("run", help="run one job on this machine with the embedded queue")
     common(run)
-    run.add_argument("--job", required=True, metavar="JOB", help="the job submission (JSON; - for stdin)")
-    run.add_argument("--workers", type=_positive_int, metavar="N", help="local pods (default: the job's `workers`)")
-    run.add_argument("--concurrency", type=_positive_int, default=1, metavar="K", help="batches in flight per pod (default 1)")
-    run.add_argument("--root", metavar="DIR", help="where cortex/ and mnt/ live (default ./.supervisor outside a container)")
-    run.add_argument("--fresh", action="store_true", help="start a new job instead of resuming an unfinished one")
-    run.add_argument("--batch-timeout", type=_positive_float, metavar="S", help="fail an attempt after S seconds")
-    run.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S", help="grace period on stop (default 30)")
-    run.add_argument("--max-batch-bytes", type=_positive_int, default=256 * 1024, metavar="N", help="largest batch body (default 262144)")
+    run.add_argument(
+        "--job", required=True, metavar="JOB", help="the job submission (JSON; - for stdin)"
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="local pods (default: the job's `workers`)",
+    )
+    run.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="batches in flight per pod (default 1)",
+    )
+    run.add_argument(
+        "--root",
+        metavar="DIR",
+        help="where cortex/ and mnt/ live (default ./.supervisor outside a container)",
+    )
+    run.add_argument(
+        "--fresh", action="store_true", help="start a new job instead of resuming an unfinished one"
+    )
+    run.add_argument(
+        "--batch-timeout", type=_positive_float, metavar="S", help="fail an attempt after S seconds"
+    )
+    run.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="grace period on stop (default 30)",
+    )
+    run.add_argument(
+        "--max-batch-bytes",
+        type=_positive_int,
+        default=256 * 1024,
+        metavar="N",
+        help="largest batch body (default 262144)",
+    )
 
     validate = sub.add_parser("validate", help="check the API file (and a job), start nothing")
     common(validate)
-    validate.add_argument("--job", metavar="JOB", help="also check this job submission, splitting it fully")
+    validate.add_argument(
+        "--job", metavar="JOB", help="also check this job submission, splitting it fully"
+    )
     validate.add_argument("--max-batch-bytes", type=_positive_int, default=256 * 1024, metavar="N")
 
     proxy = sub.add_parser("proxy", help="run the pod and forward POST / from outside to it")
     common(proxy)
-    proxy.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8888), metavar="HOST:PORT", help="default 127.0.0.1:8888")
+    proxy.add_argument(
+        "--listen",
+        type=_host_port,
+        default=("127.0.0.1", 8888),
+        metavar="HOST:PORT",
+        help="default 127.0.0.1:8888",
+    )
     proxy.add_argument("--root", metavar="DIR")
     proxy.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S")
     return parser
@@ -204,7 +247,15 @@ def _proxy(args: argparse.Namespace) -> int:
     try:
         return _run_async(
             args.backend,
-            partial(run_proxy, api, host=host, port=port, layout=Layout.at(args.root), grace=args.grace, log=log),
+            partial(
+                run_proxy,
+                api,
+                host=host,
+                port=port,
+                layout=Layout.at(args.root),
+                grace=args.grace,
+                log=log,
+            ),
         )
     except PodError as e:
         sys.stderr.write(f"supervisor: {e}\n")

@@ -39,7 +39,7 @@ NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 
 
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     pass
 
 

@@ -26,6 +26,7 @@ from supervisor.queues.base import AttemptRecord, Feed
 __all__ = ["dispatch_pod", "send_job_complete"]
 
 _BODY_HEAD = 1024
+_ON_COMPLETE_TIMEOUT = 60.0  # seconds for the worker to handle /on-job-complete
 _STDERR_SETTLE = 0.02  # seconds, on the failure path only
 
 
@@ -111,7 +112,6 @@ async def send_job_complete(
     succeeded: int,
     failed: int,
     log: Logger,
-    timeout: float = 60.0,
 ) -> bool:
     """The one ``POST /on-job-complete`` of a job; 404 counts as handled. True if handled."""
     headers: Sequence[tuple[str, str]] = (
@@ -128,7 +128,7 @@ async def send_job_complete(
             "/on-job-complete",
             headers=headers,
             body=b'{"message":"job_complete"}',
-            timeout=timeout,
+            timeout=_ON_COMPLETE_TIMEOUT,
         )
     except (HTTPError, TimeoutError, OSError) as e:
         log.warning("on_job_complete_failed", port=port, error=str(e))

@@ -122,7 +122,9 @@ class Pod:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run the pod until cancelled; raises PodError when a container fails for good."""
         containers = self.api.pod.containers
         needs_default = not any(
@@ -155,10 +157,21 @@ class Pod:
 
         def changed(ok: bool, result: ProbeResult) -> None:
             self.gate.set(POD_PORT_GATE, ok)
-            self.log.info("probe", container=None, probe="readiness", port=self.port, ok=ok, detail=result.detail)
+            self.log.info(
+                "probe",
+                container=None,
+                probe="readiness",
+                port=self.port,
+                ok=ok,
+                detail=result.detail,
+            )
 
         await ProbeLoop(
-            probe, container=POD_PORT_GATE, kind="readiness", port_shift=self.index, on_change=changed
+            probe,
+            container=POD_PORT_GATE,
+            kind="readiness",
+            port_shift=self.index,
+            on_change=changed,
         ).run()
 
     async def _watch_readiness(self) -> None:
@@ -173,7 +186,11 @@ class Pod:
             if self.owner != owner:
                 self.owner = owner
                 self.log.info(
-                    "port_owner", port=self.port, container=owner.container, pid=owner.pid, cmdline=owner.cmdline
+                    "port_owner",
+                    port=self.port,
+                    container=owner.container,
+                    pid=owner.pid,
+                    cmdline=owner.cmdline,
                 )
             self.state = "ready"
             self._set_serving(True)
@@ -195,10 +212,14 @@ class Pod:
             # Kubernetes expands $(VAR) in command/args from the container's env only.
             argv = expand_argv([*c.command, *c.args], build_env(c.env, self._extra_env, base={}))
             relay = _relay(log)
-            async with open_child(c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace) as child:
+            async with open_child(
+                c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace
+            ) as child:
                 self.children[c.name] = child
                 self._changed()
-                log.info("container_started", pid=child.pid, argv=argv, restarts=self.restarts[c.name])
+                log.info(
+                    "container_started", pid=child.pid, argv=argv, restarts=self.restarts[c.name]
+                )
                 if not started:
                     started = True
                     task_status.started()
@@ -206,7 +227,9 @@ class Pod:
                 self.gate.set(c.name, False)
                 if outcome == "liveness":
                     self.generation += 1
-                    log.warning("container_restart", reason="liveness probe failed", grace=self.grace)
+                    log.warning(
+                        "container_restart", reason="liveness probe failed", grace=self.grace
+                    )
                     exit_ = await child.terminate(self.grace)
                     log.info("container_stopped", exit=exit_.describe())
                 else:
@@ -305,4 +328,3 @@ def _relay(log: Logger) -> Callable[[str, str], None]:
 def backoff_schedule(n: int) -> list[float]:
     """The restart delays used, for docs and tests."""
     return [min(_BACKOFF_START * math.pow(2, i), _BACKOFF_MAX) for i in range(n)]
-

@@ -56,7 +56,9 @@ async def run_proxy(
     code = 0
     try:
         async with anyio.create_task_group() as tg:
-            listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
+            listener = await anyio.create_tcp_listener(
+                local_host=host, local_port=port, reuse_port=False
+            )
             bound = listener.extra(anyio.abc.SocketAttribute.local_port)
             log.info("listening", host=host, port=bound, target_port=pod.port)
 

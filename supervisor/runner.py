@@ -23,8 +23,8 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,7 +35,14 @@ from supervisor import jobs
 from supervisor.config import BatchAPI
 from supervisor.dispatch import dispatch_pod, send_job_complete
 from supervisor.errors import PodError, first_leaf
-from supervisor.jobs import JobMetrics, JobSpec, JobStatus, JobStatusResponse, JobSubmission, WorkerCounts
+from supervisor.jobs import (
+    JobMetrics,
+    JobSpec,
+    JobStatus,
+    JobStatusResponse,
+    JobSubmission,
+    WorkerCounts,
+)
 from supervisor.layout import Layout
 from supervisor.logs import Logger
 from supervisor.pod import CORTEX_VERSION, Pod
@@ -217,7 +224,8 @@ async def _run_pods(
     outcome = _Outcome()
     env = _pod_env(api, spec, opts.layout)
     pods = [
-        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd) for i in range(spec.workers)
+        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd)
+        for i in range(spec.workers)
     ]
     tty = opts.progress_tty if opts.progress_tty is not None else _isatty(opts.progress_stream)
     subreaper = become_subreaper()
@@ -231,7 +239,9 @@ async def _run_pods(
         try:
             async with anyio.create_task_group() as services:
                 if opts.handle_signals:
-                    services.start_soon(_watch_signals, feed, outcome, dispatch_scope, opts.grace, log)
+                    services.start_soon(
+                        _watch_signals, feed, outcome, dispatch_scope, opts.grace, log
+                    )
                 if spec.timeout is not None:
                     deadline = _parse_time(spec.created_time) + spec.timeout
                     services.start_soon(_watch_timeout, feed, outcome, deadline, log)

@@ -13,7 +13,9 @@ from tests.helpers import write_api, write_job
 @pytest.fixture
 def files(tmp_path: Path) -> tuple[Path, Path]:
     api = write_api(tmp_path / "api.yaml", [{"name": "a", "command": ["true"]}], port=9100)
-    job = write_job(tmp_path / "job.json", {"workers": 1, "item_list": {"items": [1], "batch_size": 1}})
+    job = write_job(
+        tmp_path / "job.json", {"workers": 1, "item_list": {"items": [1], "batch_size": 1}}
+    )
     return api, job
 
 
@@ -48,7 +50,9 @@ def test_bad_arguments_exit_2(
     assert "Traceback" not in err
 
 
-def test_yaml_syntax_error_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_yaml_syntax_error_names_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("- name: a\n  kind: BatchAPI\n  pod: [\n")
     assert main(["validate", str(bad)]) == 2

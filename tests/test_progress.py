@@ -8,7 +8,14 @@ from supervisor.queues.base import Progress
 
 
 def progress(**kw: int) -> Progress:
-    base = {"total": 100, "succeeded": 0, "dead": 0, "failed_attempts": 0, "in_flight": 0, "in_queue": 100}
+    base = {
+        "total": 100,
+        "succeeded": 0,
+        "dead": 0,
+        "failed_attempts": 0,
+        "in_flight": 0,
+        "in_queue": 100,
+    }
     base.update(kw)
     return Progress(**base, average_time_per_batch=None)
 
@@ -40,7 +47,9 @@ def test_json_lines_when_not_a_tty() -> None:
 
 def test_bar_on_a_tty() -> None:
     out = io.StringIO()
-    r = ProgressReporter(lambda: progress(succeeded=3), stream=out, tty=True, log=Logger(io.StringIO()))
+    r = ProgressReporter(
+        lambda: progress(succeeded=3), stream=out, tty=True, log=Logger(io.StringIO())
+    )
     r.final()
     assert out.getvalue().startswith("\r\x1b[K[")
     assert out.getvalue().endswith("\n")

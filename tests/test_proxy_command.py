@@ -36,7 +36,11 @@ class Proxy:
         self.proc, self.port, self.rec = proc, port, rec
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
@@ -71,15 +75,25 @@ def proxy(tmp_path: Path, backend: str) -> Iterator[Proxy]:
         [
             {
                 **recorder_container(RECORD_DIR=str(rec), NOT_READY_SECONDS="1.5"),
-                "readiness_probe": {"http_get": {"port": pod_port, "path": "/healthz"}, "period_seconds": 1},
+                "readiness_probe": {
+                    "http_get": {"port": pod_port, "path": "/healthz"},
+                    "period_seconds": 1,
+                },
             }
         ],
         port=pod_port,
     )
     proc = subprocess.Popen(
         supervisor_cmd(
-            "proxy", str(api), "--listen", f"127.0.0.1:{listen}", "--root", str(tmp_path / "root"),
-            "--grace", "2", backend=backend,
+            "proxy",
+            str(api),
+            "--listen",
+            f"127.0.0.1:{listen}",
+            "--root",
+            str(tmp_path / "root"),
+            "--grace",
+            "2",
+            backend=backend,
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -118,12 +132,18 @@ def test_503_before_ready_then_byte_exact_forwarding(proxy: Proxy) -> None:
     proxy.wait_healthy()
     body = b'[{"a":  1}, "caf\xc3\xa9", 1.50]'
     status, _, answer = proxy.request(
-        "POST", "/", body, {"Content-Type": "application/json", "X-Cortex-Job-ID": "job-1", "X-Custom": "k"}
+        "POST",
+        "/",
+        body,
+        {"Content-Type": "application/json", "X-Cortex-Job-ID": "job-1", "X-Custom": "k"},
     )
     assert status == 200
     assert answer == b"ok"
     status, _, _ = proxy.request(
-        "POST", "/on-job-complete", b'{"message":"job_complete"}', {"Content-Type": "application/json"}
+        "POST",
+        "/on-job-complete",
+        b'{"message":"job_complete"}',
+        {"Content-Type": "application/json"},
     )
     assert status == 404  # the worker ignores it; the status passes through
     records = read_records(proxy.rec)

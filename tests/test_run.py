@@ -58,7 +58,9 @@ RAW_ITEMS = [
 
 def raw_job(items: list[bytes], batch_size: int, extra: bytes = b"") -> bytes:
     return (
-        b'{"workers": 1, ' + extra + b'"item_list": {"batch_size": %d, "items": [' % batch_size
+        b'{"workers": 1, '
+        + extra
+        + b'"item_list": {"batch_size": %d, "items": [' % batch_size
         + b", ".join(items)
         + b']}, "config": {"k": "v"}}'
     )
@@ -126,7 +128,9 @@ def test_no_batch_before_http_probe_passes(tmp_path: Path, backend: str) -> None
         port=port,
     )
     job = write_job(tmp_path / "job.json", raw_job(RAW_ITEMS[:10], 1))
-    r = run_supervisor("run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), backend=backend)
+    r = run_supervisor(
+        "run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), backend=backend
+    )
     assert r.returncode == 0, r.stderr
     batches = batches_of(read_records(rec))
     assert len(batches) == 10
@@ -154,7 +158,11 @@ def test_retries_and_dead_letters(tmp_path: Path, dlq: int | None) -> None:
         ],
         port=port,
     )
-    extra = b'"sqs_dead_letter_queue": {"arn": "local", "max_receive_count": %d}, ' % dlq if dlq else b""
+    extra = (
+        b'"sqs_dead_letter_queue": {"arn": "local", "max_receive_count": %d}, ' % dlq
+        if dlq
+        else b""
+    )
     job = write_job(tmp_path / "job.json", raw_job(items, 1, extra))
     root = tmp_path / "root"
     r = run_supervisor("run", str(api), "--job", str(job), "--root", str(root))
@@ -191,16 +199,43 @@ def test_retries_and_dead_letters(tmp_path: Path, dlq: int | None) -> None:
 
 BAD_APIS = [
     ({"pod": {"port": "x"}}, "pod.port"),
-    ({"pod": {"containers": [{"name": "a", "command": ["x"], "readiness_probe": {"http_get": {"port": "p"}}}]}}, "pod.containers[0].readiness_probe.http_get.port"),
-    ({"pod": {"containers": [{"name": "a", "command": ["x"], "readiness_probe": {"http_get": {"port": 1}, "tcp_socket": {"port": 1}}}]}}, "pod.containers[0].readiness_probe"),
-    ({"pod": {"containers": [{"name": "a", "command": ["x"]}, {"name": "a", "command": ["y"]}]}}, "pod"),
+    (
+        {
+            "pod": {
+                "containers": [
+                    {"name": "a", "command": ["x"], "readiness_probe": {"http_get": {"port": "p"}}}
+                ]
+            }
+        },
+        "pod.containers[0].readiness_probe.http_get.port",
+    ),
+    (
+        {
+            "pod": {
+                "containers": [
+                    {
+                        "name": "a",
+                        "command": ["x"],
+                        "readiness_probe": {"http_get": {"port": 1}, "tcp_socket": {"port": 1}},
+                    }
+                ]
+            }
+        },
+        "pod.containers[0].readiness_probe",
+    ),
+    (
+        {"pod": {"containers": [{"name": "a", "command": ["x"]}, {"name": "a", "command": ["y"]}]}},
+        "pod",
+    ),
     ({"pod": {"containers": [{"name": "a", "comand": ["x"]}]}}, "comand"),
     ({"kind": "RealtimeAPI"}, "kind"),
 ]
 
 
 @pytest.mark.parametrize(("patch", "path"), BAD_APIS)
-def test_bad_config_exits_2_and_starts_nothing(tmp_path: Path, patch: dict[str, Any], path: str) -> None:
+def test_bad_config_exits_2_and_starts_nothing(
+    tmp_path: Path, patch: dict[str, Any], path: str
+) -> None:
     marker = tmp_path / "started"
     good: dict[str, Any] = {
         "name": "x",
@@ -211,8 +246,12 @@ def test_bad_config_exits_2_and_starts_nothing(tmp_path: Path, patch: dict[str, 
     if "pod" in patch:
         api["pod"] = {**good["pod"], **patch["pod"]}
     (tmp_path / "api.yaml").write_text(json.dumps([api]))
-    job = write_job(tmp_path / "job.json", {"workers": 1, "item_list": {"items": [1], "batch_size": 1}})
-    r = run_supervisor("run", str(tmp_path / "api.yaml"), "--job", str(job), "--root", str(tmp_path / "root"))
+    job = write_job(
+        tmp_path / "job.json", {"workers": 1, "item_list": {"items": [1], "batch_size": 1}}
+    )
+    r = run_supervisor(
+        "run", str(tmp_path / "api.yaml"), "--job", str(job), "--root", str(tmp_path / "root")
+    )
     assert r.returncode == 2
     assert f"`{path}`" in r.stderr or path in r.stderr
     assert "Traceback" not in r.stderr
@@ -227,19 +266,32 @@ BAD_JOBS: list[tuple[bytes, str]] = [
     (b'{"workers": 1}', "exactly one of"),
     (b'{"workers": 0, "item_list": {"items": [1], "batch_size": 1}}', "`workers`"),
     (b'{"workers": 1, "item_list": {"items": [1], "batch_size": 0}}', "`item_list.batch_size`"),
-    (b'{"workers": 1, "item_list": {"items": [1], "batch_size": 1}, "extra": 1}', "unknown field `extra`"),
-    (b'{"workers": 1, "delimited_files": {"s3_paths": ["/nonexistent/x"], "batch_size": 1}}', "/nonexistent/x"),
-    (b'{"workers": 1, "item_list": {"items": ["' + b"x" * 300_000 + b'"], "batch_size": 1}}', "item_list.items[0]"),
+    (
+        b'{"workers": 1, "item_list": {"items": [1], "batch_size": 1}, "extra": 1}',
+        "unknown field `extra`",
+    ),
+    (
+        b'{"workers": 1, "delimited_files": {"s3_paths": ["/nonexistent/x"], "batch_size": 1}}',
+        "/nonexistent/x",
+    ),
+    (
+        b'{"workers": 1, "item_list": {"items": ["' + b"x" * 300_000 + b'"], "batch_size": 1}}',
+        "item_list.items[0]",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("job", "needle"), BAD_JOBS, ids=[n for _, n in BAD_JOBS])
 def test_bad_job_exits_2_and_starts_nothing(tmp_path: Path, job: bytes, needle: str) -> None:
     marker = tmp_path / "started"
-    write_api(tmp_path / "api.yaml", [{"name": "a", "command": ["touch", str(marker)]}], port=free_ports())
+    write_api(
+        tmp_path / "api.yaml", [{"name": "a", "command": ["touch", str(marker)]}], port=free_ports()
+    )
     write_job(tmp_path / "job.json", job)
     root = tmp_path / "root"
-    r = run_supervisor("run", str(tmp_path / "api.yaml"), "--job", str(tmp_path / "job.json"), "--root", str(root))
+    r = run_supervisor(
+        "run", str(tmp_path / "api.yaml"), "--job", str(tmp_path / "job.json"), "--root", str(root)
+    )
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -249,7 +301,9 @@ def test_bad_job_exits_2_and_starts_nothing(tmp_path: Path, job: bytes, needle: 
     db = root / "cortex" / "supervisor" / "queue.sqlite3"
     if db.exists():
         with sqlite3.connect(db) as conn:
-            tables = [t for (t,) in conn.execute("select name from sqlite_master where type='table'")]
+            tables = [
+                t for (t,) in conn.execute("select name from sqlite_master where type='table'")
+            ]
             for t in tables:
                 if t in ("batches", "bodies", "jobs"):
                     assert conn.execute(f"select count(*) from {t}").fetchone()[0] == 0
@@ -257,7 +311,9 @@ def test_bad_job_exits_2_and_starts_nothing(tmp_path: Path, job: bytes, needle: 
 
 def test_validate(tmp_path: Path) -> None:
     write_api(tmp_path / "api.yaml", [{"name": "a", "command": ["true"]}], port=9000)
-    write_job(tmp_path / "job.json", {"workers": 1, "item_list": {"items": [1, 2, 3], "batch_size": 2}})
+    write_job(
+        tmp_path / "job.json", {"workers": 1, "item_list": {"items": [1, 2, 3], "batch_size": 2}}
+    )
     r = run_supervisor("validate", str(tmp_path / "api.yaml"), "--job", str(tmp_path / "job.json"))
     assert r.returncode == 0, r.stderr
     assert "2 batch" in r.stdout
@@ -288,7 +344,10 @@ def test_two_containers_share_mnt_exec_probe_and_n_pods(tmp_path: Path, backend:
             {"name": "sidecar", "command": [sys.executable, "-c", sidecar_code]},
             {
                 **recorder_container("server", RECORD_DIR=str(rec)),
-                "readiness_probe": {"exec": {"command": [sys.executable, "-c", check_code]}, "period_seconds": 1},
+                "readiness_probe": {
+                    "exec": {"command": [sys.executable, "-c", check_code]},
+                    "period_seconds": 1,
+                },
             },
         ],
         port=port,
@@ -296,8 +355,17 @@ def test_two_containers_share_mnt_exec_probe_and_n_pods(tmp_path: Path, backend:
     items = [json.dumps({"i": i}).encode() for i in range(60)]
     job = write_job(tmp_path / "job.json", raw_job(items, 2))
     r = run_supervisor(
-        "run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), "--workers", str(n),
-        "--concurrency", "2", backend=backend,
+        "run",
+        str(api),
+        "--job",
+        str(job),
+        "--root",
+        str(tmp_path / "root"),
+        "--workers",
+        str(n),
+        "--concurrency",
+        "2",
+        backend=backend,
     )
     assert r.returncode == 0, r.stderr
     records = read_records(rec)
@@ -317,12 +385,19 @@ def test_container_crash_mid_job_is_worker_error(tmp_path: Path, backend: str) -
     rec.mkdir()
     api = write_api(
         tmp_path / "api.yaml",
-        [{**recorder_container(RECORD_DIR=str(rec), CRASH_AFTER="3"), "readiness_probe": probe_on(port)}],
+        [
+            {
+                **recorder_container(RECORD_DIR=str(rec), CRASH_AFTER="3"),
+                "readiness_probe": probe_on(port),
+            }
+        ],
         port=port,
     )
     items = [json.dumps({"i": i}).encode() for i in range(20)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
-    r = run_supervisor("run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), backend=backend)
+    r = run_supervisor(
+        "run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), backend=backend
+    )
     assert r.returncode == 1, r.stderr
     status = json.loads(r.stdout)
     assert status["job_status"]["status"] == "worker_error"
@@ -361,14 +436,27 @@ def test_sigterm_mid_job_leaves_nothing_behind(tmp_path: Path, backend: str) -> 
     api = write_api(
         tmp_path / "api.yaml",
         [
-            {**recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.05"), "readiness_probe": probe_on(port)},
-            {"name": "sleeper", "command": ["sh", "-c", "sleep 3600 & echo $! > " + str(tmp_path / "grandchild.pid") + "; wait"]},
+            {
+                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.05"),
+                "readiness_probe": probe_on(port),
+            },
+            {
+                "name": "sleeper",
+                "command": [
+                    "sh",
+                    "-c",
+                    "sleep 3600 & echo $! > " + str(tmp_path / "grandchild.pid") + "; wait",
+                ],
+            },
         ],
         port=port,
     )
     items = [json.dumps({"i": i}).encode() for i in range(2000)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
-    proc = _start(["run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), "--grace", "2"], backend)
+    proc = _start(
+        ["run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), "--grace", "2"],
+        backend,
+    )
     try:
         _wait_for_batches(rec, 5, proc)
         proc.send_signal(signal.SIGTERM)
@@ -391,7 +479,12 @@ def test_sigkill_whole_pod_then_resume(tmp_path: Path, backend: str) -> None:
     rec.mkdir()
     api = write_api(
         tmp_path / "api.yaml",
-        [{**recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.01"), "readiness_probe": probe_on(port)}],
+        [
+            {
+                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.01"),
+                "readiness_probe": probe_on(port),
+            }
+        ],
         port=port,
     )
     items = [json.dumps({"i": i}).encode() for i in range(600)]
@@ -414,7 +507,9 @@ def test_sigkill_whole_pod_then_resume(tmp_path: Path, backend: str) -> None:
     with sqlite3.connect(db) as conn:
         (job_id,) = conn.execute("select job_id from jobs").fetchone()
         # batches.id is (job << 32 | seq); state 1 = succeeded (see queues/embedded.py)
-        done = {seq for (seq,) in conn.execute("select id & 4294967295 from batches where state = 1")}
+        done = {
+            seq for (seq,) in conn.execute("select id & 4294967295 from batches where state = 1")
+        }
     assert done, "some batches should have been recorded as succeeded before the kill"
     before = len(batches_of(read_records(rec)))
 
@@ -440,13 +535,20 @@ def test_batch_timeout_and_job_timeout(tmp_path: Path) -> None:
     rec.mkdir()
     api = write_api(
         tmp_path / "api.yaml",
-        [{**recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.6"), "readiness_probe": probe_on(port)}],
+        [
+            {
+                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.6"),
+                "readiness_probe": probe_on(port),
+            }
+        ],
         port=port,
     )
     items = [json.dumps({"i": i}).encode() for i in range(2)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     root = tmp_path / "root"
-    r = run_supervisor("run", str(api), "--job", str(job), "--root", str(root), "--batch-timeout", "0.2")
+    r = run_supervisor(
+        "run", str(api), "--job", str(job), "--root", str(root), "--batch-timeout", "0.2"
+    )
     assert r.returncode == 1, r.stderr
     status = json.loads(r.stdout)
     assert status["job_status"]["status"] == "completed_with_failures"

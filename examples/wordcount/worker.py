@@ -51,8 +51,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         if self.path == "/on-job-complete":
-            summary = {**TOTALS, "succeeded": self.headers.get("X-Cortex-Batches-Succeeded"),
-                       "failed": self.headers.get("X-Cortex-Batches-Failed")}
+            summary = {
+                **TOTALS,
+                "succeeded": self.headers.get("X-Cortex-Batches-Succeeded"),
+                "failed": self.headers.get("X-Cortex-Batches-Failed"),
+            }
             (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"job complete: {json.dumps(summary)}", flush=True)
             self._reply(200)

@@ -122,6 +122,7 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+
     class Server(ThreadingHTTPServer):
         def server_bind(self) -> None:
             if os.environ.get("REUSE_PORT"):

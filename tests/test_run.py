@@ -563,3 +563,86 @@ def test_batch_timeout_and_job_timeout(tmp_path: Path) -> None:
     status = json.loads(r.stdout)
     assert status["job_status"]["status"] == "timed_out"
     assert status["metrics"]["succeeded"] < 100
+
+
+def test_liveness_restart_retries_in_flight_batch(tmp_path: Path, backend: str) -> None:
+    """The worker wedges on its first batch and fails liveness: it is restarted, and the batch
+    that was in flight is sent again without counting as a failed attempt."""
+    port = free_ports()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    api = write_api(
+        tmp_path / "api.yaml",
+        [
+            {
+                **recorder_container(RECORD_DIR=str(rec), HANG_ONCE_FILE=str(tmp_path / "hung")),
+                "readiness_probe": probe_on(port),
+                "liveness_probe": {
+                    "http_get": {"port": port, "path": "/live"},
+                    "initial_delay_seconds": 1,
+                    "period_seconds": 1,
+                    "failure_threshold": 1,
+                },
+            }
+        ],
+        port=port,
+    )
+    items = [json.dumps({"i": i}).encode() for i in range(5)]
+    job = write_job(tmp_path / "job.json", raw_job(items, 1))
+    r = run_supervisor(
+        "run",
+        str(api),
+        "--job",
+        str(job),
+        "--root",
+        str(tmp_path / "root"),
+        "--grace",
+        "1",
+        backend=backend,
+    )
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["metrics"]["succeeded"] == 5
+    assert status["metrics"]["failed"] == 0
+    assert "container_restart" in r.stderr
+    records = batches_of(read_records(rec))
+    assert records[0]["status"] == "hung"
+    ok = [json.loads(b["body"])[0]["i"] for b in records if b["status"] == 200]
+    assert sorted(ok) == list(range(5))
+    assert len({b["pid"] for b in records}) == 2
+
+
+def test_fresh_starts_a_new_job(tmp_path: Path) -> None:
+    port = free_ports()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    api = write_api(
+        tmp_path / "api.yaml",
+        [
+            {
+                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.05"),
+                "readiness_probe": probe_on(port),
+            }
+        ],
+        port=port,
+    )
+    items = [json.dumps({"i": i}).encode() for i in range(30)]
+    job = write_job(tmp_path / "job.json", raw_job(items, 1))
+    root = tmp_path / "root"
+    args = ["run", str(api), "--job", str(job), "--root", str(root), "--grace", "1"]
+    proc = _start(args)
+    try:
+        _wait_for_batches(rec, 3, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    first = json.loads(out)["job_status"]["job_id"]
+    r = run_supervisor(*args, "--fresh")
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    assert status["job_status"]["job_id"] != first
+    assert status["metrics"]["succeeded"] == 30  # all of it again, not the rest

@@ -13,6 +13,8 @@ Environment (all optional):
   READY_FILE        /healthz answers 200 only while this file exists
   DEAD_FILE         /live answers 500 while this file exists (a liveness probe target)
   REUSE_PORT        bind with SO_REUSEPORT (to provoke two owners of one port)
+  HANG_ONCE_FILE    if this file does not exist: create it, then hang on the first batch and
+                    fail /live from then on (a wedged worker that liveness must restart)
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ SPEC = json.loads(Path(spec_path).read_text()) if spec_path and Path(spec_path).
 
 READY_FILE = os.environ.get("READY_FILE")
 DEAD_FILE = os.environ.get("DEAD_FILE")
+HANG_ONCE_FILE = os.environ.get("HANG_ONCE_FILE")
+WEDGED = threading.Event()
 
 
 def ready() -> bool:
@@ -75,7 +79,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/healthz":
             self._reply(200 if ready() else 503)
         elif self.path == "/live":
-            self._reply(500 if DEAD_FILE and Path(DEAD_FILE).exists() else 200)
+            dead = WEDGED.is_set() or bool(DEAD_FILE and Path(DEAD_FILE).exists())
+            self._reply(500 if dead else 200)
         else:
             self._reply(404)
 
@@ -95,6 +100,11 @@ class Handler(BaseHTTPRequestHandler):
             record(entry)
             self._reply(ON_COMPLETE)
             return
+        if HANG_ONCE_FILE and not Path(HANG_ONCE_FILE).exists():
+            Path(HANG_ONCE_FILE).touch()
+            WEDGED.set()
+            record({**entry, "status": "hung"})
+            time.sleep(3600)
         items = {json.dumps(x) for x in json.loads(body)}
         status = 200
         with LOCK:

@@ -37,6 +37,7 @@ from supervisor.probes import (
     ProbeResult,
     ReadinessGate,
     aims_at,
+    check,
     default_readiness_probe,
 )
 from supervisor.process import Child, build_env, expand_argv, open_child
@@ -47,6 +48,7 @@ CORTEX_VERSION = "0.42.0"
 POD_PORT_GATE = "pod.port"
 _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
+_FIRST_BIND_POLL = 0.05  # seconds between tries of the default TCP probe before it first passes
 
 
 class Pod:
@@ -166,13 +168,22 @@ class Pod:
                 detail=result.detail,
             )
 
-        await ProbeLoop(
+        loop = ProbeLoop(
             probe,
             container=POD_PORT_GATE,
             kind="readiness",
             port_shift=self.index,
             on_change=changed,
-        ).run()
+        )
+        # This probe is ours, not the user's: rather than wait a whole period after a refused
+        # first try, look every 50 ms until the port first answers, then probe as configured.
+        while True:  # nothing to wait on but the port itself: a bounded-cost poll
+            result = await check(probe, port_shift=self.index)
+            if result.success:
+                break
+            await anyio.sleep(_FIRST_BIND_POLL)
+        loop.record(result)
+        await loop.run()
 
     async def _watch_readiness(self) -> None:
         while True:

@@ -233,8 +233,11 @@ def _run(args: argparse.Namespace) -> int:
     except PodError as e:  # failed before the job could run (e.g. a missing command)
         sys.stderr.write(f"supervisor: {e}\n")
         return EXIT_FAILED
-    sys.stdout.write(msgspec.json.encode(result.status).decode() + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(msgspec.json.encode(result.status).decode() + "\n")
+        sys.stdout.flush()
+    except OSError:  # stdout is gone (a closed pipe or terminal): the exit code still tells
+        pass
     return result.exit_code
 
 

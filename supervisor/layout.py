@@ -1,8 +1,10 @@
 """Where things live on disk (SPEC §2 Roots).
 
-Inside a container the Cortex paths are used as they are (``/cortex/spec/job.json``,
-``/mnt``). Anywhere else the default root is ``./.supervisor`` so that nothing is written to a
-host's ``/mnt`` by surprise; ``--root DIR`` or ``SUPERVISOR_ROOT`` relocates everything.
+As a pod's entry point the Cortex paths are used as they are (``/cortex/spec/job.json``,
+``/mnt``). Anywhere else -- a laptop, a CI job, a shell inside a dev container -- the default
+root is ``./.supervisor`` so that nothing is written to ``/mnt`` by surprise; ``--root DIR``
+or ``SUPERVISOR_ROOT`` relocates everything (``SUPERVISOR_ROOT=/`` in an image whose entry
+point is wrapped by an init such as tini).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ ROOT_ENV = "SUPERVISOR_ROOT"
 
 
 def in_container() -> bool:
-    """Best-effort: are we a container's process (Docker, Kubernetes, Podman)?"""
-    if os.environ.get("KUBERNETES_SERVICE_HOST") or Path("/.dockerenv").exists():
-        return True
-    return Path("/run/.containerenv").exists()
+    """Are we a pod's entry point? PID 1 of a container, or any process of a Kubernetes pod.
+
+    Merely running inside some container (``/.dockerenv``) is not enough: a shell in a dev
+    container is a laptop for our purposes.
+    """
+    return os.getpid() == 1 or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
 def default_root() -> Path:

@@ -48,6 +48,7 @@ CORTEX_VERSION = "0.42.0"
 POD_PORT_GATE = "pod.port"
 _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
+_OWNER_RECHECK = 5.0  # seconds between port-owner checks while serving
 _FIRST_BIND_POLL = 0.05  # seconds between tries of the default TCP probe before it first passes
 
 
@@ -185,28 +186,38 @@ class Pod:
         loop.record(result)
         await loop.run()
 
+    async def _check_owner(self) -> PortOwner | None:
+        """Who holds pod.port now; raises PortOwnerError for a stranger or two containers."""
+        roots = {name: c.pid for name, c in self.children.items() if c.returncode is None}
+        owner = await anyio.to_thread.run_sync(_find_owner, self.port, roots)
+        if owner is not None and self.owner != owner:
+            self.owner = owner
+            self.log.info(
+                "port_owner",
+                port=self.port,
+                container=owner.container,
+                pid=owner.pid,
+                cmdline=owner.cmdline,
+            )
+        return owner
+
     async def _watch_readiness(self) -> None:
         while True:
             await self.gate.wait_ready()
-            roots = {name: c.pid for name, c in self.children.items() if c.returncode is None}
-            owner = await anyio.to_thread.run_sync(_find_owner, self.port, roots)
-            if owner is None:
+            if await self._check_owner() is None:
                 # Probes pass but nobody listens yet (an exec-only gate): look again shortly.
                 await anyio.sleep(0.2)
                 continue
-            if self.owner != owner:
-                self.owner = owner
-                self.log.info(
-                    "port_owner",
-                    port=self.port,
-                    container=owner.container,
-                    pid=owner.pid,
-                    cmdline=owner.cmdline,
-                )
             self.state = "ready"
             self._set_serving(True)
             self.log.info("pod_ready", port=self.port)
-            await self.gate.wait_not_ready()
+            while self.gate.ready:
+                # Keep checking while serving: a second container may bind the port later,
+                # or the owner may hand it to a stranger.
+                with anyio.move_on_after(_OWNER_RECHECK):
+                    await self.gate.wait_not_ready()
+                if self.gate.ready:
+                    await self._check_owner()
             self._set_serving(False)
             if not self._stopping:
                 self.state = "not_ready"

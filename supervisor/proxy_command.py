@@ -64,7 +64,9 @@ async def run_proxy(
 
             async def watch_signals() -> None:
                 nonlocal code
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                with anyio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as signals:
                     async for signum in signals:
                         log.warning("signal", signal=signal.Signals(signum).name, action="stop")
                         code = 128 + signum

@@ -323,7 +323,7 @@ async def _first_serving(pods: list[Pod]) -> Pod:
 async def _watch_signals(
     feed: Feed, outcome: _Outcome, dispatch_scope: anyio.CancelScope, grace: float, log: Logger
 ) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
             if outcome.signal is None:

@@ -612,7 +612,9 @@ def test_liveness_restart_retries_in_flight_batch(tmp_path: Path, backend: str) 
     assert len({b["pid"] for b in records}) == 2
 
 
-def test_fresh_starts_a_new_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_fresh_starts_a_new_job(tmp_path: Path, sig: signal.Signals) -> None:
+    """Stopped by a signal (Ctrl-C, or the terminal closing), then started over with --fresh."""
     port = free_ports()
     rec = tmp_path / "rec"
     rec.mkdir()
@@ -633,13 +635,13 @@ def test_fresh_starts_a_new_job(tmp_path: Path) -> None:
     proc = _start(args)
     try:
         _wait_for_batches(rec, 3, proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 128 + signal.SIGINT, err
+    assert proc.returncode == 128 + sig, err
     first = json.loads(out)["job_status"]["job_id"]
     r = run_supervisor(*args, "--fresh")
     assert r.returncode == 0, r.stderr

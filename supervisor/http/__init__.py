@@ -2,7 +2,9 @@
 
 * ``response`` -- the fast sans-IO response parser (``ResponseParser``, ``Response``);
 * ``client`` -- ``BatchClient`` (the dispatch hot path), ``ConnectionPool``, ``request()``;
-* ``server`` -- the h11 server (``serve``, ``start_server``, ``Request``, ``Response``);
+* ``request`` -- the fast sans-IO request parser (``RequestParser``, ``Request``);
+* ``server`` -- the server (``serve``, ``start_server``, ``Request``, ``Response``);
+* ``_rawsock`` -- non-blocking sockets driven with ``anyio.wait_readable``/``wait_writable``;
 * ``proxy`` -- ``ProxyApp``, the front of ``supervisor proxy``;
 * ``errors`` -- the exception family (``HTTPError`` and its subclasses).
 

@@ -43,6 +43,7 @@ import anyio
 import anyio.abc
 import h11
 
+from supervisor.http._rawsock import RawSocket, connect
 from supervisor.http.errors import (
     ConnectError,
     ConnectTimeout,
@@ -86,9 +87,9 @@ def _encode_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, byt
     return out
 
 
-async def _connect(host: str, port: int) -> anyio.abc.SocketStream:
+async def _connect(host: str, port: int) -> RawSocket:
     try:
-        return await anyio.connect_tcp(host, port)
+        return await connect(host, port)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise ConnectError(f"Could not connect to {_authority(host, port)}: {reason}.") from exc
@@ -97,18 +98,17 @@ async def _connect(host: str, port: int) -> anyio.abc.SocketStream:
 class _Connection:
     """One TCP connection and its parser: write a request, read one response."""
 
-    __slots__ = ("_parser", "_poll", "_stream", "port", "reused")
+    __slots__ = ("_parser", "_poll", "_sock", "port", "reused")
 
-    def __init__(self, stream: anyio.abc.SocketStream, port: int, keep_body: int | None) -> None:
-        self._stream = stream
+    def __init__(self, sock: RawSocket, port: int, keep_body: int | None) -> None:
+        self._sock = sock
         self._parser = ResponseParser(keep_body=keep_body)
         self.port = port
         self.reused = False  # becomes True once the connection carried a response
         self._poll: select.poll | None = None
         if hasattr(select, "poll"):
-            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
             self._poll = select.poll()
-            self._poll.register(raw.fileno(), select.POLLIN)
+            self._poll.register(sock.sock.fileno(), select.POLLIN)
 
     @classmethod
     async def open(cls, host: str, port: int, keep_body: int | None) -> _Connection:
@@ -127,21 +127,19 @@ class _Connection:
         self, request: bytes, body: bytes, *, head_request: bool = False
     ) -> Response:
         """Write one request and read its response; the caller closes us on any error."""
-        stream = self._stream
+        sock = self._sock
         try:
             if len(body) <= _ONE_SEND:
-                await stream.send(request + body if body else request)
+                await sock.sendall(request + body if body else request)
             else:
-                await stream.send(request)
-                await stream.send(body)
+                await sock.sendall(request)
+                await sock.sendall(body)
         except _IO_ERRORS as exc:
             raise WriteError("The connection broke while sending the request.") from exc
         parser = self._parser
         while True:
             try:
-                data = await stream.receive(_RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                data = b""
+                data = await sock.recv(_RECEIVE_SIZE)
             except _IO_ERRORS as exc:
                 raise ReadError("The connection broke while reading the response.") from exc
             parser.receive_data(data)
@@ -154,14 +152,13 @@ class _Connection:
         """Whether the connection may carry another request after ``response``."""
         return response.keep_alive and not self._parser.unprocessed
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self._poll = None
-        await anyio.aclose_forcefully(self._stream)
+        self._sock.close()
 
 
 async def _discard(conn: _Connection) -> None:
-    with anyio.CancelScope(shield=True):
-        await conn.aclose()
+    conn.close()
 
 
 class BatchClient:
@@ -435,7 +432,11 @@ async def request(
     phase = "connect"
     try:
         with anyio.fail_after(timeout):
-            stream = await _connect(host, port)
+            try:
+                stream = await anyio.connect_tcp(host, port)
+            except OSError as exc:
+                reason = exc.strerror or str(exc) or type(exc).__name__
+                raise ConnectError(f"Could not connect to {authority}: {reason}.") from exc
             try:
                 phase = "write"
                 try:

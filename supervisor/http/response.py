@@ -109,26 +109,29 @@ def _bad(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message)
 
 
-def _split_head(text: bytes) -> list[bytes]:
-    """Lines of a block ending in LF (CRLF allowed), without the final empty one; unfolded."""
+def _split_head(text: bytes, subject: str = "Response") -> list[bytes]:
+    """Lines of a block ending in LF (CRLF allowed), without the final empty one; unfolded.
+
+    ``subject`` ("Request" or "Response") starts the error messages.
+    """
     if b"\r" in text:
         text = text.replace(b"\r\n", b"\n")
     if text.translate(None, _HEAD_BYTES):
-        raise _bad("Response head contains a forbidden control byte (NUL, CR, VT or FF).")
+        raise _bad(f"{subject} head contains a forbidden control byte (NUL, CR, VT or FF).")
     lines = text.split(b"\n")
     lines.pop()
     if b"\n " in text or b"\n\t" in text:
-        lines[1:] = _unfold(lines[1:])
+        lines[1:] = _unfold(lines[1:], subject)
     return lines
 
 
-def _unfold(lines: list[bytes]) -> list[bytes]:
+def _unfold(lines: list[bytes], subject: str = "Response") -> list[bytes]:
     """Join obsolete folded lines (RFC 9112 §5.2) to their field with a single space."""
     out: list[bytes] = []
     for line in lines:
         if line[:1] in (b" ", b"\t"):
             if not out:
-                raise _bad("Response header block starts with a continuation line.")
+                raise _bad(f"{subject} header block starts with a continuation line.")
             out[-1] = out[-1] + b" " + line.lstrip(b" \t")
         else:
             out.append(line)

@@ -1,83 +1,58 @@
-"""A small HTTP/1.1 server: h11 for the protocol, anyio for the sockets.
+"""A small, fast HTTP/1.1 server on raw non-blocking sockets (anyio waits).
 
 Theory of operation
 -------------------
-:func:`serve` accepts connections from a listener and runs one task per connection. Each task
-is h11's I/O loop (h11 ``examples/trio-server.py``): read until h11 has a whole request
-(head and body, at most ``max_body`` bytes), call the handler, write the response, then
-``start_next_cycle()`` when both sides are ``DONE`` -- otherwise close. Pipelined requests
-wait in h11's buffer and are answered in order.
+:func:`serve` accepts connections on the raw sockets of an anyio socket listener (``accept``
+until ``EAGAIN``, then :func:`anyio.wait_readable`) and runs one task per connection, driving
+a :class:`~._rawsock.RawSocket` (one ``send`` syscall per response, no loop round trip). Each task
+reads into a sans-IO :class:`~supervisor.http.request.RequestParser` until it yields a whole
+request (head and body, at most ``max_body`` bytes), calls the handler, writes the response
+in one ``send``, and loops while both sides allow keep-alive. Pipelined requests wait in the
+parser's buffer and are answered in order. A client announcing ``Expect: 100-continue`` gets
+``100 Continue`` once, when the server starts waiting for the body.
 
-Nothing a client sends can crash the server: malformed bytes get 400 (431 when h11 has
-buffered ``max_head`` bytes of a still incomplete head -- h11's bound, checked per read of
-at most 64 KiB), a body over ``max_body`` gets 413 (from ``Content-Length`` before reading the
-body, or as soon as a chunked body passes the limit), then the connection is closed after
-a short lingering drain so the client can read the answer. A handler that raises gets a 500
-and the connection keeps serving; cancellation is never swallowed.
+Nothing a client sends can crash the server: malformed bytes get 400 (431 when the head
+exceeds ``max_head``, 501 for a transfer coding other than chunked), a body over ``max_body``
+gets 413 (from ``Content-Length`` before reading the body, or as soon as a chunked body passes
+the limit), then the connection is closed after a short lingering drain so the client can
+read the answer. A handler that raises gets a 500 and the connection keeps serving; so does a
+handler returning an invalid response (bad status, header name or value). Cancellation is
+never swallowed.
 
 Handlers receive a :class:`Request` (whole body in memory) and return a :class:`Response`;
-``Content-Length`` is always computed here, never taken from the handler.
-
-Performance note: h11 costs tens of microseconds per request, several times more than the
-raw parsing in ``response.py``. This server is used for the job API, admin endpoints and the
-proxy front; a faster request path (a sans-IO request parser in the style of
-``response.py``, keeping this loop's shape) can replace :func:`_receive_request` and
-:func:`_encode_response` later without changing the handler interface.
+``Content-Length`` is always computed here, never taken from the handler, and
+``Connection: close`` is added when the client does not keep the connection alive. Responses
+are encoded with ``bytes`` joins and cached status lines (no h11 on this path: it cost tens of
+microseconds per request, see issue 3; the parser is kept honest by differential tests
+against h11 in ``tests/test_http_request.py``).
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 
 import anyio
 import anyio.abc
-import h11
 import msgspec
+from anyio.streams.stapled import MultiListener
 
+from supervisor.http._rawsock import RawSocket
+from supervisor.http.errors import RemoteProtocolError
+from supervisor.http.request import MAX_BODY, MAX_HEAD, Request, RequestParser
+from supervisor.http.response import _TCHAR
 from supervisor.logs import Logger
 
 __all__ = ["Handler", "Request", "Response", "json_response", "serve", "start_server"]
 
-MAX_BODY = 10 * 1024 * 1024
-MAX_HEAD = 64 * 1024
 _RECEIVE_SIZE = 65536
 _LINGER_SECONDS = 1.0
+_ACCEPT_BACKOFF = 0.1
 _LINGER_BYTES = 16 * 1024 * 1024
 _PEER_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _NO_BODY_STATUSES = frozenset({204, 304})
 _json_encode = msgspec.json.Encoder().encode
-
-
-class Request(msgspec.Struct, gc=False):
-    """One HTTP request, read whole.
-
-    ``headers`` keeps the names as the client spelled them, in order; look values up with
-    :meth:`header` (case-insensitive).
-    """
-
-    method: str
-    target: str
-    headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
-    http_version: str = "1.1"
-
-    @property
-    def path(self) -> str:
-        """The target without its query string."""
-        return self.target.partition("?")[0]
-
-    @property
-    def query(self) -> str:
-        """The query string (after ``?``), or ``""``."""
-        return self.target.partition("?")[2]
-
-    def header(self, name: str | bytes) -> bytes | None:
-        """The first value of header ``name`` (any case), or ``None``."""
-        key = (name.encode("ascii") if isinstance(name, str) else name).lower()
-        for raw, value in self.headers:
-            if raw.lower() == key:
-                return value
-        return None
 
 
 class Response(msgspec.Struct, gc=False):
@@ -99,13 +74,12 @@ def json_response(
     return Response(status, [(b"Content-Type", b"application/json"), *headers], _json_encode(obj))
 
 
-class _Reject(Exception):
-    """The request cannot be served: answer ``status`` and close the connection."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_INTERNAL_ERROR = json_response(500, {"error": "Internal server error."})
+_INVALID_RESPONSE = json_response(500, {"error": "The handler returned an invalid response."})
+_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+# Bytes allowed in a header value or reason phrase we send (h11's rule: no NUL, CR, LF).
+_VALUE_BYTES = bytes(b for b in range(256) if b not in (0x00, 0x0A, 0x0D))
 
 
 async def serve(
@@ -118,10 +92,46 @@ async def serve(
 ) -> None:
     """Serve HTTP/1.1 on every connection ``listener`` accepts, until cancelled."""
 
-    async def on_connection(stream: anyio.abc.SocketStream) -> None:
-        await _serve_connection(stream, handler, max_body, max_head, logger)
+    sockets = _listening_sockets(listener)
+    async with anyio.create_task_group() as tg:
+        for sock in sockets:
+            tg.start_soon(_accept_loop, sock, tg, handler, max_body, max_head, logger)
 
-    await listener.serve(on_connection)
+
+def _listening_sockets(
+    listener: anyio.abc.Listener[anyio.abc.SocketStream],
+) -> list[socket.socket]:
+    """The raw sockets under an anyio socket listener (or each one of a ``MultiListener``)."""
+    listeners = listener.listeners if isinstance(listener, MultiListener) else [listener]
+    try:
+        return [one.extra(anyio.abc.SocketAttribute.raw_socket) for one in listeners]
+    except anyio.TypedAttributeLookupError:
+        raise TypeError("serve() needs a socket listener (anyio.create_tcp_listener).") from None
+
+
+async def _accept_loop(
+    sock: socket.socket,
+    tg: anyio.abc.TaskGroup,
+    handler: Handler,
+    max_body: int,
+    max_head: int,
+    logger: Logger | None,
+) -> None:
+    """Accept connections on ``sock`` (non-blocking) and serve each in its own task."""
+    while True:
+        try:
+            client, _address = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            await anyio.wait_readable(sock)
+            continue
+        except OSError as exc:  # aborted handshakes, or out of file descriptors: back off
+            if logger is not None:
+                logger.warning("http_accept_failed", error=str(exc))
+            await anyio.sleep(_ACCEPT_BACKOFF)
+            continue
+        if client.family in (socket.AF_INET, socket.AF_INET6):
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tg.start_soon(_serve_connection, RawSocket(client), handler, max_body, max_head, logger)
 
 
 async def start_server(
@@ -145,21 +155,30 @@ async def start_server(
 
 
 async def _serve_connection(
-    stream: anyio.abc.SocketStream,
+    stream: RawSocket,
     handler: Handler,
     max_body: int,
     max_head: int,
     logger: Logger | None,
 ) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
+    parser = RequestParser(max_head=max_head, max_body=max_body)
+    receive = stream.recv
+    send = stream.sendall
     try:
         while True:
             try:
-                request = await _receive_request(stream, conn, max_body)
-            except _Reject as reject:
-                await _send_error(stream, conn, reject.status, reject.message)
-                return
-            if request is None:
+                request = parser.next_request()
+                continued = False
+                while request is None:
+                    if parser.at_eof:
+                        return  # the client closed cleanly between requests
+                    if parser.expects_continue and not continued:
+                        continued = True
+                        await send(_CONTINUE)
+                    parser.receive_data(await receive(_RECEIVE_SIZE))
+                    request = parser.next_request()
+            except RemoteProtocolError as exc:
+                await _send_error(stream, exc.error_status_hint, f"Invalid HTTP request: {exc}")
                 return
             try:
                 response = await handler(request)
@@ -171,11 +190,10 @@ async def _serve_connection(
                         target=request.target,
                         error=f"{type(exc).__name__}: {exc}",
                     )
-                response = json_response(500, {"error": "Internal server error."})
-            await stream.send(_encode_response(conn, request.method, response))
-            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-                conn.start_next_cycle()
-            else:
+                response = _INTERNAL_ERROR
+            data, keep_alive = _encode_response(request, response)
+            await send(data)
+            if not keep_alive:
                 return
     except _PEER_GONE:
         pass  # the client went away; nothing to answer
@@ -183,121 +201,85 @@ async def _serve_connection(
         if logger is not None:
             logger.error("http_connection_failed", error=f"{type(exc).__name__}: {exc}")
     finally:
-        await anyio.aclose_forcefully(stream)
+        stream.close()
 
 
-async def _receive_request(
-    stream: anyio.abc.SocketStream, conn: h11.Connection, max_body: int
-) -> Request | None:
-    """Read one whole request; ``None`` if the client closed cleanly between requests."""
-    start: h11.Request | None = None
-    body = bytearray()
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise _Reject(exc.error_status_hint, f"Invalid HTTP request: {exc}.") from exc
-        if event is h11.NEED_DATA:
-            if conn.they_are_waiting_for_100_continue:
-                await stream.send(
-                    conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-                )
+def _status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 {status} {reason}\r\n``, cached per (status, reason) pair."""
+    key = (status, reason)
+    line = _STATUS_LINES.get(key)
+    if line is None:
+        if not reason:
             try:
-                data = await stream.receive(_RECEIVE_SIZE)
-            except anyio.EndOfStream:
-                data = b""
-            conn.receive_data(data)
-        elif isinstance(event, h11.Request):
-            start = event
-            length = _content_length(event)
-            if length is not None and length > max_body:
-                raise _Reject(413, f"Request body is larger than {max_body} bytes.")
-        elif isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > max_body:
-                raise _Reject(413, f"Request body is larger than {max_body} bytes.")
-        elif isinstance(event, h11.EndOfMessage):
-            assert start is not None
-            return Request(
-                method=start.method.decode("ascii"),
-                target=start.target.decode("ascii"),
-                headers=start.headers.raw_items(),
-                body=bytes(body),
-                http_version=start.http_version.decode("ascii"),
-            )
-        else:  # ConnectionClosed (or PAUSED, which a correct cycle never reaches)
-            return None
+                reason = HTTPStatus(status).phrase.encode("ascii")
+            except ValueError:
+                reason = b""
+        line = b"HTTP/1.1 %d %b\r\n" % (status, reason)
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[key] = line
+    return line
 
 
-def _content_length(event: h11.Request) -> int | None:
-    for name, value in event.headers:
-        if name == b"content-length":
-            return int(value)
-    return None
-
-
-def _encode_response(conn: h11.Connection, method: str, response: Response) -> bytes:
-    """Bytes for ``response`` (a 500 instead if it is not valid HTTP)."""
+def _encode_response(request: Request, response: Response) -> tuple[bytes, bool]:
+    """Bytes for ``response`` (a 500 instead if it is not valid HTTP) and keep-alive."""
     status = response.status
     body = response.body
-    headers = [
-        (name, value)
-        for name, value in response.headers
-        if name.lower() not in (b"content-length", b"transfer-encoding")
-    ]
+    keep_alive = request.keep_alive
+    parts = [b""]
+    names = []
+    values = []
+    for name, value in response.headers:
+        lower = name.lower()
+        if lower == b"content-length" or lower == b"transfer-encoding":
+            continue
+        if lower == b"connection":
+            if b"close" in [token.strip() for token in value.lower().split(b",")]:
+                keep_alive = False
+            if not request.keep_alive:
+                continue  # replaced by "Connection: close" below
+        names.append(name)
+        values.append(value)
+        parts += (name, b": ", value, b"\r\n")
+    if (
+        not 200 <= status <= 999
+        or b"".join(names).translate(None, _TCHAR)
+        or not all(names)
+        or b"".join(values).translate(None, _VALUE_BYTES)
+        or response.reason.translate(None, _VALUE_BYTES)
+    ):
+        return _encode_response(request, _INVALID_RESPONSE)
     if status in _NO_BODY_STATUSES:
         body = b""
     else:
-        headers.append((b"Content-Length", b"%d" % len(body)))
-    if method == "HEAD":
-        body = b""
-    try:
-        if not 200 <= status <= 999:
-            raise h11.LocalProtocolError(f"status {status} cannot end an exchange")
-        head = h11.Response(status_code=status, headers=headers, reason=response.reason)
-    except h11.LocalProtocolError:
-        body = b'{"error":"The handler returned an invalid response."}'
-        head = h11.Response(
-            status_code=500,
-            headers=[
-                (b"Content-Type", b"application/json"),
-                (b"Content-Length", b"%d" % len(body)),
-            ],
-        )
-    data = conn.send(head) or b""
-    if body:
-        data += conn.send(h11.Data(data=body)) or b""
-    return data + (conn.send(h11.EndOfMessage()) or b"")
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+    if not request.keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts[0] = _status_line(status, response.reason)
+    parts.append(b"\r\n")
+    if body and request.method != "HEAD":
+        parts.append(body)
+    return b"".join(parts), keep_alive
 
 
-async def _send_error(
-    stream: anyio.abc.SocketStream, conn: h11.Connection, status: int, message: str
-) -> None:
+async def _send_error(stream: RawSocket, status: int, message: str) -> None:
     """Answer a rejected request, then close gently so the client can read the answer."""
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return
     body = _json_encode({"error": message})
-    head = h11.Response(
-        status_code=status,
-        headers=[
-            (b"Content-Type", b"application/json"),
-            (b"Content-Length", b"%d" % len(body)),
-            (b"Connection", b"close"),
-        ],
+    head = (
+        _status_line(status, b"")
+        + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+        + b"Connection: close\r\n\r\n"
     )
-    try:
-        data = (conn.send(head) or b"") + (conn.send(h11.Data(data=body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
-    except h11.LocalProtocolError:  # pragma: no cover - h11 refused: just close
-        return
-    await stream.send(data)
+    await stream.sendall(head + body)
     # Closing with unread input would reset the connection and could destroy the answer
     # before the client reads it: stop writing, drain for a moment, then close.
-    await stream.send_eof()
+    stream.shutdown_write()
     with anyio.move_on_after(_LINGER_SECONDS):
         drained = 0
         try:
             while drained < _LINGER_BYTES:
-                drained += len(await stream.receive(_RECEIVE_SIZE))
+                data = await stream.recv(_RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
         except _PEER_GONE:
             pass

@@ -1,0 +1,391 @@
+"""A small, fast, sans-IO HTTP/1.1 request parser for the server's hot path.
+
+Theory of operation
+-------------------
+:class:`RequestParser` is the server-side twin of :class:`~.response.ResponseParser`: one
+receive buffer per connection, bytes in with :meth:`~RequestParser.receive_data` (``b""``
+means the client closed its side), whole :class:`Request` objects (head and body) out of
+:meth:`~RequestParser.next_request`, ``None`` while more bytes are needed. It never does I/O;
+``tests/test_http_request.py`` checks it against h11 (whole, byte by byte, random splits,
+pipelined) so it accepts what h11 accepts and reports what h11 reports.
+
+The head is found with ``bytearray.find`` (``\\n\\r\\n`` or ``\\n\\n``, as h11), checked with one
+``bytes.translate`` and split with ``bytes`` methods (shared with ``response.py``). The rules
+are h11's: ``METHOD SP target SP HTTP/d.d``; header names are tokens, values are stripped of
+spaces and tabs; ``Host`` is required once in HTTP/1.1 and never repeated; repeated or
+comma-listed ``Content-Length`` values must agree (one is kept); ``Transfer-Encoding`` may
+only be ``chunked`` (501 otherwise) and wins over ``Content-Length``; a request with neither
+has no body. ``Request.headers`` keeps the names as spelled by the client, in order, with the
+values h11 would report.
+
+Bounds: a head (or trailer block) over ``max_head`` bytes is refused with hint 431, a body
+over ``max_body`` bytes with hint 413 -- from ``Content-Length`` as soon as the head is read,
+or as soon as a chunked body passes the bound. Every refusal is a
+:class:`~supervisor.http.errors.RemoteProtocolError` whose ``error_status_hint`` is the status
+to answer (400 by default); the parser is unusable afterwards and the connection must close.
+
+``Request.keep_alive`` is h11's rule: HTTP/1.1 or later without ``Connection: close``. After a
+request that is not keep-alive the parser returns nothing more. :attr:`expects_continue` is
+true while a client that sent ``Expect: 100-continue`` waits for the body to be asked for.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
+from supervisor.http.response import _HEXDIG, _TCHAR, _find_blank_line, _split_head
+
+__all__ = ["MAX_BODY", "MAX_HEAD", "Request", "RequestParser"]
+
+MAX_HEAD = 64 * 1024
+"""Default bound on a request head (request line and header fields), in bytes."""
+
+MAX_BODY = 10 * 1024 * 1024
+"""Default bound on a request body, in bytes."""
+
+_VCHAR = bytes(range(0x21, 0x7F))
+_MAX_CHUNK_LINE = 4096
+_MAX_LENGTH_DIGITS = 20
+
+# Parser states.
+_HEAD = 0
+_LENGTH = 1
+_CHUNK_SIZE = 2
+_CHUNK_DATA = 3
+_CHUNK_CRLF = 4
+_TRAILERS = 5
+_CLOSED = 6
+_ERROR = 7
+
+
+class Request(msgspec.Struct, gc=False):
+    """One HTTP request, read whole.
+
+    ``headers`` keeps the names as the client spelled them, in order; look values up with
+    :meth:`header` (case-insensitive). ``keep_alive`` says whether the client allows another
+    request on the connection (HTTP/1.1 without ``Connection: close``).
+    """
+
+    method: str
+    target: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    http_version: str = "1.1"
+    keep_alive: bool = True
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        """The query string (after ``?``), or ``""``."""
+        return self.target.partition("?")[2]
+
+    def header(self, name: str | bytes) -> bytes | None:
+        """The first value of header ``name`` (any case), or ``None``."""
+        key = (name.encode("ascii") if isinstance(name, str) else name).lower()
+        for raw, value in self.headers:
+            if raw.lower() == key:
+                return value
+        return None
+
+
+def _bad(message: str, status: int = 400) -> RemoteProtocolError:
+    return RemoteProtocolError(message, status)
+
+
+class _Head(msgspec.Struct, gc=False):
+    """A parsed request head and what it says about framing."""
+
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]
+    content_length: int = 0
+    chunked: bool = False
+    keep_alive: bool = True
+    expect_continue: bool = False
+
+
+def _parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    method, _, rest = line.partition(b" ")
+    target, _, version = rest.partition(b" ")
+    if (
+        not method
+        or method.translate(None, _TCHAR)
+        or not target
+        or target.translate(None, _VCHAR)
+        or len(version) != 8
+        or version[:5] != b"HTTP/"
+        or version[6] != 0x2E
+        or not version[5:6].isdigit()
+        or not version[7:8].isdigit()
+    ):
+        raise _bad(f"Illegal request line: {line[:100]!r}.")
+    return method, target, version[5:]
+
+
+def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, bytes]]:
+    """Validate ``name: value`` lines (from ``_split_head``); fill ``head``'s framing fields.
+
+    ``head`` is ``None`` for trailers, which are validated the same way and then dropped.
+    """
+    headers: list[tuple[bytes, bytes]] = []
+    names: list[bytes] = []
+    content_length: bytes | None = None
+    hosts = 0
+    seen_te = False
+    for line in lines:
+        raw_name, colon, value = line.partition(b":")
+        if not colon or not raw_name:
+            raise _bad(f"Request has an illegal header line: {line[:100]!r}.")
+        names.append(raw_name)
+        value = value.strip(b" \t")
+        name = raw_name.lower()
+        if name == b"content-length":
+            if b"," in value:
+                lengths = {length.strip() for length in value.split(b",")}
+                if len(lengths) != 1:
+                    raise _bad(f"Request has conflicting Content-Length values: {value!r}.")
+                value = lengths.pop()
+            if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+                raise _bad(f"Request has an invalid Content-Length: {value[:30]!r}.")
+            if content_length is None:
+                content_length = value
+            elif content_length != value:
+                raise _bad("Request has conflicting Content-Length headers.")
+            else:
+                continue  # an identical repetition: keep one, as h11 does
+        elif name == b"transfer-encoding":
+            if seen_te:
+                raise _bad("Request has more than one Transfer-Encoding header.", 501)
+            seen_te = True
+            value = value.lower()
+            if value != b"chunked":
+                raise _bad(f"Request uses an unsupported Transfer-Encoding: {value[:50]!r}.", 501)
+        elif head is not None:
+            if name == b"host":
+                hosts += 1
+            elif name == b"connection":
+                if b"close" in [token.strip() for token in value.lower().split(b",")]:
+                    head.keep_alive = False
+            elif name == b"expect":
+                if b"100-continue" in [token.strip() for token in value.lower().split(b",")]:
+                    head.expect_continue = True
+        headers.append((raw_name, value))
+    if b"".join(names).translate(None, _TCHAR):
+        bad = next(name for name in names if name.translate(None, _TCHAR))
+        raise _bad(f"Request has an illegal header name: {bad[:100]!r}.")
+    if head is not None:
+        if hosts > 1:
+            raise _bad("Request has more than one Host header.")
+        if hosts == 0 and head.version == b"1.1":
+            raise _bad("HTTP/1.1 request has no Host header.")
+        if head.version < b"1.1":
+            head.keep_alive = False
+            head.expect_continue = False
+        head.chunked = seen_te
+        if content_length is not None:
+            head.content_length = int(content_length)
+    return headers
+
+
+class RequestParser:
+    """Turns the bytes of one server connection into :class:`Request` objects (sans-IO)."""
+
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_eof",
+        "_head",
+        "_max_body",
+        "_max_head",
+        "_remaining",
+        "_scan",
+        "_state",
+    )
+
+    def __init__(self, *, max_head: int = MAX_HEAD, max_body: int = MAX_BODY) -> None:
+        self._buf = bytearray()
+        self._eof = False
+        self._state = _HEAD
+        self._scan = 0
+        self._max_head = max_head
+        self._max_body = max_body
+        self._head: _Head | None = None
+        self._body = bytearray()
+        self._remaining = 0
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the connection; ``b""`` means the client closed it."""
+        if not data:
+            self._eof = True
+        elif self._eof:
+            raise LocalProtocolError("Data was fed to the parser after the end of the stream.")
+        else:
+            self._buf += data
+
+    @property
+    def expects_continue(self) -> bool:
+        """Whether the client waits for ``100 Continue`` before sending the body it announced."""
+        head = self._head
+        return (
+            head is not None
+            and head.expect_continue
+            and self._state != _HEAD
+            and self._state < _CLOSED
+            and not self._buf
+            and not self._body
+        )
+
+    @property
+    def at_eof(self) -> bool:
+        """Whether the client closed its side (``receive_data(b"")`` was called)."""
+        return self._eof
+
+    def next_request(self) -> Request | None:
+        """The next complete request, or ``None`` if more bytes are needed (or none can follow).
+
+        Raises :class:`RemoteProtocolError` (with ``error_status_hint``) on malformed input, on
+        a head or body over the bounds, or when the client closed the connection mid-request.
+        """
+        try:
+            state = self._state
+            if state == _HEAD:
+                if not self._read_head():
+                    return None
+                state = self._state
+            if state == _LENGTH:
+                remaining = self._remaining
+                buf = self._buf
+                if len(buf) < remaining:
+                    if self._eof:
+                        raise _bad(
+                            "Client disconnected before sending the whole body "
+                            f"({len(buf)} of {remaining} bytes)."
+                        )
+                    return None
+                body = bytes(buf[:remaining])
+                del buf[:remaining]
+            elif state < _CLOSED:
+                if not self._read_chunked():
+                    return None
+                body = bytes(self._body)
+                self._body.clear()
+            elif state == _CLOSED:
+                return None
+            else:
+                raise _bad("The connection already failed to parse; close it.")
+            return self._finish(body)
+        except RemoteProtocolError:
+            self._state = _ERROR
+            raise
+
+    def _read_head(self) -> bool:
+        buf = self._buf
+        if buf and buf[0] < 0x21:
+            raise _bad("Illegal request line: it starts with a control byte or whitespace.")
+        text_end, head_end = _find_blank_line(buf, self._scan)
+        if head_end < 0 or text_end > self._max_head:
+            if len(buf) > self._max_head:
+                raise _bad(f"Request head is larger than {self._max_head} bytes.", 431)
+            if self._eof and buf:
+                raise _bad("Client disconnected before the request head was complete.")
+            self._scan = max(0, len(buf) - 2)
+            return False
+        text = bytes(buf[:text_end])
+        del buf[:head_end]
+        self._scan = 0
+        lines = _split_head(text, "Request")
+        method, target, version = _parse_request_line(lines[0])
+        head = _Head(method, target, version, [])
+        head.headers = _parse_fields(lines[1:], head)
+        if head.chunked:
+            self._state = _CHUNK_SIZE
+        else:
+            if head.content_length > self._max_body:
+                raise _bad(f"Request body is larger than {self._max_body} bytes.", 413)
+            self._remaining = head.content_length
+            self._state = _LENGTH
+        self._head = head
+        return True
+
+    def _read_chunked(self) -> bool:
+        buf = self._buf
+        while True:
+            state = self._state
+            if state == _CHUNK_DATA:
+                take = min(self._remaining, len(buf))
+                if take:
+                    self._body += buf[:take]
+                    del buf[:take]
+                    self._remaining -= take
+                if self._remaining:
+                    break
+                self._state = _CHUNK_CRLF
+            elif state == _CHUNK_CRLF:
+                if buf[:2] != b"\r\n"[: len(buf)]:
+                    raise _bad(f"Request has a malformed chunk end: {bytes(buf[:2])!r}.")
+                if len(buf) < 2:
+                    break
+                del buf[:2]
+                self._state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                end = buf.find(b"\r\n")
+                if end < 0:
+                    if len(buf) > _MAX_CHUNK_LINE:
+                        raise _bad("Request has a chunk header longer than 4096 bytes.")
+                    break
+                line = bytes(buf[:end])
+                del buf[: end + 2]
+                size, semicolon, _extensions = line.partition(b";")
+                if not semicolon:
+                    size = size.rstrip(b" \t")
+                if (
+                    not size
+                    or len(size) > _MAX_LENGTH_DIGITS
+                    or size.translate(None, _HEXDIG)
+                    or b"\n" in line
+                ):
+                    raise _bad(f"Request has an illegal chunk header: {line[:100]!r}.")
+                self._remaining = int(size, 16)
+                if len(self._body) + self._remaining > self._max_body:
+                    raise _bad(f"Request body is larger than {self._max_body} bytes.", 413)
+                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
+            else:  # _TRAILERS
+                if buf[:1] == b"\n" or buf[:2] == b"\r\n":
+                    del buf[: 1 if buf[0] == 0x0A else 2]
+                    return True
+                if buf[:1] == b"\r" and len(buf) == 1:
+                    break
+                text_end, end = _find_blank_line(buf, self._scan)
+                if end < 0 or text_end > self._max_head:
+                    if len(buf) > self._max_head:
+                        raise _bad(f"Request trailers are larger than {self._max_head} bytes.", 431)
+                    self._scan = max(0, len(buf) - 2)
+                    break
+                text = bytes(buf[:text_end])
+                del buf[:end]
+                self._scan = 0
+                _parse_fields(_split_head(b"\n" + text, "Request")[1:], None)
+                return True
+        if self._eof:
+            raise _bad("Client disconnected before the end of the chunked body.")
+        return False
+
+    def _finish(self, body: bytes) -> Request:
+        head = self._head
+        assert head is not None
+        self._head = None
+        self._state = _HEAD if head.keep_alive else _CLOSED
+        return Request(
+            method=head.method.decode("ascii"),
+            target=head.target.decode("ascii"),
+            headers=head.headers,
+            body=body,
+            http_version=head.version.decode("ascii"),
+            keep_alive=head.keep_alive,
+        )

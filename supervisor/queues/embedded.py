@@ -81,6 +81,7 @@ _PENDING: Final = 0
 _SUCCEEDED: Final = 1
 _DEAD: Final = 2
 _PAGE: Final = 512  # rows per feeder read
+_BUFFER_BYTES: Final = 32 << 20  # batch bodies held in memory ahead of the consumers, at most
 _COMMIT_WINDOW: Final = 0.005  # seconds acks may wait to share a transaction
 _CHUNK_BYTES: Final = 16 << 20  # an enqueue chunk also ends at this many bytes
 
@@ -175,9 +176,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     try:
+        # Big pages keep 256 KiB bodies in a few overflow pages instead of 64 (only takes
+        # effect when the file is created, before WAL mode is switched on).
+        conn.execute("PRAGMA page_size=65536")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA cache_size=-16384")
+        conn.execute("PRAGMA mmap_size=17179869184")  # read pages straight from the page cache
         with _transaction(conn):
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version not in (0, _SCHEMA_VERSION):
@@ -333,6 +338,8 @@ class EmbeddedQueue:
         def finish(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 conn.execute("UPDATE jobs SET total_batches = ? WHERE jid = ?", (count, jid))
+            # Move the bodies from the WAL into the main file, where reads are memory-mapped.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
         await self._run(finish)
         return count
@@ -567,6 +574,7 @@ class EmbeddedFeed:
         "_in_flight",
         "_jid",
         "_job_id",
+        "_limit",
         "_low_water",
         "_max_attempts",
         "_n_buffered",
@@ -592,6 +600,7 @@ class EmbeddedFeed:
         self._base = jid << _SEQ_BITS
         self._max_attempts = max_attempts
         self._buffer = buffer
+        self._limit = buffer  # rows to hold; lowered for big bodies (see _run_feeder)
         self._low_water = buffer // 2
         self._total = job.total_batches or 0
         # Counters, including what is buffered but not committed yet.
@@ -767,13 +776,19 @@ class EmbeddedFeed:
                     wakeup = self._feeder_wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
-                want = max(1, min(_PAGE, self._buffer - len(self._ready)))
+                want = max(1, min(_PAGE, self._limit - len(self._ready)))
                 rows = await self._queue._run(partial(self._read_page, self._cursor, want))
                 ready = self._ready
+                size = 0
                 for seq, attempts, body in rows:
                     ready.append(Delivery(seq, body, attempts + 1))
+                    size += len(body)
                 if rows:
                     self._cursor = rows[-1][0]
+                    # Bound the buffer by bytes too: 1,024 batches of 256 KiB would be 256 MiB.
+                    per_row = max(1, size // len(rows))
+                    self._limit = max(2, min(self._buffer, _BUFFER_BYTES // per_row))
+                    self._low_water = self._limit // 2
                 if len(rows) < want:
                     self._exhausted = True
                 self._wake_receivers()

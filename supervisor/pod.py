@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
 
-from supervisor.config import BatchAPI, Container
+from supervisor.config import BatchAPI, Container, Probe
 from supervisor.errors import PodError, PortOwnerError
 from supervisor.logs import Logger
 from supervisor.ports import PortOwner, find_port_owner
@@ -272,61 +272,47 @@ class Pod:
     async def _watch_container(self, c: Container, child: Child, log: Logger) -> str:
         """Wait for the container to exit ("exit") or fail its liveness probe ("liveness")."""
         outcome = "exit"
-        shift = {True: self.index, False: 0}
-        probe_env = build_env(c.env, self._extra_env)
+        dead = anyio.Event()
+        env = build_env(c.env, self._extra_env)
+
+        def loop(probe: Probe, kind: Literal["readiness", "liveness"]) -> ProbeLoop:
+            def changed(ok: bool, result: ProbeResult) -> None:
+                log.info("probe", probe=kind, ok=ok, detail=result.detail)
+                if kind == "readiness":
+                    self.gate.set(c.name, ok)
+                elif not ok:
+                    dead.set()
+
+            aimed = aims_at(probe, self.api.pod.port)  # shifted with the pod's port (§6)
+            return ProbeLoop(
+                probe,
+                container=c.name,
+                kind=kind,
+                port_shift=self.index if aimed else 0,
+                env=env,
+                cwd=self.cwd,
+                on_change=changed,
+            )
+
         async with anyio.create_task_group() as tg:
 
             async def watch_exit() -> None:
                 await child.wait()
                 tg.cancel_scope.cancel()
 
+            async def watch_liveness() -> None:
+                nonlocal outcome
+                await dead.wait()
+                outcome = "liveness"
+                tg.cancel_scope.cancel()
+
             tg.start_soon(watch_exit)
             if c.readiness_probe is not None:
-                rp = c.readiness_probe
-
-                def ready_changed(ok: bool, result: ProbeResult) -> None:
-                    self.gate.set(c.name, ok)
-                    log.info("probe", probe="readiness", ok=ok, detail=result.detail)
-
-                tg.start_soon(
-                    ProbeLoop(
-                        rp,
-                        container=c.name,
-                        kind="readiness",
-                        port_shift=shift[aims_at(rp, self.api.pod.port)],
-                        env=probe_env,
-                        cwd=self.cwd,
-                        on_change=ready_changed,
-                    ).run
-                )
+                tg.start_soon(loop(c.readiness_probe, "readiness").run)
             else:
                 self.gate.set(c.name, True)
             if c.liveness_probe is not None:
-                lp = c.liveness_probe
-                dead = anyio.Event()
-
-                def alive_changed(ok: bool, result: ProbeResult) -> None:
-                    log.info("probe", probe="liveness", ok=ok, detail=result.detail)
-                    if not ok:
-                        dead.set()
-
-                async def watch_liveness() -> None:
-                    nonlocal outcome
-                    await dead.wait()
-                    outcome = "liveness"
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(
-                    ProbeLoop(
-                        lp,
-                        container=c.name,
-                        kind="liveness",
-                        port_shift=shift[aims_at(lp, self.api.pod.port)],
-                        env=probe_env,
-                        cwd=self.cwd,
-                        on_change=alive_changed,
-                    ).run
-                )
+                tg.start_soon(loop(c.liveness_probe, "liveness").run)
                 tg.start_soon(watch_liveness)
         return outcome
 

@@ -39,6 +39,18 @@ def probe_on(port: int) -> dict[str, Any]:
     return {**HEALTHZ_PROBE, "http_get": {"port": port, "path": "/healthz"}}
 
 
+def recorder_api(tmp_path: Path, **env: str) -> tuple[Path, Path, int]:
+    """An API of one recording worker gated by /healthz: (api file, record dir, pod.port)."""
+    port = free_ports()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    container = {
+        **recorder_container(RECORD_DIR=str(rec), **env),
+        "readiness_probe": probe_on(port),
+    }
+    return write_api(tmp_path / "api.yaml", [container], port=port), rec, port
+
+
 def batches_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["path"] == "/"]
 
@@ -67,14 +79,7 @@ def raw_job(items: list[bytes], batch_size: int, extra: bytes = b"") -> bytes:
 
 
 def test_contract_byte_for_byte(tmp_path: Path, backend: str) -> None:
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    api = write_api(
-        tmp_path / "api.yaml",
-        [{**recorder_container(RECORD_DIR=str(rec)), "readiness_probe": probe_on(port)}],
-        port=port,
-    )
+    api, rec, _port = recorder_api(tmp_path)
     job = write_job(tmp_path / "job.json", raw_job(RAW_ITEMS, 7))
     root = tmp_path / "root"
     r = run_supervisor("run", str(api), "--job", str(job), "--root", str(root), backend=backend)
@@ -114,19 +119,7 @@ def test_contract_byte_for_byte(tmp_path: Path, backend: str) -> None:
 
 def test_no_batch_before_http_probe_passes(tmp_path: Path, backend: str) -> None:
     """The port is bound at once but /healthz fails for 2 s: nothing may arrive early."""
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    api = write_api(
-        tmp_path / "api.yaml",
-        [
-            {
-                **recorder_container(RECORD_DIR=str(rec), NOT_READY_SECONDS="2"),
-                "readiness_probe": probe_on(port),
-            }
-        ],
-        port=port,
-    )
+    api, rec, _port = recorder_api(tmp_path, NOT_READY_SECONDS="2")
     job = write_job(tmp_path / "job.json", raw_job(RAW_ITEMS[:10], 1))
     r = run_supervisor(
         "run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), backend=backend
@@ -380,19 +373,7 @@ def test_two_containers_share_mnt_exec_probe_and_n_pods(tmp_path: Path, backend:
 
 
 def test_container_crash_mid_job_is_worker_error(tmp_path: Path, backend: str) -> None:
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    api = write_api(
-        tmp_path / "api.yaml",
-        [
-            {
-                **recorder_container(RECORD_DIR=str(rec), CRASH_AFTER="3"),
-                "readiness_probe": probe_on(port),
-            }
-        ],
-        port=port,
-    )
+    api, rec, _port = recorder_api(tmp_path, CRASH_AFTER="3")
     items = [json.dumps({"i": i}).encode() for i in range(20)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     r = run_supervisor(
@@ -474,19 +455,7 @@ def test_sigterm_mid_job_leaves_nothing_behind(tmp_path: Path, backend: str) -> 
 
 
 def test_sigkill_whole_pod_then_resume(tmp_path: Path, backend: str) -> None:
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    api = write_api(
-        tmp_path / "api.yaml",
-        [
-            {
-                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.01"),
-                "readiness_probe": probe_on(port),
-            }
-        ],
-        port=port,
-    )
+    api, rec, _port = recorder_api(tmp_path, SLEEP_PER_BATCH="0.01")
     items = [json.dumps({"i": i}).encode() for i in range(600)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     root = tmp_path / "root"
@@ -530,19 +499,7 @@ def test_sigkill_whole_pod_then_resume(tmp_path: Path, backend: str) -> None:
 def test_batch_timeout_and_job_timeout(tmp_path: Path) -> None:
     """A batch slower than --batch-timeout is a failed attempt ("timed out"); the job's own
     `timeout` ends it as timed_out with exit 1."""
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    api = write_api(
-        tmp_path / "api.yaml",
-        [
-            {
-                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.6"),
-                "readiness_probe": probe_on(port),
-            }
-        ],
-        port=port,
-    )
+    api, _rec, _port = recorder_api(tmp_path, SLEEP_PER_BATCH="0.6")
     items = [json.dumps({"i": i}).encode() for i in range(2)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     root = tmp_path / "root"
@@ -615,19 +572,7 @@ def test_liveness_restart_retries_in_flight_batch(tmp_path: Path, backend: str) 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
 def test_fresh_starts_a_new_job(tmp_path: Path, sig: signal.Signals) -> None:
     """Stopped by a signal (Ctrl-C, or the terminal closing), then started over with --fresh."""
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    api = write_api(
-        tmp_path / "api.yaml",
-        [
-            {
-                **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.05"),
-                "readiness_probe": probe_on(port),
-            }
-        ],
-        port=port,
-    )
+    api, rec, _port = recorder_api(tmp_path, SLEEP_PER_BATCH="0.05")
     items = [json.dumps({"i": i}).encode() for i in range(30)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     root = tmp_path / "root"

@@ -1,0 +1,407 @@
+"""The dispatch side of the embedded queue: :class:`EmbeddedFeed` (see ``embedded.py``)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import deque
+from functools import partial
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from supervisor.queues._sqlite import (
+    _BUFFER_BYTES,
+    _COMMIT_WINDOW,
+    _DEAD,
+    _PAGE,
+    _PENDING,
+    _SEQ_BITS,
+    _SUCCEEDED,
+    _record_decoder,
+    _record_encoder,
+    _transaction,
+    _write_dead_letter,
+)
+from supervisor.queues.base import (
+    AttemptRecord,
+    DeadLetter,
+    Delivery,
+    JobRecord,
+    Progress,
+    QueueError,
+)
+
+if TYPE_CHECKING:
+    from supervisor.queues.embedded import EmbeddedQueue
+
+__all__ = ["EmbeddedFeed"]
+
+
+class EmbeddedFeed:
+    """The consuming side of one job (:class:`~supervisor.queues.base.Feed`).
+
+    Made by :meth:`EmbeddedQueue.open_feed`; see the module docstring for how it works.
+    """
+
+    __slots__ = (
+        "_acks",
+        "_base",
+        "_buffer",
+        "_closed",
+        "_commit_done",
+        "_committer_wakeup",
+        "_cursor",
+        "_dead",
+        "_dead_letter_dir",
+        "_deads",
+        "_exhausted",
+        "_failed",
+        "_failed_attempts",
+        "_feeder_scope",
+        "_feeder_wakeup",
+        "_hurry",
+        "_in_flight",
+        "_jid",
+        "_job_id",
+        "_limit",
+        "_low_water",
+        "_max_attempts",
+        "_n_buffered",
+        "_n_committed",
+        "_queue",
+        "_ready",
+        "_receivers_wakeup",
+        "_stopped",
+        "_stopping",
+        "_succeeded",
+        "_time_sum",
+        "_total",
+        "_unsaved_time",
+    )
+
+    def __init__(
+        self, queue: EmbeddedQueue, jid: int, job: JobRecord, max_attempts: int, buffer: int
+    ) -> None:
+        self._queue = queue
+        self._jid = jid
+        self._job_id = job.job_id
+        self._dead_letter_dir = queue.dead_letter_dir(job.job_id)
+        self._base = jid << _SEQ_BITS
+        self._max_attempts = max_attempts
+        self._buffer = buffer
+        self._limit = buffer  # rows to hold; lowered for big bodies (see _run_feeder)
+        self._low_water = buffer // 2
+        self._total = job.total_batches or 0
+        # Counters, including what is buffered but not committed yet.
+        self._succeeded = job.succeeded
+        self._dead = job.dead
+        self._failed_attempts = job.failed_attempts
+        self._time_sum = job.time_per_batch_sum
+        # Delivery state.
+        self._ready: deque[Delivery] = deque()
+        self._in_flight: dict[int, int] = {}  # seq -> attempt
+        self._cursor = -1  # the last seq read from the file
+        self._exhausted = False  # every pending batch has been read into memory
+        self._closed = False
+        self._receivers_wakeup: anyio.Event | None = None
+        self._feeder_wakeup: anyio.Event | None = None
+        self._feeder_scope = anyio.CancelScope()
+        # Commit buffers.
+        self._acks: list[int] = []
+        self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, encoded AttemptRecord
+        self._deads: list[tuple[int, bytes]] = []  # seq, body
+        self._unsaved_time = 0.0
+        self._n_buffered = 0  # acks + failures reported
+        self._n_committed = 0  # ... of which committed
+        self._committer_wakeup: anyio.Event | None = None
+        self._commit_done: anyio.Event | None = None
+        self._hurry: anyio.Event | None = None  # set to end a group-commit window early
+        self._stopping = False  # leaving open_feed: commit what is left, then stop
+        self._stopped = False  # the committer has stopped: ack/fail are refused
+
+    # -- the consumer's side --------------------------------------------------------------
+
+    async def receive(self) -> Delivery | None:
+        """The next batch, or ``None`` when the job has no more work or the feed is closed."""
+        await anyio.lowlevel.checkpoint()
+        while True:
+            if self._closed:
+                return None
+            ready = self._ready
+            if ready:
+                d = ready.popleft()
+                self._in_flight[d.seq] = d.attempt
+                if len(ready) <= self._low_water and self._feeder_wakeup is not None:
+                    self._wake_feeder()
+                return d
+            if self._exhausted and not self._in_flight:
+                return None
+            wakeup = self._receivers_wakeup
+            if wakeup is None:
+                wakeup = self._receivers_wakeup = anyio.Event()
+            await wakeup.wait()
+
+    def ack(self, d: Delivery, elapsed: float) -> None:
+        """``d`` succeeded after ``elapsed`` seconds (committed in the background)."""
+        self._resolve(d)
+        self._succeeded += 1
+        self._time_sum += elapsed
+        self._unsaved_time += elapsed
+        self._acks.append(d.seq)
+        self._buffered()
+
+    def fail(self, d: Delivery, record: AttemptRecord) -> None:
+        """``d``'s attempt failed: retry it later, or dead-letter it if it was the last."""
+        self._resolve(d)
+        self._failed_attempts += 1
+        if record.attempt != d.attempt:
+            record = msgspec.structs.replace(record, attempt=d.attempt)
+        self._failed.append((d.seq, d.attempt, _record_encoder.encode(record)))
+        if d.attempt < self._max_attempts:
+            self._ready.append(Delivery(d.seq, d.body, d.attempt + 1))
+            self._wake_receivers()
+        else:
+            self._dead += 1
+            self._deads.append((d.seq, d.body))
+        self._buffered()
+
+    def release(self, d: Delivery) -> None:
+        """Give ``d`` back without counting an attempt (its container was restarted under it):
+        it is delivered again next, with the same attempt number."""
+        self._resolve(d)
+        self._ready.appendleft(d)
+        self._wake_receivers()
+
+    def close(self) -> None:
+        """Stop: ``receive`` returns ``None`` from now on; unsent batches stay pending."""
+        self._closed = True
+        self._wake_receivers()
+        self._wake_feeder()
+
+    def progress(self) -> Progress:
+        """The job's counters now (including acks not committed yet)."""
+        in_flight = len(self._in_flight)
+        ok = self._succeeded
+        return Progress(
+            total=self._total,
+            succeeded=ok,
+            dead=self._dead,
+            failed_attempts=self._failed_attempts,
+            in_flight=in_flight,
+            in_queue=max(0, self._total - ok - self._dead - in_flight),
+            average_time_per_batch=self._time_sum / ok if ok else None,
+        )
+
+    async def flush(self) -> None:
+        """Wait until every ack and failure reported so far is committed."""
+        target = self._n_buffered
+        if self._n_committed >= target:
+            await anyio.lowlevel.checkpoint()
+            return
+        while self._n_committed < target:
+            if self._stopped:
+                raise QueueError(f"the feed of job {self._job_id} stopped before committing.")
+            done = self._commit_done
+            if done is None:
+                done = self._commit_done = anyio.Event()
+            self._wake_committer()
+            self._hurry_committer()
+            await done.wait()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _resolve(self, d: Delivery) -> None:
+        if self._stopped:
+            raise QueueError(f"the feed of job {self._job_id} is no longer open.")
+        attempt = self._in_flight.pop(d.seq, None)
+        if attempt != d.attempt:
+            if attempt is not None:
+                self._in_flight[d.seq] = attempt
+            raise QueueError(f"batch {d.seq} attempt {d.attempt} is not in flight.")
+
+    def _buffered(self) -> None:
+        self._n_buffered += 1
+        self._wake_committer()
+        if not self._in_flight and not self._ready and self._exhausted:
+            self._wake_receivers()
+
+    def _wake_receivers(self) -> None:
+        wakeup = self._receivers_wakeup
+        if wakeup is not None:
+            self._receivers_wakeup = None
+            wakeup.set()
+
+    def _wake_feeder(self) -> None:
+        wakeup = self._feeder_wakeup
+        if wakeup is not None:
+            self._feeder_wakeup = None
+            wakeup.set()
+
+    def _hurry_committer(self) -> None:
+        hurry = self._hurry
+        if hurry is not None:
+            self._hurry = None
+            hurry.set()
+
+    def _wake_committer(self) -> None:
+        wakeup = self._committer_wakeup
+        if wakeup is not None:
+            self._committer_wakeup = None
+            wakeup.set()
+
+    def _shut_down(self) -> None:
+        self._stopping = True
+        self.close()
+        self._feeder_scope.cancel()
+        self._wake_committer()
+        self._hurry_committer()
+
+    # -- the feeder -----------------------------------------------------------------------
+
+    async def _run_feeder(self) -> None:
+        with self._feeder_scope:
+            while not self._exhausted and not self._closed:
+                if len(self._ready) > self._low_water:
+                    wakeup = self._feeder_wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                want = max(1, min(_PAGE, self._limit - len(self._ready)))
+                rows = await self._queue._run(partial(self._read_page, self._cursor, want))
+                ready = self._ready
+                size = 0
+                for seq, attempts, body in rows:
+                    ready.append(Delivery(seq, body, attempts + 1))
+                    size += len(body)
+                if rows:
+                    self._cursor = rows[-1][0]
+                    # Bound the buffer by bytes too: 1,024 batches of 256 KiB would be 256 MiB.
+                    per_row = max(1, size // len(rows))
+                    self._limit = max(2, min(self._buffer, _BUFFER_BYTES // per_row))
+                    self._low_water = self._limit // 2
+                if len(rows) < want:
+                    self._exhausted = True
+                self._wake_receivers()
+
+    def _read_page(
+        self, after: int, limit: int, conn: sqlite3.Connection
+    ) -> list[tuple[int, int, bytes]]:
+        base = self._base
+        return conn.execute(
+            "SELECT b.id - ?, b.attempts, d.body FROM batches AS b "
+            "JOIN bodies AS d ON d.id = b.id "
+            f"WHERE b.id > ? AND b.id < ? AND b.state = {_PENDING} ORDER BY b.id LIMIT ?",
+            (base, base + after, base + (1 << _SEQ_BITS), limit),
+        ).fetchall()
+
+    # -- the committer --------------------------------------------------------------------
+
+    async def _run_committer(self) -> None:
+        try:
+            while True:
+                if self._n_committed == self._n_buffered:
+                    if self._stopping:
+                        return
+                    wakeup = self._committer_wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                if not self._stopping and self._commit_done is None:
+                    # Group commit: let acks gather for a moment so a busy feed costs one
+                    # transaction per window, not one per batch (a flush() skips the wait).
+                    # Acks do not wake us meanwhile; flush() and shutdown do.
+                    hurry = self._hurry = anyio.Event()
+                    with anyio.move_on_after(_COMMIT_WINDOW):
+                        await hurry.wait()
+                    self._hurry = None
+                await self._commit_buffered()
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._commit_buffered()
+            raise
+        finally:
+            self._stopped = True
+            done, self._commit_done = self._commit_done, None
+            if done is not None:
+                done.set()
+
+    async def _commit_buffered(self) -> None:
+        if self._n_committed == self._n_buffered:
+            return
+        target = self._n_buffered
+        acks, self._acks = self._acks, []
+        failed, self._failed = self._failed, []
+        deads, self._deads = self._deads, []
+        time_sum, self._unsaved_time = self._unsaved_time, 0.0
+        committed = False
+
+        def commit(conn: sqlite3.Connection) -> None:
+            nonlocal committed
+            self._commit(acks, failed, deads, time_sum, conn)
+            committed = True
+
+        try:
+            await self._queue._run(commit)
+        finally:
+            if committed:
+                self._n_committed = target
+                done, self._commit_done = self._commit_done, None
+                if done is not None:
+                    done.set()
+            else:  # cancelled before the thread ran, or rolled back: keep it for next time
+                self._acks[:0] = acks
+                self._failed[:0] = failed
+                self._deads[:0] = deads
+                self._unsaved_time += time_sum
+
+    def _commit(
+        self,
+        acks: list[int],
+        failed: list[tuple[int, int, bytes]],
+        deads: list[tuple[int, bytes]],
+        time_sum: float,
+        conn: sqlite3.Connection,
+    ) -> None:
+        base = self._base
+        with _transaction(conn):
+            if failed:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO attempts (id, attempt, record) VALUES (?, ?, ?)",
+                    [(base + seq, attempt, record) for seq, attempt, record in failed],
+                )
+                conn.executemany(
+                    "UPDATE batches SET attempts = max(attempts, ?) WHERE id = ?",
+                    [(attempt, base + seq) for seq, attempt, _ in failed],
+                )
+            for seq, body in deads:
+                records = conn.execute(
+                    "SELECT record FROM attempts WHERE id = ? ORDER BY attempt", (base + seq,)
+                )
+                letter = DeadLetter(
+                    job_id=self._job_id,
+                    batch=seq,
+                    body=msgspec.Raw(body),
+                    attempts=[_record_decoder.decode(r) for (r,) in records],
+                )
+                try:
+                    _write_dead_letter(self._dead_letter_dir, letter)
+                except OSError as e:
+                    raise QueueError(
+                        f"cannot write the dead letter of batch {seq} of job {self._job_id}: {e}"
+                    ) from e
+            if deads:
+                conn.executemany(
+                    f"UPDATE batches SET state = {_DEAD} WHERE id = ?",
+                    [(base + seq,) for seq, _ in deads],
+                )
+            if acks:
+                conn.executemany(
+                    f"UPDATE batches SET state = {_SUCCEEDED} WHERE id = ?",
+                    [(base + seq,) for seq in acks],
+                )
+            conn.execute(
+                "UPDATE jobs SET succeeded = succeeded + ?, dead = dead + ?, "
+                "failed_attempts = failed_attempts + ?, "
+                "time_per_batch_sum = time_per_batch_sum + ? WHERE jid = ?",
+                (len(acks), len(deads), len(failed), time_sum, self._jid),
+            )

@@ -72,6 +72,16 @@ class Ready:
         return self.value
 
 
+@pytest.fixture(params=["relay", "generic"], autouse=True)
+def core(request: pytest.FixtureRequest) -> str:
+    """Run every test on the epoll forwarding core and on the generic server + pool path."""
+    PATHS["core"] = request.param
+    return str(request.param)
+
+
+PATHS = {"core": "relay"}
+
+
 @asynccontextmanager
 async def proxy_in_front_of(
     upstream: Upstream | None,
@@ -79,6 +89,7 @@ async def proxy_in_front_of(
     ready: Ready | None = None,
     status: Callable[[], object] | None = None,
     upstream_timeout: float | None = None,
+    pool_size: int = 64,
 ) -> AsyncIterator[int]:
     """Start ``upstream`` (None: a port where nothing listens) and a proxy; yield its port."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -91,11 +102,14 @@ async def proxy_in_front_of(
         is_ready=ready or Ready(True),
         status=status,
         upstream_timeout=upstream_timeout,
+        pool_size=pool_size,
     )
+    # A plain coroutine function has no serve_sockets(): the server runs the generic path.
+    handler = app.handle if PATHS["core"] == "relay" else app.handle.__call__
     async with listener, anyio.create_task_group() as tg:
         if upstream is not None:
             tg.start_soon(listener.serve, upstream.on_connection)
-        port = await tg.start(start_server, "127.0.0.1", 0, app.handle)
+        port = await tg.start(start_server, "127.0.0.1", 0, handler)
         try:
             yield port
         finally:
@@ -249,3 +263,81 @@ async def test_many_concurrent_requests() -> None:
     assert sorted(r.rpartition(b"\r\n\r\n")[2] for r in upstream.requests) == sorted(
         b"[%d]" % i for i in range(50)
     )
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    upstream = Upstream()
+    one = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n[1]"
+    health = b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n"
+    last = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\n[2]"
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(one + health + last)
+                parser = ResponseParser(keep_body=None)
+                answers: list[Parsed] = []
+                while len(answers) < 3:
+                    response = parser.next_response()
+                    if response is None:
+                        parser.receive_data(await stream.receive())
+                    else:
+                        answers.append(response)
+    assert [(a.status, a.body_head) for a in answers] == [
+        (200, b"ok"),
+        (200, b'{"ready":true}'),
+        (200, b"ok"),
+    ]
+    assert answers[2].header(b"connection") == b"close"
+    assert [r.rpartition(b"\r\n\r\n")[2] for r in upstream.requests] == [b"[1]", b"[2]"]
+
+
+async def test_malformed_request_gets_400_and_nothing_is_forwarded() -> None:
+    upstream = Upstream()
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            bad = await raw_exchange(port, b"POST / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n")
+            missing = await raw_exchange(port, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert bad.status == missing.status == 400
+    assert bad.header(b"connection") == b"close"
+    assert upstream.requests == []
+
+
+async def test_expect_continue_and_http10_without_host() -> None:
+    upstream = Upstream()
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(
+                    b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: 3\r\n\r\n"
+                )
+                continued = b""
+                while b"\r\n\r\n" not in continued:
+                    continued += await stream.receive()
+                assert continued.startswith(b"HTTP/1.1 100 ")
+                await stream.send(b"[1]")
+                parser = ResponseParser(keep_body=None)
+                while (response := parser.next_response()) is None:
+                    parser.receive_data(await stream.receive())
+            old = await raw_exchange(port, b"POST / HTTP/1.0\r\nContent-Length: 3\r\n\r\n[2]")
+    assert response.status == 200
+    assert old.status == 200 and old.header(b"connection") == b"close"
+    assert upstream.requests[1].startswith(b"POST / HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert upstream.requests[1].endswith(b"\r\nContent-Length: 3\r\n\r\n[2]")
+
+
+async def test_pool_size_bounds_upstream_connections() -> None:
+    upstream = Upstream()
+    with anyio.fail_after(20):
+        async with proxy_in_front_of(upstream, pool_size=2) as port:
+            results: list[int] = []
+
+            async def one(i: int) -> None:
+                results.append((await post(port, body=b"[%d]" % i)).status)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i)
+    assert results == [200] * 20
+    assert upstream.connections <= 2
+    assert len(upstream.requests) == 20

@@ -255,6 +255,8 @@ class RequestParser:
         try:
             state = self._state
             if state == _HEAD:
+                if not self._buf and not self._eof:
+                    return None  # the common idle case, without scanning
                 if not self._read_head():
                     return None
                 state = self._state

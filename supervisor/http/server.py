@@ -44,7 +44,15 @@ from supervisor.http.request import MAX_BODY, MAX_HEAD, Request, RequestParser
 from supervisor.http.response import _TCHAR
 from supervisor.logs import Logger
 
-__all__ = ["Handler", "Request", "Response", "json_response", "serve", "start_server"]
+__all__ = [
+    "Handler",
+    "Request",
+    "Response",
+    "json_response",
+    "serve",
+    "serve_sockets",
+    "start_server",
+]
 
 _RECEIVE_SIZE = 65536
 _LINGER_SECONDS = 1.0
@@ -90,9 +98,28 @@ async def serve(
     max_head: int = MAX_HEAD,
     logger: Logger | None = None,
 ) -> None:
-    """Serve HTTP/1.1 on every connection ``listener`` accepts, until cancelled."""
+    """Serve HTTP/1.1 on every connection ``listener`` accepts, until cancelled.
 
+    A handler with a ``serve_sockets(sockets, *, max_body, max_head, logger)`` coroutine
+    method drives the listening sockets itself (the proxy's forwarding core does).
+    """
     sockets = _listening_sockets(listener)
+    own = getattr(handler, "serve_sockets", None)
+    if own is not None:
+        await own(sockets, max_body=max_body, max_head=max_head, logger=logger)
+        return
+    await serve_sockets(sockets, handler, max_body=max_body, max_head=max_head, logger=logger)
+
+
+async def serve_sockets(
+    sockets: Sequence[socket.socket],
+    handler: Handler,
+    *,
+    max_body: int = MAX_BODY,
+    max_head: int = MAX_HEAD,
+    logger: Logger | None = None,
+) -> None:
+    """Serve HTTP/1.1 on non-blocking listening ``sockets`` (one task per connection)."""
     async with anyio.create_task_group() as tg:
         for sock in sockets:
             tg.start_soon(_accept_loop, sock, tg, handler, max_body, max_head, logger)

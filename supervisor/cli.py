@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("api", metavar="API", help="the BatchAPI file (Cortex YAML or JSON)")
         p.add_argument(
+            "--backend",
+            dest="sub_backend",
+            choices=("asyncio", "trio"),
+            help="event loop (also accepted before the command)",
+        )
+        p.add_argument(
             "--api", dest="api_name", metavar="NAME", help="which API, when the file lists several"
         )
 
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--root",
         metavar="DIR",
-        help="where cortex/ and mnt/ live (default ./.supervisor outside a container)",
+        help="where cortex/ and mnt/ live (default ./.supervisor unless PID 1 of a pod)",
     )
     run.add_argument(
         "--fresh", action="store_true", help="start a new job instead of resuming an unfinished one"
@@ -184,6 +190,8 @@ def _run_async(backend: str, fn: Callable[[], Awaitable[T]]) -> T:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "sub_backend", None):
+        args.backend = args.sub_backend
     try:
         if args.command == "validate":
             return _validate(args)

@@ -59,6 +59,14 @@ def test_yaml_syntax_error_names_the_line(
     assert "line" in capsys.readouterr().err
 
 
+def test_backend_accepted_after_the_command(files: tuple[Path, Path]) -> None:
+    api, _job = files
+    assert main(["validate", str(api), "--backend", "trio"]) == 0
+    with pytest.raises(SystemExit) as info:
+        main(["validate", str(api), "--backend", "uvloop"])
+    assert info.value.code == 2
+
+
 def test_validate_ok(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     api, job = files
     assert main(["validate", str(api), "--job", str(job)]) == 0

@@ -290,6 +290,8 @@ async def _pods_and_dispatch(
                             )
                         )
             if outcome.status is None:
+                # Every ack durable first: a crash after /on-job-complete must not resend.
+                await feed.flush()
                 p = feed.progress()
                 target = await _first_serving(pods)
                 await send_job_complete(

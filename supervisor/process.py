@@ -27,9 +27,12 @@ reaper never steals the exit status of a process anyio is waiting for.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -447,6 +450,33 @@ class Child:
             self._finish(returncode)
 
 
+# Linux: the container's main process gets SIGKILL if the supervisor dies without cleaning
+# up (SIGKILL, OOM killer), so it cannot outlive us and keep pod.port. prctl(PR_SET_PDEATHSIG)
+# must run in the child before exec; anyio has no preexec hook, hence this tiny trampoline.
+_PDEATHSIG_SHIM = (
+    "import ctypes,os,sys\n"
+    "ctypes.CDLL(None).prctl(1,9)\n"  # PR_SET_PDEATHSIG, SIGKILL
+    "if os.getppid()!=int(sys.argv[1]):os._exit(137)\n"  # we died before prctl took effect
+    "try:os.execvp(sys.argv[2],sys.argv[2:])\n"
+    "except OSError as e:sys.stderr.write(f'cannot start {sys.argv[2]!r}: {e.strerror}\\n');os._exit(127)\n"
+)
+_USE_SHIM = sys.platform.startswith("linux") and bool(sys.executable)
+
+
+def _check_command(command: str, env: Mapping[str, str], cwd: Path | None) -> None:
+    """Raise what exec would (FileNotFoundError/PermissionError), before the trampoline runs."""
+    if cwd is not None and not Path(cwd).is_dir():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(cwd))
+    if "/" in command:
+        path = Path(command) if os.path.isabs(command) else (cwd or Path.cwd()) / command
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), command)
+    elif shutil.which(command, path=env.get("PATH", os.defpath)) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
+
+
 def _spawn_error(name: str, argv: Sequence[str], cwd: Path | None, exc: OSError) -> PodError:
     command = argv[0]
     if isinstance(exc, FileNotFoundError):
@@ -482,9 +512,21 @@ async def open_child(
     oom_before = oom_kill_count(oom_path)
     _registry.spawning += 1
     try:
+        command = list(argv)
+        if _USE_SHIM:
+            _check_command(command[0], env, cwd)
+            command = [
+                sys.executable,
+                "-I",
+                "-S",
+                "-c",
+                _PDEATHSIG_SHIM,
+                str(os.getpid()),
+                *command,
+            ]
         with anyio.CancelScope(shield=True):  # a half-spawned child could not be cleaned up
             process = await anyio.open_process(
-                list(argv),
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

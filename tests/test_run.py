@@ -593,3 +593,25 @@ def test_fresh_starts_a_new_job(tmp_path: Path, sig: signal.Signals) -> None:
     status = json.loads(r.stdout)
     assert status["job_status"]["job_id"] != first
     assert status["metrics"]["succeeded"] == 30  # all of it again, not the rest
+
+
+def test_supervisor_killed_alone_takes_its_containers_along(tmp_path: Path) -> None:
+    """Only the supervisor is SIGKILLed (the OOM killer's choice, say): its containers must
+    not outlive it and keep pod.port, or the next run could not start."""
+    api, rec, _port = recorder_api(tmp_path, SLEEP_PER_BATCH="0.05")
+    items = [json.dumps({"i": i}).encode() for i in range(500)]
+    job = write_job(tmp_path / "job.json", raw_job(items, 1))
+    proc = _start(["run", str(api), "--job", str(job), "--root", str(tmp_path / "root")])
+    try:
+        _wait_for_batches(rec, 3, proc)
+        os.kill(proc.pid, signal.SIGKILL)  # the supervisor only, not its process group
+        proc.communicate(timeout=30)
+        pids = {b["pid"] for b in read_records(rec)}
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the kernel delivers the parent-death signal asynchronously
+        assert pids and not any(pid_alive(p) for p in pids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

@@ -1,0 +1,641 @@
+"""The proxy's forwarding core: one task relays every client and upstream connection
+over a single edge-triggered epoll set, plus the header rewriting both paths share.
+
+See :mod:`supervisor.http.proxy` for what is forwarded and why this shape is fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import select
+import socket
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from supervisor.http.errors import RemoteProtocolError
+from supervisor.http.request import RequestParser
+from supervisor.http.response import Response as Upstream
+from supervisor.http.response import ResponseParser
+from supervisor.http.server import (
+    Request,
+    Response,
+    _encode_response,
+    _status_line,
+    json_response,
+)
+from supervisor.logs import Logger
+
+if TYPE_CHECKING:
+    from supervisor.http.proxy import ProxyApp
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+    }
+)
+_json_encode = msgspec.json.Encoder().encode
+
+
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    """The lowercased header names listed in ``Connection`` headers."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return named
+
+
+def _end_to_end(
+    headers: list[tuple[bytes, bytes]], *, drop: tuple[bytes, ...] = ()
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` without hop-by-hop ones (including those named in ``Connection``)."""
+    named = _connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in _HOP_BY_HOP
+        and lower not in named
+        and not lower.startswith(b"proxy-")
+        and lower not in drop
+    ]
+
+
+def _upstream_request(request: Request, authority: bytes) -> bytes:
+    """Head and body to send upstream; the parser already validated names and values."""
+    body = request.body
+    lines = [b"POST %b HTTP/1.1\r\n" % request.target.encode("ascii")]
+    has_host = False
+    has_length = False
+    connection = False
+    for name, value in request.headers:
+        lower = name.lower()
+        if lower in _HOP_BY_HOP:
+            connection = connection or lower == b"connection"
+            continue
+        if lower[:6] == b"proxy-":
+            continue
+        if lower == b"host":
+            has_host = True
+        elif lower == b"content-length":
+            if int(value) != len(body):  # a chunked body: Transfer-Encoding won
+                continue
+            has_length = True
+        lines.append(b"%b: %b\r\n" % (name, value))
+    if connection:  # rare: drop the names listed in Connection too
+        named = _connection_tokens(request.headers)
+        lines[1:] = [line for line in lines[1:] if line.partition(b":")[0].lower() not in named]
+    if not has_host:
+        lines.insert(1, b"Host: %b\r\n" % authority)
+    if not has_length:
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines.append(b"\r\n")
+    lines.append(body)
+    return b"".join(lines)
+
+
+def _client_response(upstream: Upstream, keep_alive: bool) -> bytes:
+    """The bytes relaying ``upstream`` to the client, re-framed with ``Content-Length``."""
+    status = upstream.status
+    headers = upstream.headers  # lowercased names, validated by the parser
+    named: set[bytes] | frozenset[bytes] = frozenset()
+    for name, _ in headers:
+        if name == b"connection":
+            named = _connection_tokens(headers)
+            break
+    parts = [_status_line(status, upstream.reason)]
+    for name, value in headers:
+        if (
+            name in _HOP_BY_HOP
+            or name == b"content-length"
+            or name[:6] == b"proxy-"
+            or name in named
+        ):
+            continue
+        parts.append(b"%b: %b\r\n" % (name, value))
+    body = upstream.body_head
+    if status == 204 or status == 304:
+        body = b""
+    else:
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    parts.append(b"\r\n")
+    parts.append(body)
+    return b"".join(parts)
+
+
+def _unreachable(reason: str) -> Response:
+    return json_response(502, {"error": f"The API could not be reached: {reason}"})
+
+
+_TIMED_OUT = json_response(504, {"error": "The API did not answer in time."})
+_TOO_LARGE = json_response(502, {"error": "The API's response body is too large."})
+
+
+# -- the forwarding core (epoll) ---------------------------------------------------------------
+
+_RECV = 65536
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 16 * 1024 * 1024
+_ACCEPT_BACKOFF = 0.1
+_ACCEPT_BATCH = 64
+if hasattr(select, "epoll"):
+    _IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+    _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+    _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+    _LISTEN = select.EPOLLIN
+_ANSWER_ONLY = Request("POST", "/", [])  # encodes internal answers (keep-alive, not HEAD)
+
+
+class _Client:
+    """One accepted connection."""
+
+    __slots__ = (
+        "busy",
+        "closed",
+        "closing",
+        "continued",
+        "drained",
+        "keep_alive",
+        "linger",
+        "lingering",
+        "out",
+        "parser",
+        "pending",
+        "readable",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, parser: RequestParser) -> None:
+        self.sock = sock
+        self.parser = parser
+        self.out = b""  # bytes accepted but not yet sent
+        self.busy = False  # a forwarded request is in flight (or waits for a connection)
+        self.readable = True
+        self.closed = False
+        self.closing = False  # close once ``out`` is sent
+        self.linger = False  # ... gently: shut down writing, then drain for a moment
+        self.lingering = False
+        self.drained = 0
+        self.continued = False
+        self.keep_alive = True
+        self.pending = b""  # the upstream request while waiting for a pool slot
+
+
+class _Conn:
+    """One upstream connection."""
+
+    __slots__ = ("client", "closed", "connecting", "out", "parser", "port", "reused", "sock")
+
+    def __init__(self, sock: socket.socket, port: int, keep_body: int) -> None:
+        self.sock = sock
+        self.port = port
+        self.parser = ResponseParser(keep_body=keep_body)
+        self.client: _Client | None = None
+        self.out: memoryview | bytes = b""  # the unsent rest of the request
+        self.connecting = True
+        self.reused = False
+        self.closed = False
+
+
+class _Relay:
+    """The single-task forwarding core (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: ProxyApp,
+        sockets: Sequence[socket.socket],
+        max_body: int,
+        max_head: int,
+        logger: Logger | None,
+    ) -> None:
+        self._app = app
+        self._epoll = select.epoll()
+        self._listeners = {sock.fileno(): sock for sock in sockets}
+        self._objects: dict[int, _Client | _Conn] = {}
+        self._idle: list[_Conn] = []
+        self._open = 0  # upstream connections, idle or busy
+        self._waiting: deque[_Client] = deque()
+        self._deadlines: dict[object, float] = {}  # _Conn: 504; _Client: linger; fd: accept
+        self._max_body = max_body
+        self._max_head = max_head
+        self._logger = logger
+        self._family = (
+            socket.AF_INET6 if ipaddress.ip_address(app._host).version == 6 else socket.AF_INET
+        )
+        self._authority = (
+            f"[{app._host}]" if self._family == socket.AF_INET6 else app._host
+        ).encode("ascii")
+
+    async def run(self) -> None:
+        epoll = self._epoll
+        fd = epoll.fileno()
+        objects = self._objects
+        for lfd in self._listeners:
+            epoll.register(lfd, _LISTEN)
+        try:
+            while True:
+                if self._deadlines:
+                    delay = min(self._deadlines.values()) - anyio.current_time()
+                    with anyio.move_on_after(max(delay, 0.0)):
+                        await anyio.wait_readable(fd)
+                    self._expire()
+                else:
+                    await anyio.wait_readable(fd)
+                for efd, events in epoll.poll(0):
+                    obj = objects.get(efd)
+                    try:
+                        if obj is None:
+                            listener = self._listeners.get(efd)
+                            if listener is not None:
+                                self._accept(listener)
+                        elif type(obj) is _Client:
+                            self._client_event(obj, events)
+                        else:
+                            assert isinstance(obj, _Conn)
+                            self._conn_event(obj, events)
+                    except Exception as exc:  # pragma: no cover - a bug must not stop the proxy
+                        self._log("http_connection_failed", f"{type(exc).__name__}: {exc}")
+                        if isinstance(obj, _Client):
+                            self._close_client(obj)
+                        elif isinstance(obj, _Conn):
+                            self._fail(obj, "internal error.")
+        finally:
+            for obj in list(objects.values()):
+                obj.sock.close()
+            objects.clear()
+            anyio.notify_closing(fd)
+            epoll.close()
+
+    def _log(self, event: str, error: str) -> None:
+        if self._logger is not None:
+            self._logger.error(event, error=error)
+
+    # -- timers and accepting ------------------------------------------------------------
+
+    def _expire(self) -> None:
+        now = anyio.current_time()
+        for key, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                continue
+            del self._deadlines[key]
+            if isinstance(key, _Conn):
+                if key.client is not None:
+                    self._fail(key, "", _TIMED_OUT)
+            elif isinstance(key, _Client):
+                self._close_client(key)
+            elif isinstance(key, int):
+                self._epoll.modify(key, _LISTEN)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # aborted handshakes, or out of file descriptors: back off
+                if self._logger is not None:
+                    self._logger.warning("http_accept_failed", error=str(exc))
+                self._epoll.modify(listener.fileno(), 0)
+                self._deadlines[listener.fileno()] = anyio.current_time() + _ACCEPT_BACKOFF
+                return
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = _Client(sock, RequestParser(max_head=self._max_head, max_body=self._max_body))
+            self._objects[sock.fileno()] = client
+            self._epoll.register(sock.fileno(), _MASK)
+
+    # -- client side ---------------------------------------------------------------------
+
+    def _client_event(self, client: _Client, events: int) -> None:
+        if events & _OUT and client.out:
+            self._flush_client(client)
+        if events & _IN:
+            client.readable = True
+        self._pump(client)
+
+    def _pump(self, client: _Client) -> None:
+        """Answer or forward what the client sent, reading while it may send more."""
+        parser = client.parser
+        while not client.closed:
+            if client.lingering:
+                self._drain(client)
+                return
+            if client.busy or client.out or client.closing:
+                return
+            try:
+                request = parser.next_request()
+            except RemoteProtocolError as exc:
+                self._reject(client, exc.error_status_hint, f"Invalid HTTP request: {exc}")
+                return
+            if request is not None:
+                self._dispatch(client, request)
+                continue
+            if parser.at_eof:
+                self._close_client(client)
+                return
+            if parser.expects_continue and not client.continued:
+                client.continued = True
+                self._send(client, _CONTINUE)
+                continue
+            if not client.readable:
+                return
+            try:
+                data = client.sock.recv(_RECV)
+            except (BlockingIOError, InterruptedError):
+                client.readable = False
+                return
+            except OSError:
+                self._close_client(client)
+                return
+            if len(data) < _RECV:
+                client.readable = False
+            parser.receive_data(data)
+
+    def _dispatch(self, client: _Client, request: Request) -> None:
+        client.continued = False
+        client.keep_alive = request.keep_alive
+        app = self._app
+        try:
+            answer = app.route(request)
+        except Exception as exc:
+            self._log("http_handler_failed", f"{type(exc).__name__}: {exc}")
+            answer = json_response(500, {"error": "Internal server error."})
+        if answer is not None:
+            data, keep_alive = _encode_response(request, answer)
+            if not keep_alive:
+                client.closing = True
+            self._send(client, data)
+            return
+        port = app._port()
+        assert port is not None  # route() checked
+        client.busy = True
+        data = _upstream_request(request, b"%b:%d" % (self._authority, port))
+        idle = self._idle
+        if idle and not self._waiting and idle[-1].port == port:  # the hot path
+            conn = idle.pop()
+            conn.client = client
+            conn.out = data
+            if app._timeout is not None:
+                self._deadlines[conn] = anyio.current_time() + app._timeout
+            self._write(conn)
+            return
+        client.pending = data
+        self._waiting.append(client)
+        self._start_waiting()
+
+    def _answer(self, client: _Client, answer: Response | bytes) -> None:
+        """Send the answer to the forwarded request, then go on with the client."""
+        client.busy = False
+        if client.closed:
+            return
+        if isinstance(answer, Response):
+            request = (
+                _ANSWER_ONLY if client.keep_alive else Request("POST", "/", [], keep_alive=False)
+            )
+            answer = _encode_response(request, answer)[0]
+        if not client.keep_alive:
+            client.closing = True
+        self._send(client, answer)
+        self._pump(client)
+
+    def _send(self, client: _Client, data: bytes) -> None:
+        if client.out:
+            client.out += data
+            return
+        try:
+            sent = client.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close_client(client)
+            return
+        if sent < len(data):
+            client.out = data[sent:]
+        elif client.closing:
+            self._finish(client)
+
+    def _flush_client(self, client: _Client) -> None:
+        data = client.out
+        try:
+            sent = client.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close_client(client)
+            return
+        client.out = data[sent:]
+        if not client.out and client.closing:
+            self._finish(client)
+
+    def _finish(self, client: _Client) -> None:
+        """The last answer was sent: close, gently when the client may still be sending."""
+        if not client.linger:
+            self._close_client(client)
+            return
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        client.lingering = True
+        client.readable = True
+        self._deadlines[client] = anyio.current_time() + _LINGER_SECONDS
+        self._drain(client)
+
+    def _drain(self, client: _Client) -> None:
+        while client.drained < _LINGER_BYTES:
+            try:
+                data = client.sock.recv(_RECV)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                break
+            if not data:
+                break
+            client.drained += len(data)
+        self._close_client(client)
+
+    def _reject(self, client: _Client, status: int, message: str) -> None:
+        body = _json_encode({"error": message})
+        head = (
+            _status_line(status, b"")
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
+            + b"Connection: close\r\n\r\n"
+        )
+        client.closing = client.linger = True
+        self._send(client, head + body)
+
+    def _close_client(self, client: _Client) -> None:
+        if not client.closed:
+            client.closed = True
+            self._deadlines.pop(client, None)
+            self._objects.pop(client.sock.fileno(), None)
+            client.sock.close()
+
+    # -- upstream side -------------------------------------------------------------------
+
+    def _start_waiting(self) -> None:
+        """Give waiting clients an idle connection, or a new one while under the limit."""
+        waiting = self._waiting
+        idle = self._idle
+        pool_size = self._app._pool_size
+        while waiting and (idle or self._open < pool_size):
+            client = waiting.popleft()
+            if client.closed:
+                continue
+            data, client.pending = client.pending, b""
+            port = self._app._port()
+            conn = None
+            while idle:
+                candidate = idle.pop()
+                if candidate.port == port:
+                    conn = candidate
+                    break
+                self._close_conn(candidate)
+            if port is None:
+                self._answer(client, _unreachable("The target port is not known yet."))
+                continue
+            if conn is None:
+                conn = self._connect(client, port)
+                if conn is None:
+                    continue
+            conn.client = client
+            conn.out = data
+            if self._app._timeout is not None:
+                self._deadlines[conn] = anyio.current_time() + self._app._timeout
+            if not conn.connecting:
+                self._write(conn)
+
+    def _connect(self, client: _Client, port: int) -> _Conn | None:
+        sock = socket.socket(self._family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex((self._app._host, port))
+        if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            sock.close()
+            reason = errno.errorcode.get(code, str(code))
+            self._answer(
+                client,
+                _unreachable(f"Could not connect to {self._app._host}:{port}: {reason}."),
+            )
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, port, self._app._max_response_body)
+        self._objects[sock.fileno()] = conn
+        self._epoll.register(sock.fileno(), _MASK)
+        self._open += 1
+        return conn
+
+    def _conn_event(self, conn: _Conn, events: int) -> None:
+        if conn.connecting:
+            if not events & _OUT:
+                return
+            code = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                reason = errno.errorcode.get(code, str(code))
+                self._fail(conn, f"Could not connect to {self._app._host}:{conn.port}: {reason}.")
+                return
+            conn.connecting = False
+            if conn.out:
+                self._write(conn)
+        elif events & _OUT and conn.out:
+            self._write(conn)
+        if events & _IN and not conn.closed:
+            if conn.client is None:  # idle: the server closed it (or sent stray bytes)
+                self._idle.remove(conn)
+                self._close_conn(conn)
+            else:
+                self._read(conn)
+
+    def _write(self, conn: _Conn) -> None:
+        data = conn.out
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            client = conn.client
+            if conn.reused and client is not None:
+                # The server closed the reused connection before the request arrived: retry
+                # once on a fresh connection (nothing of it was acted upon).
+                whole = data.obj if isinstance(data, memoryview) else data
+                conn.client = None
+                self._close_conn(conn)
+                self._deadlines.pop(conn, None)
+                client.pending = bytes(whole)
+                self._waiting.appendleft(client)
+                self._start_waiting()
+                return
+            self._fail(conn, "The connection broke while sending the request.")
+            return
+        if sent < len(data):
+            conn.out = memoryview(data)[sent:] if isinstance(data, bytes) else data[sent:]
+        else:
+            conn.out = b""
+
+    def _read(self, conn: _Conn) -> None:
+        parser = conn.parser
+        while True:
+            try:
+                data = conn.sock.recv(_RECV)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._fail(conn, "The connection broke while reading the response.")
+                return
+            parser.receive_data(data)
+            try:
+                response = parser.next_response()
+            except RemoteProtocolError as exc:
+                self._fail(conn, str(exc))
+                return
+            if response is not None:
+                self._relay(conn, response)
+                return
+            if len(data) < _RECV:
+                return
+
+    def _relay(self, conn: _Conn, response: Upstream) -> None:
+        client = conn.client
+        assert client is not None
+        conn.client = None
+        self._deadlines.pop(conn, None)
+        if response.keep_alive and not conn.parser.unprocessed and not conn.out:
+            conn.reused = True
+            self._idle.append(conn)
+        else:
+            self._close_conn(conn)
+        self._start_waiting()
+        if response.body_truncated:
+            self._answer(client, _TOO_LARGE)
+        else:
+            self._answer(client, _client_response(response, client.keep_alive))
+
+    def _fail(self, conn: _Conn, reason: str, answer: Response | None = None) -> None:
+        """Close ``conn``; its client gets 502 (or ``answer``)."""
+        client = conn.client
+        conn.client = None
+        self._deadlines.pop(conn, None)
+        self._close_conn(conn)
+        self._start_waiting()
+        if client is not None:
+            self._answer(client, answer or _unreachable(reason))
+
+    def _close_conn(self, conn: _Conn) -> None:
+        if not conn.closed:
+            conn.closed = True
+            self._open -= 1
+            self._objects.pop(conn.sock.fileno(), None)
+            conn.sock.close()

@@ -394,8 +394,13 @@ class Child:
         self._killed_by_us = True
         self.send_signal_group(signal.SIGKILL)
         try:
-            self._process.kill()  # the leader, even if it somehow left its group
-        except ProcessLookupError:
+            # The leader, even if it somehow left its group. os.kill, not Process.kill():
+            # Popen.send_signal() polls first, and that waitpid() would reap a leader the
+            # killpg above just killed, stealing its status from the event loop's watcher
+            # (asyncio then reports returncode 255).
+            if self._process.returncode is None:
+                os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
             pass
 
     def _finish(self, returncode: int) -> Exit:

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import msgspec
 
+from supervisor.http._chunked import ChunkedReader
+from supervisor.http._chunked import find_blank_line as _find_blank_line
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
-from supervisor.http.response import _HEXDIG, _TCHAR, _find_blank_line, _split_head
+from supervisor.http.response import _TCHAR, _split_head
 
 __all__ = ["MAX_BODY", "MAX_HEAD", "Request", "RequestParser"]
 
@@ -45,16 +47,12 @@ MAX_BODY = 10 * 1024 * 1024
 """Default bound on a request body, in bytes."""
 
 _VCHAR = bytes(range(0x21, 0x7F))
-_MAX_CHUNK_LINE = 4096
 _MAX_LENGTH_DIGITS = 20
 
 # Parser states.
 _HEAD = 0
 _LENGTH = 1
-_CHUNK_SIZE = 2
-_CHUNK_DATA = 3
-_CHUNK_CRLF = 4
-_TRAILERS = 5
+_CHUNKED = 2
 _CLOSED = 6
 _ERROR = 7
 
@@ -91,6 +89,10 @@ class Request(msgspec.Struct, gc=False):
             if raw.lower() == key:
                 return value
         return None
+
+
+def _check_trailers(text: bytes) -> None:
+    _parse_fields(_split_head(b"\n" + text, "Request")[1:], None)
 
 
 def _bad(message: str, status: int = 400) -> RemoteProtocolError:
@@ -199,6 +201,7 @@ class RequestParser:
     __slots__ = (
         "_body",
         "_buf",
+        "_chunked",
         "_eof",
         "_head",
         "_max_body",
@@ -218,6 +221,15 @@ class RequestParser:
         self._head: _Head | None = None
         self._body = bytearray()
         self._remaining = 0
+        self._chunked = ChunkedReader(
+            who="Request",
+            bad=_bad,
+            check_trailers=_check_trailers,
+            eof_message="Client disconnected before the end of the chunked body.",
+            max_head=max_head,
+            max_body=max_body,
+            trailer_status=431,
+        )
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes read from the connection; ``b""`` means the client closed it."""
@@ -306,7 +318,8 @@ class RequestParser:
         head = _Head(method, target, version, [])
         head.headers = _parse_fields(lines[1:], head)
         if head.chunked:
-            self._state = _CHUNK_SIZE
+            self._chunked.reset()
+            self._state = _CHUNKED
         else:
             if head.content_length > self._max_body:
                 raise _bad(f"Request body is larger than {self._max_body} bytes.", 413)
@@ -316,67 +329,12 @@ class RequestParser:
         return True
 
     def _read_chunked(self) -> bool:
+        return self._chunked.read(self._buf, self._take_body, self._eof)
+
+    def _take_body(self, n: int) -> None:
         buf = self._buf
-        while True:
-            state = self._state
-            if state == _CHUNK_DATA:
-                take = min(self._remaining, len(buf))
-                if take:
-                    self._body += buf[:take]
-                    del buf[:take]
-                    self._remaining -= take
-                if self._remaining:
-                    break
-                self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if buf[:2] != b"\r\n"[: len(buf)]:
-                    raise _bad(f"Request has a malformed chunk end: {bytes(buf[:2])!r}.")
-                if len(buf) < 2:
-                    break
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise _bad("Request has a chunk header longer than 4096 bytes.")
-                    break
-                line = bytes(buf[:end])
-                del buf[: end + 2]
-                size, semicolon, _extensions = line.partition(b";")
-                if not semicolon:
-                    size = size.rstrip(b" \t")
-                if (
-                    not size
-                    or len(size) > _MAX_LENGTH_DIGITS
-                    or size.translate(None, _HEXDIG)
-                    or b"\n" in line
-                ):
-                    raise _bad(f"Request has an illegal chunk header: {line[:100]!r}.")
-                self._remaining = int(size, 16)
-                if len(self._body) + self._remaining > self._max_body:
-                    raise _bad(f"Request body is larger than {self._max_body} bytes.", 413)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            else:  # _TRAILERS
-                if buf[:1] == b"\n" or buf[:2] == b"\r\n":
-                    del buf[: 1 if buf[0] == 0x0A else 2]
-                    return True
-                if buf[:1] == b"\r" and len(buf) == 1:
-                    break
-                text_end, end = _find_blank_line(buf, self._scan)
-                if end < 0 or text_end > self._max_head:
-                    if len(buf) > self._max_head:
-                        raise _bad(f"Request trailers are larger than {self._max_head} bytes.", 431)
-                    self._scan = max(0, len(buf) - 2)
-                    break
-                text = bytes(buf[:text_end])
-                del buf[:end]
-                self._scan = 0
-                _parse_fields(_split_head(b"\n" + text, "Request")[1:], None)
-                return True
-        if self._eof:
-            raise _bad("Client disconnected before the end of the chunked body.")
-        return False
+        self._body += buf[:n]
+        del buf[:n]
 
     def _finish(self, body: bytes) -> Request:
         head = self._head

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import msgspec
 
+from supervisor.http._chunked import ChunkedReader, find_blank_line
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["KEEP_BODY", "MAX_HEAD", "Response", "ResponseParser"]
@@ -46,24 +47,19 @@ KEEP_BODY = 1024
 
 # bytes.translate(None, delete=X) removes every byte in X: what is left are the bad bytes.
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_HEXDIG = b"0123456789abcdefABCDEF"
 # Bytes allowed anywhere in a head once CRLF became LF: h11's rule (no NUL, no whitespace
 # other than SP and HTAB, no bare CR); other control bytes are tolerated, as h11 does.
 _HEAD_BYTES = bytes(b for b in range(256) if b not in (0x00, 0x0B, 0x0C, 0x0D))
-_MAX_CHUNK_LINE = 4096
 _MAX_LENGTH_DIGITS = 20
 
 # Parser states.
 _HEAD = 0
 _NO_BODY = 1
 _LENGTH = 2
-_CHUNK_SIZE = 3
-_CHUNK_DATA = 4
-_CHUNK_CRLF = 5
-_TRAILERS = 6
-_UNTIL_EOF = 7
-_CLOSED = 8
-_ERROR = 9
+_CHUNKED = 3
+_UNTIL_EOF = 4
+_CLOSED = 5
+_ERROR = 6
 
 
 class Response(msgspec.Struct, gc=False):
@@ -190,15 +186,8 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
     return fields
 
 
-def _find_blank_line(buf: bytearray, start: int) -> tuple[int, int]:
-    """``(end of text incl. its last LF, end of blank line)`` or ``(-1, -1)``; h11's rule."""
-    crlf = buf.find(b"\n\r\n", start)
-    lf = buf.find(b"\n\n", start, crlf + 1 if crlf >= 0 else len(buf))
-    if lf >= 0:
-        return lf + 1, lf + 2
-    if crlf >= 0:
-        return crlf + 1, crlf + 3
-    return -1, -1
+def _check_trailers(text: bytes) -> None:
+    _parse_fields(_split_head(text))  # raises on malformed trailers; the fields are dropped
 
 
 class ResponseParser:
@@ -212,6 +201,7 @@ class ResponseParser:
         "_body",
         "_body_length",
         "_buf",
+        "_chunked",
         "_eof",
         "_fields",
         "_keep_body",
@@ -238,6 +228,13 @@ class ResponseParser:
         self._body = bytearray()
         self._body_length = 0
         self._remaining = 0
+        self._chunked = ChunkedReader(
+            who="Response",
+            bad=lambda message, _status: _bad(message),
+            check_trailers=_check_trailers,
+            eof_message="Server disconnected before the end of the chunked body.",
+            max_head=max_head,
+        )
 
     # -- input ---------------------------------------------------------------------------
 
@@ -303,7 +300,7 @@ class ResponseParser:
     def _read_head(self, head_request: bool) -> bool:
         buf = self._buf
         while True:
-            text_end, head_end = _find_blank_line(buf, self._scan)
+            text_end, head_end = find_blank_line(buf, self._scan)
             if head_end < 0 or text_end > self._max_head:
                 if len(buf) > self._max_head:
                     raise _bad(f"Response head is larger than {self._max_head} bytes.")
@@ -344,7 +341,8 @@ class ResponseParser:
         if head_request or status == 204 or status == 304:
             self._state = _NO_BODY
         elif fields.chunked:
-            self._state = _CHUNK_SIZE
+            self._chunked.reset()
+            self._state = _CHUNKED
         elif fields.content_length is not None:
             self._remaining = int(fields.content_length)
             self._state = _LENGTH
@@ -380,64 +378,7 @@ class ResponseParser:
         return True
 
     def _read_chunked(self) -> bool:
-        buf = self._buf
-        while True:
-            state = self._state
-            if state == _CHUNK_DATA:
-                take = min(self._remaining, len(buf))
-                if take:
-                    self._take(take)
-                    self._remaining -= take
-                if self._remaining:
-                    break
-                self._state = _CHUNK_CRLF
-            elif state == _CHUNK_CRLF:
-                if buf[:2] != b"\r\n"[: len(buf)]:
-                    raise _bad(f"Response has a malformed chunk end: {bytes(buf[:2])!r}.")
-                if len(buf) < 2:
-                    break
-                del buf[:2]
-                self._state = _CHUNK_SIZE
-            elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise _bad("Response has a chunk header longer than 4096 bytes.")
-                    break
-                line = bytes(buf[:end])
-                del buf[: end + 2]
-                size, semicolon, _extensions = line.partition(b";")
-                if not semicolon:
-                    size = size.rstrip(b" \t")
-                if (
-                    not size
-                    or len(size) > _MAX_LENGTH_DIGITS
-                    or size.translate(None, _HEXDIG)
-                    or b"\n" in line
-                ):
-                    raise _bad(f"Response has an illegal chunk header: {line[:100]!r}.")
-                self._remaining = int(size, 16)
-                self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            else:  # _TRAILERS
-                if buf[:1] == b"\n" or buf[:2] == b"\r\n":
-                    del buf[: 1 if buf[0] == 0x0A else 2]
-                    return True
-                if buf[:1] == b"\r" and len(buf) == 1:
-                    break
-                text_end, end = _find_blank_line(buf, self._scan)
-                if end < 0 or text_end > self._max_head:
-                    if len(buf) > self._max_head:
-                        raise _bad(f"Response trailers are larger than {self._max_head} bytes.")
-                    self._scan = max(0, len(buf) - 2)
-                    break
-                text = bytes(buf[:text_end])
-                del buf[:end]
-                self._scan = 0
-                _parse_fields(_split_head(text))  # validated, then dropped
-                return True
-        if self._eof:
-            raise _bad("Server disconnected before the end of the chunked body.")
-        return False
+        return self._chunked.read(self._buf, self._take, self._eof)
 
     def _finish(self) -> Response:
         fields = self._fields

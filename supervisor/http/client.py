@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import select
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 import anyio
 import anyio.abc
@@ -161,7 +160,7 @@ async def _discard(conn: _Connection) -> None:
     conn.close()
 
 
-class BatchClient:
+class BatchClient(anyio.abc.AsyncResource):
     """Posts batches to ``host:port`` over one keep-alive connection (the dispatch hot path).
 
     The head ``POST {path} HTTP/1.1``, ``Host``, then ``headers`` in the given order is built
@@ -253,19 +252,8 @@ class BatchClient:
         if conn is not None:
             await _discard(conn)
 
-    async def __aenter__(self) -> BatchClient:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-class ConnectionPool:
+class ConnectionPool(anyio.abc.AsyncResource):
     """Up to ``max_connections`` keep-alive connections to one target (used by the proxy).
 
     ``port`` may be a callable read before each request (the port owner may change); idle
@@ -382,17 +370,6 @@ class ConnectionPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             await _discard(conn)
-
-    async def __aenter__(self) -> ConnectionPool:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 async def request(

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import msgspec
 
-from supervisor.http._chunked import ChunkedReader
-from supervisor.http._chunked import find_blank_line as _find_blank_line
+from supervisor.http._framing import ChunkedReader, merge_content_length
+from supervisor.http._framing import find_blank_line as _find_blank_line
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 from supervisor.http.response import _TCHAR, _split_head
 
@@ -47,7 +47,6 @@ MAX_BODY = 10 * 1024 * 1024
 """Default bound on a request body, in bytes."""
 
 _VCHAR = bytes(range(0x21, 0x7F))
-_MAX_LENGTH_DIGITS = 20
 
 # Parser states.
 _HEAD = 0
@@ -148,19 +147,10 @@ def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, b
         value = value.strip(b" \t")
         name = raw_name.lower()
         if name == b"content-length":
-            if b"," in value:
-                lengths = {length.strip() for length in value.split(b",")}
-                if len(lengths) != 1:
-                    raise _bad(f"Request has conflicting Content-Length values: {value!r}.")
-                value = lengths.pop()
-            if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
-                raise _bad(f"Request has an invalid Content-Length: {value[:30]!r}.")
-            if content_length is None:
-                content_length = value
-            elif content_length != value:
-                raise _bad("Request has conflicting Content-Length headers.")
-            else:
+            kept = merge_content_length(content_length, value, who="Request", bad=_bad)
+            if kept is None:
                 continue  # an identical repetition: keep one, as h11 does
+            content_length = value = kept
         elif name == b"transfer-encoding":
             if seen_te:
                 raise _bad("Request has more than one Transfer-Encoding header.", 501)

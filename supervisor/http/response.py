@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import msgspec
 
-from supervisor.http._chunked import ChunkedReader, find_blank_line
+from supervisor.http._framing import ChunkedReader, find_blank_line, merge_content_length
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["KEEP_BODY", "MAX_HEAD", "Response", "ResponseParser"]
@@ -50,7 +50,6 @@ _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 # Bytes allowed anywhere in a head once CRLF became LF: h11's rule (no NUL, no whitespace
 # other than SP and HTAB, no bare CR); other control bytes are tolerated, as h11 does.
 _HEAD_BYTES = bytes(b for b in range(256) if b not in (0x00, 0x0B, 0x0C, 0x0D))
-_MAX_LENGTH_DIGITS = 20
 
 # Parser states.
 _HEAD = 0
@@ -151,19 +150,12 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
         value = value.strip(b" \t")
         name = name.lower()
         if name == b"content-length":
-            if b"," in value:
-                lengths = {length.strip() for length in value.split(b",")}
-                if len(lengths) != 1:
-                    raise _bad(f"Response has conflicting Content-Length values: {value!r}.")
-                value = lengths.pop()
-            if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
-                raise _bad(f"Response has an invalid Content-Length: {value[:30]!r}.")
-            if fields.content_length is None:
-                fields.content_length = value
-            elif fields.content_length != value:
-                raise _bad("Response has conflicting Content-Length headers.")
-            else:
+            kept = merge_content_length(
+                fields.content_length, value, who="Response", bad=_bad_with_hint
+            )
+            if kept is None:
                 continue  # an identical repetition: keep one, as h11 does
+            fields.content_length = value = kept
         elif name == b"transfer-encoding":
             if seen_te:
                 raise _bad("Response has more than one Transfer-Encoding header.")
@@ -184,6 +176,10 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
         bad = next(name for name in names if name.translate(None, _TCHAR))
         raise _bad(f"Response has an illegal header name: {bad[:100]!r}.")
     return fields
+
+
+def _bad_with_hint(message: str, _status: int) -> RemoteProtocolError:
+    return _bad(message)  # a response's faults carry no status hint for us to answer with
 
 
 def _check_trailers(text: bytes) -> None:
@@ -230,7 +226,7 @@ class ResponseParser:
         self._remaining = 0
         self._chunked = ChunkedReader(
             who="Response",
-            bad=lambda message, _status: _bad(message),
+            bad=_bad_with_hint,
             check_trailers=_check_trailers,
             eof_message="Server disconnected before the end of the chunked body.",
             max_head=max_head,

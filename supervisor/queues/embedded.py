@@ -52,10 +52,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 
 from supervisor.jobs import END_STATES
@@ -80,7 +79,7 @@ from supervisor.queues.embedded_feed import EmbeddedFeed
 __all__ = ["EmbeddedFeed", "EmbeddedQueue"]
 
 
-class EmbeddedQueue:
+class EmbeddedQueue(anyio.abc.AsyncResource):
     """The :class:`~supervisor.queues.base.JobQueue` kept in one SQLite file.
 
     Open it with ``async with await EmbeddedQueue.open(path) as queue:``. Dead letters go to
@@ -111,17 +110,6 @@ class EmbeddedQueue:
     def path(self) -> Path:
         """The SQLite file."""
         return self._path
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the file. Feeds must have been left before."""

@@ -1,6 +1,7 @@
-"""The chunked transfer coding, decoded sans-IO; shared by the request and response parsers.
+"""Message framing shared by the request and response parsers (sans-IO): the
+``Content-Length`` rules and the chunked transfer coding.
 
-The parser that owns the connection's buffer calls :meth:`ChunkedReader.read` whenever bytes
+For chunked bodies, the parser that owns the connection's buffer calls :meth:`ChunkedReader.read` whenever bytes
 arrive; the reader consumes what it can (body bytes go to the parser through ``take``) and
 says whether the body, trailers included, is complete. What differs between the two sides
 (error wording, status hints, how trailers are validated, a body limit) is a parameter.
@@ -12,7 +13,7 @@ from collections.abc import Callable
 
 from supervisor.http.errors import RemoteProtocolError
 
-__all__ = ["HEXDIG", "ChunkedReader", "find_blank_line"]
+__all__ = ["HEXDIG", "ChunkedReader", "find_blank_line", "merge_content_length"]
 
 HEXDIG = b"0123456789abcdefABCDEF"
 _MAX_CHUNK_LINE = 4096
@@ -22,6 +23,31 @@ _SIZE = 0
 _DATA = 1
 _CRLF = 2
 _TRAILERS = 3
+
+
+Bad = Callable[[str, int], RemoteProtocolError]
+
+
+def merge_content_length(
+    previous: bytes | None, value: bytes, *, who: str, bad: Bad
+) -> bytes | None:
+    """Validate one ``Content-Length`` field against those seen before (h11's rules).
+
+    A list of equal values (``5, 5``) counts as one. Returns the value to keep, or ``None``
+    when it repeats ``previous`` exactly (keep one, as h11 does).
+    """
+    if b"," in value:
+        lengths = {length.strip() for length in value.split(b",")}
+        if len(lengths) != 1:
+            raise bad(f"{who} has conflicting Content-Length values: {value!r}.", 400)
+        value = lengths.pop()
+    if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+        raise bad(f"{who} has an invalid Content-Length: {value[:30]!r}.", 400)
+    if previous is None:
+        return value
+    if previous != value:
+        raise bad(f"{who} has conflicting Content-Length headers.", 400)
+    return None
 
 
 def find_blank_line(buf: bytearray, start: int) -> tuple[int, int]:
@@ -56,7 +82,7 @@ class ChunkedReader:
         self,
         *,
         who: str,
-        bad: Callable[[str, int], RemoteProtocolError],
+        bad: Bad,
         check_trailers: Callable[[bytes], None],
         eof_message: str,
         max_head: int,

@@ -56,7 +56,7 @@ from supervisor.http.errors import (
 )
 from supervisor.http.response import KEEP_BODY, Response, ResponseParser
 
-__all__ = ["BatchClient", "ConnectionPool", "Response", "request"]
+__all__ = ["BatchClient", "ConnectionPool", "Response", "post_head_prefix", "request"]
 
 _IO_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _RECEIVE_SIZE = 65536
@@ -160,6 +160,24 @@ async def _discard(conn: _Connection) -> None:
     conn.close()
 
 
+def post_head_prefix(
+    host: str, port: int, path: str = "/", headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    """``POST {path} HTTP/1.1``, ``Host`` (unless given), then ``headers`` in order: a request
+    head without its framing (``Content-Length``) and the blank line, built once per client."""
+    if not path.startswith("/") or any(c <= " " or c > "~" for c in path):
+        raise LocalProtocolError(f"Illegal request path {path!r}.")
+    encoded = _encode_headers(headers)
+    lines = [f"POST {path} HTTP/1.1\r\n".encode("ascii")]
+    if not any(name.lower() == b"host" for name, _ in encoded):
+        lines.append(f"Host: {_authority(host, port)}\r\n".encode("ascii"))
+    for name, value in encoded:
+        if name.lower() in _FRAMING:
+            raise LocalProtocolError(f"{name.decode()} is set by the client, not by the caller.")
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
+
+
 class BatchClient(anyio.abc.AsyncResource):
     """Posts batches to ``host:port`` over one keep-alive connection (the dispatch hot path).
 
@@ -180,19 +198,7 @@ class BatchClient(anyio.abc.AsyncResource):
         headers: Sequence[tuple[str, str]] = (),
         keep_body: int | None = KEEP_BODY,
     ) -> None:
-        if not path.startswith("/") or any(c <= " " or c > "~" for c in path):
-            raise LocalProtocolError(f"Illegal request path {path!r}.")
-        encoded = _encode_headers(headers)
-        lines = [f"POST {path} HTTP/1.1\r\n".encode("ascii")]
-        if not any(name.lower() == b"host" for name, _ in encoded):
-            lines.append(f"Host: {_authority(host, port)}\r\n".encode("ascii"))
-        for name, value in encoded:
-            if name.lower() in _FRAMING:
-                raise LocalProtocolError(
-                    f"{name.decode()} is set by the client, not by the caller."
-                )
-            lines.append(name + b": " + value + b"\r\n")
-        self._prefix = b"".join(lines)
+        self._prefix = post_head_prefix(host, port, path, headers)
         self._host = host
         self._port = port
         self._keep_body = keep_body

@@ -120,6 +120,11 @@ class Feed(Protocol):
         """
         ...
 
+    def receive_nowait(self) -> Delivery | None:
+        """:meth:`receive` without waiting, for the dispatch hot path: raises
+        ``anyio.WouldBlock`` when no batch is ready yet but more may come."""
+        ...
+
     def ack(self, d: Delivery, elapsed: float) -> None:
         """``d`` succeeded after ``elapsed`` seconds (buffered; durable after :meth:`flush`)."""
         ...

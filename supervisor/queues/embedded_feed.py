@@ -127,21 +127,30 @@ class EmbeddedFeed:
         """The next batch, or ``None`` when the job has no more work or the feed is closed."""
         await anyio.lowlevel.checkpoint()
         while True:
-            if self._closed:
-                return None
-            ready = self._ready
-            if ready:
-                d = ready.popleft()
-                self._in_flight[d.seq] = d.attempt
-                if len(ready) <= self._low_water and self._feeder_wakeup is not None:
-                    self._wake_feeder()
-                return d
-            if self._exhausted and not self._in_flight:
-                return None
+            try:
+                return self.receive_nowait()
+            except anyio.WouldBlock:
+                pass
             wakeup = self._receivers_wakeup
             if wakeup is None:
                 wakeup = self._receivers_wakeup = anyio.Event()
             await wakeup.wait()
+
+    def receive_nowait(self) -> Delivery | None:
+        """Like :meth:`receive` without waiting: raises ``anyio.WouldBlock`` when no batch is
+        ready yet but more may come (the feeder is reading, or batches in flight may fail)."""
+        if self._closed:
+            return None
+        ready = self._ready
+        if ready:
+            d = ready.popleft()
+            self._in_flight[d.seq] = d.attempt
+            if len(ready) <= self._low_water and self._feeder_wakeup is not None:
+                self._wake_feeder()
+            return d
+        if self._exhausted and not self._in_flight:
+            return None
+        raise anyio.WouldBlock
 
     def ack(self, d: Delivery, elapsed: float) -> None:
         """``d`` succeeded after ``elapsed`` seconds (committed in the background)."""

@@ -1,0 +1,446 @@
+"""The fast dispatch engine: every slot of a pod on one edge-triggered epoll set, one task.
+
+Theory of operation
+-------------------
+The portable engine (:mod:`supervisor.dispatch.slots`) parks one task per slot and pays an
+event-loop round trip (register the socket, wait, unregister, switch tasks) for every batch
+of every slot. Here one task owns the pod's ``--concurrency`` non-blocking connections,
+registered once (``EPOLLIN | EPOLLOUT | EPOLLRDHUP``, edge-triggered) in a private epoll set,
+and waits for *the epoll fd itself* to become readable: :func:`anyio.wait_readable` works on
+it with asyncio, uvloop and trio alike. One wake handles every connection that has news --
+read, parse (the sans-IO :class:`~supervisor.http.response.ResponseParser`), ack, take the next
+batch with :meth:`Feed.receive_nowait` and send it -- so a busy pod costs one loop round trip
+per *wake*, not per batch, and nothing is spawned per batch. Bodies over 16 KiB go out with
+``sendmsg([head, body])``, never copied into one buffer.
+
+The connection rules are :class:`~supervisor.http.client.BatchClient`'s: one keep-alive
+connection per slot; a connection that sat idle across a wait is probed (``MSG_PEEK``) before
+reuse, and one the server closes while idle is dropped when epoll reports it; a request is
+retried once on a fresh connection only when a *reused* connection failed while the request
+was being written, never after; a connection whose exchange did not end cleanly (not
+keep-alive, stray bytes, an error, a timeout) is closed.
+
+Waiting for anything but sockets is rare (start, the job's tail, retries, a pod that stopped
+serving, a failed attempt being settled): only then the epoll fd is raced, in a small task
+group, against the feed, the pod's readiness or the settling failure. A failed attempt is
+settled (:mod:`supervisor.dispatch.settle`, which waits ~20 ms for the worker's stderr) in a
+task of its own while its slot sits out, so a worker that refuses everything is retried at
+the portable engine's pace, not in a tight loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import anyio
+import anyio.abc
+
+from supervisor.dispatch.settle import Target, settle_failure
+from supervisor.http.client import post_head_prefix
+from supervisor.http.errors import RemoteProtocolError
+from supervisor.http.response import KEEP_BODY, Response, ResponseParser
+from supervisor.logs import Logger
+from supervisor.queues.base import Delivery, Feed
+
+__all__ = ["dispatch_epoll"]
+
+_HOST = "127.0.0.1"
+_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_IN = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_RECV = 65536
+_JOIN = 16 * 1024  # bodies up to this size are joined to their head in one buffer
+
+
+class _Slot:
+    """One in-flight slot: its connection and the batch it carries."""
+
+    __slots__ = (
+        "connecting",
+        "deadline",
+        "delivery",
+        "fd",
+        "generation",
+        "head",
+        "idle_tick",
+        "log",
+        "out",
+        "parser",
+        "reused",
+        "sock",
+        "t0",
+    )
+
+    def __init__(self, log: Logger) -> None:
+        self.log = log
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.parser = ResponseParser(keep_body=KEEP_BODY)
+        self.reused = False  # the connection carried a response already
+        self.connecting = False
+        self.delivery: Delivery | None = None
+        self.head = b""
+        self.out: list[bytes | memoryview] = []
+        self.generation = 0
+        self.t0 = 0.0
+        self.deadline = 0.0
+        self.idle_tick = -1  # the wait counter when the slot became idle
+
+
+async def dispatch_epoll(
+    feed: Feed,
+    target: Target,
+    *,
+    headers: list[tuple[str, str]],
+    concurrency: int,
+    batch_timeout: float | None,
+    log: Logger,
+) -> None:
+    """Send batches to ``target`` over ``concurrency`` connections until the feed has no
+    more work (see the module docstring)."""
+    engine = _Engine(feed, target, headers, concurrency, batch_timeout, log)
+    await engine.run()
+
+
+class _Engine:
+    def __init__(
+        self,
+        feed: Feed,
+        target: Target,
+        headers: list[tuple[str, str]],
+        concurrency: int,
+        batch_timeout: float | None,
+        log: Logger,
+    ) -> None:
+        self._feed = feed
+        self._target = target
+        self._port = target.port
+        self._prefix = post_head_prefix(_HOST, target.port, "/", headers)
+        self._timeout = batch_timeout
+        self._slots = [_Slot(log.bind(slot=i)) for i in range(concurrency)]
+        self._idle = list(reversed(self._slots))  # popped from the end: slot 0 first
+        self._by_fd: dict[int, _Slot] = {}
+        self._busy = 0
+        self._settling = 0
+        self._done = False  # the feed said there is no more work (or it was closed)
+        self._stash: list[Delivery | None] = []  # taken by a wait that raced the feed
+        self._tick = 0  # counts waits, to tell a connection that sat idle across one
+        self._epoll = select.epoll()
+        self._wakeup: anyio.Event | None = None  # set when a settled slot comes back
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def run(self) -> None:
+        epoll = self._epoll
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._loop()
+        finally:
+            for slot in self._slots:
+                self._drop(slot)
+            anyio.notify_closing(epoll.fileno())
+            epoll.close()
+
+    async def _loop(self) -> None:
+        target = self._target
+        while True:
+            if self._idle and not self._done and target.serving:
+                self._fill()
+            if not self._busy and not self._settling and self._done:
+                return
+            await self._wait()
+            self._tick += 1
+            if self._busy:
+                self._handle_events()
+                if self._timeout is not None:
+                    self._expire()
+
+    # -- waiting --------------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        wants_feed = bool(self._idle) and not self._done
+        if self._timeout is None and self._busy and not wants_feed and not self._settling:
+            await anyio.wait_readable(self._epoll.fileno())  # the hot path
+            return
+        waiters: list[Callable[[anyio.CancelScope | None], Awaitable[None]]] = []
+        if self._busy:
+            waiters.append(self._wait_sockets)
+        if wants_feed:
+            waiters.append(self._wait_feed if self._target.serving else self._wait_serving)
+        if self._settling:
+            waiters.append(self._wait_settled)
+        delay = float("inf")
+        if self._timeout is not None and self._busy:
+            now = anyio.current_time()
+            delay = min((s.deadline for s in self._slots if s.delivery is not None), default=now)
+            delay = max(0.0, delay - now)
+        with anyio.move_on_after(delay):
+            if len(waiters) == 1:
+                await waiters[0](None)
+            else:
+                async with anyio.create_task_group() as tg:
+                    for waiter in waiters:
+                        tg.start_soon(waiter, tg.cancel_scope)
+
+    # Each waiter returns when its thing happened; raced, it ends the race.
+
+    async def _wait_sockets(self, race: anyio.CancelScope | None) -> None:
+        await anyio.wait_readable(self._epoll.fileno())
+        if race is not None:
+            race.cancel()
+
+    async def _wait_feed(self, race: anyio.CancelScope | None) -> None:
+        d = await self._feed.receive()
+        self._stash.append(d)  # no checkpoint between receiving and keeping it
+        if race is not None:
+            race.cancel()
+
+    async def _wait_serving(self, race: anyio.CancelScope | None) -> None:
+        await self._target.wait_serving()
+        if race is not None:
+            race.cancel()
+
+    async def _wait_settled(self, race: anyio.CancelScope | None) -> None:
+        wakeup = self._wakeup
+        if wakeup is None:
+            wakeup = self._wakeup = anyio.Event()
+        await wakeup.wait()
+        if race is not None:
+            race.cancel()
+
+    # -- taking batches -------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        idle = self._idle
+        stash = self._stash
+        receive = self._feed.receive_nowait
+        while idle:
+            if stash:
+                d = stash.pop()
+            else:
+                try:
+                    d = receive()
+                except anyio.WouldBlock:
+                    return
+            if d is None:
+                self._done = True
+                return
+            self._start(idle.pop(), d)
+
+    def _start(self, slot: _Slot, d: Delivery) -> None:
+        body = d.body
+        slot.head = head = b"%bContent-Length: %d\r\n\r\n" % (self._prefix, len(body))
+        slot.delivery = d
+        slot.generation = self._target.generation
+        slot.t0 = time.perf_counter()
+        if self._timeout is not None:
+            slot.deadline = anyio.current_time() + self._timeout
+        self._busy += 1
+        if slot.sock is not None and slot.idle_tick != self._tick and not _alive(slot.sock):
+            self._drop(slot)  # the server closed it (or sent stray bytes) while it was idle
+        slot.out = [head + body] if len(body) <= _JOIN else [head, body]
+        if slot.sock is None and not self._connect(slot):
+            return
+        if not slot.connecting:
+            self._write(slot)
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _connect(self, slot: _Slot) -> bool:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        code = sock.connect_ex((_HOST, self._port))
+        if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            sock.close()
+            self._failed(slot, self._connect_error(code))
+            return False
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        slot.sock = sock
+        slot.fd = fd = sock.fileno()
+        slot.connecting = code != 0
+        slot.reused = False
+        slot.parser = ResponseParser(keep_body=KEEP_BODY)
+        self._by_fd[fd] = slot
+        self._epoll.register(fd, _MASK)
+        return True
+
+    def _connect_error(self, code: int) -> str:
+        return f"Could not connect to {_HOST}:{self._port}: {os.strerror(code)}."
+
+    def _drop(self, slot: _Slot) -> None:
+        sock = slot.sock
+        if sock is not None:
+            slot.sock = None
+            del self._by_fd[slot.fd]
+            slot.fd = -1
+            sock.close()  # also leaves the epoll set
+        slot.connecting = False
+        slot.reused = False
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _handle_events(self) -> None:
+        by_fd = self._by_fd
+        for fd, events in self._epoll.poll(0):
+            slot = by_fd.get(fd)
+            if slot is None:
+                continue
+            if slot.delivery is None:  # idle: the server closed it (or sent stray bytes)
+                if events & _IN:
+                    self._drop(slot)
+                continue
+            if slot.connecting:
+                if not events & _OUT:
+                    continue
+                assert slot.sock is not None
+                code = slot.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    self._drop(slot)
+                    self._failed(slot, self._connect_error(code))
+                    continue
+                slot.connecting = False
+                self._write(slot)
+            elif slot.out and events & _OUT:
+                self._write(slot)
+            if events & _IN and slot.delivery is not None and slot.sock is not None:
+                self._read(slot)
+
+    def _write(self, slot: _Slot) -> None:
+        sock = slot.sock
+        assert sock is not None
+        out = slot.out
+        try:
+            sent = sock.send(out[0]) if len(out) == 1 else sock.sendmsg(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            if slot.reused:
+                # The server closed the reused connection before the request arrived: once,
+                # on a fresh connection (nothing of it was acted upon).
+                self._drop(slot)
+                d = slot.delivery
+                assert d is not None
+                body = d.body
+                slot.out = [slot.head + body] if len(body) <= _JOIN else [slot.head, body]
+                if self._connect(slot) and not slot.connecting:
+                    self._write(slot)
+                return
+            self._drop(slot)
+            self._failed(slot, "The connection broke while sending the request.")
+            return
+        while sent:
+            first = out[0]
+            if sent >= len(first):
+                sent -= len(first)
+                del out[0]
+            else:
+                out[0] = memoryview(first)[sent:]
+                break
+        # Whatever is left goes out on the next EPOLLOUT edge.
+
+    def _read(self, slot: _Slot) -> None:
+        sock = slot.sock
+        assert sock is not None
+        parser = slot.parser
+        while True:
+            try:
+                data = sock.recv(_RECV)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(slot)
+                self._failed(slot, "The connection broke while reading the response.")
+                return
+            parser.receive_data(data)
+            try:
+                response = parser.next_response()
+            except RemoteProtocolError as exc:
+                self._drop(slot)
+                self._failed(slot, str(exc))
+                return
+            if response is not None:
+                self._complete(slot, response)
+                return
+            if len(data) < _RECV:
+                return
+
+    def _expire(self) -> None:
+        now = anyio.current_time()
+        for slot in self._slots:
+            if slot.delivery is not None and slot.deadline <= now:
+                self._drop(slot)  # an interrupted exchange leaves the connection unusable
+                self._failed(slot, f"timed out after {self._timeout:g}s")
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _complete(self, slot: _Slot, response: Response) -> None:
+        d = slot.delivery
+        assert d is not None
+        slot.delivery = None
+        self._busy -= 1
+        if response.keep_alive and not slot.parser.unprocessed and not slot.out:
+            slot.reused = True
+        else:
+            self._drop(slot)
+        slot.out = []
+        if response.status == 200:
+            self._feed.ack(d, time.perf_counter() - slot.t0)
+            slot.idle_tick = self._tick
+            self._idle.append(slot)
+        else:
+            self._settle(slot, d, response.status, None, response.body_head)
+
+    def _failed(self, slot: _Slot, error: str) -> None:
+        """The attempt on ``slot`` failed without a response (its connection is dropped)."""
+        d = slot.delivery
+        assert d is not None
+        slot.delivery = None
+        slot.out = []
+        self._busy -= 1
+        self._settle(slot, d, None, error, b"")
+
+    def _settle(
+        self, slot: _Slot, d: Delivery, status: int | None, error: str | None, head: bytes
+    ) -> None:
+        self._settling += 1
+        assert self._tg is not None
+        self._tg.start_soon(partial(self._settle_then_return, slot, d, status, error, head))
+
+    async def _settle_then_return(
+        self, slot: _Slot, d: Delivery, status: int | None, error: str | None, head: bytes
+    ) -> None:
+        try:
+            await settle_failure(
+                self._feed,
+                self._target,
+                d,
+                generation=slot.generation,
+                status=status,
+                error=error,
+                head=head,
+                log=slot.log,
+            )
+        finally:
+            self._settling -= 1
+            slot.idle_tick = -1
+            self._idle.append(slot)
+            wakeup, self._wakeup = self._wakeup, None
+            if wakeup is not None:
+                wakeup.set()
+
+
+def _alive(sock: socket.socket) -> bool:
+    """Whether an idle keep-alive connection is still open and silent."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        return False
+    return False  # end of stream, or bytes nobody asked for

@@ -76,6 +76,15 @@ def _our_zombies(stats: dict[int, ProcStat]) -> set[tuple[int, int]]:
     return {(st.pid, st.starttime) for st in stats.values() if st.ppid == me and st.state == "Z"}
 
 
+def _any_zombie_child() -> bool:
+    """Whether some child of ours has exited and is not reaped yet (nothing is reaped here)."""
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False  # no children at all
+    return info is not None
+
+
 def reap_zombies(
     is_known: Callable[[int], bool] | None,
     previous: set[tuple[int, int]],
@@ -85,6 +94,8 @@ def reap_zombies(
     Returns the pids reaped and the zombies seen now (pass them as ``previous`` next time).
     Zombies are identified by (pid, start time) so a recycled pid is not mistaken for an old one.
     """
+    if not _any_zombie_child():
+        return [], set()  # the common case, without reading every /proc/<pid>/stat
     seen = _our_zombies(scan_stats())
     reaped: list[int] = []
     for pid, start in sorted(seen & previous):

@@ -242,7 +242,7 @@ async def test_hang_up_mid_exchange_is_a_failed_attempt(tmp_path: Path, engine: 
         calls += 1
         return None if calls == 1 else (200, [], b"ok", False)
 
-    server, p, dead = await run_job(tmp_path, engine, rude, bodies(3))
+    server, p, _ = await run_job(tmp_path, engine, rude, bodies(3))
     assert p.succeeded == 3 and p.failed_attempts == 1 and p.dead == 0
     assert server.connections == 2
 
@@ -271,7 +271,7 @@ async def test_batch_timeout_fails_only_the_slow_batch(tmp_path: Path, engine: E
             await anyio.sleep_forever()
         return 200, [], b"ok", False
 
-    server, p, dead = await run_job(
+    server, p, _ = await run_job(
         tmp_path, engine, sleepy, bodies(5), concurrency=2, batch_timeout=0.5
     )
     assert p.succeeded == 5 and p.failed_attempts == 1
@@ -310,7 +310,7 @@ async def test_restart_under_a_batch_releases_it_uncounted(tmp_path: Path, engin
         pod.generation += 1
         restarted.set()
 
-    server, p, dead = await run_job(tmp_path, engine, handler, bodies(3), pod=pod, during=during)
+    server, p, _ = await run_job(tmp_path, engine, handler, bodies(3), pod=pod, during=during)
     assert p.succeeded == 3 and p.failed_attempts == 0 and p.dead == 0
     assert len(server.seen) == 4
 

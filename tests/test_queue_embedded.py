@@ -1,4 +1,5 @@
-"""The embedded queue: delivery, attempts, dead letters, resume, and a real SIGKILL crash."""
+"""The embedded queue: delivery, attempts, dead letters, resume, body files, and a real SIGKILL
+crash."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from supervisor.errors import JobError
 from supervisor.jobs import new_job_id
+from supervisor.queues._sqlite import _BUFFER_BYTES, _body_dir, _body_path
 from supervisor.queues.base import AttemptRecord, DeadLetter, Delivery, JobQueue, QueueError
 from supervisor.queues.embedded import EmbeddedFeed, EmbeddedQueue
 
@@ -68,10 +70,25 @@ def table_counts(path: Path) -> dict[str, int]:
     try:
         return {
             t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-            for t in ("jobs", "batches", "bodies", "attempts")
+            for t in ("jobs", "batches", "attempts")
         }
     finally:
         conn.close()
+
+
+def body_file(path: Path, job_id: str = JOB) -> Path:
+    """The body file of ``job_id`` in the queue file ``path``."""
+    conn = sqlite3.connect(path)
+    try:
+        (jid,) = conn.execute("SELECT jid FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    finally:
+        conn.close()
+    return _body_path(path, jid)
+
+
+def body_files(path: Path) -> list[str]:
+    directory = _body_dir(path)
+    return sorted(os.listdir(directory)) if directory.exists() else []
 
 
 def succeeded_seqs(path: Path) -> set[int]:
@@ -302,13 +319,15 @@ async def test_bad_input_leaves_nothing_enqueued(tmp_path: Path) -> None:
             await q.enqueue(JOB, bad(), chunk=10)
         assert await q.get_job(JOB) is None
         assert await q.list_jobs() == []
-    assert table_counts(path) == {"jobs": 0, "batches": 0, "bodies": 0, "attempts": 0}
+    assert table_counts(path) == {"jobs": 0, "batches": 0, "attempts": 0}
+    assert body_files(path) == []
 
 
 async def test_enqueue_again_starts_over(tmp_path: Path) -> None:
     async with await EmbeddedQueue.open(tmp_path / "q.sqlite3") as q:
         await new_job(q, 5)
         assert await q.enqueue(JOB, iter([b"[1]", b"[2]", b"[3]"])) == 3
+        assert body_file(q.path).read_bytes() == b"[1][2][3]"  # emptied, then appended
         with anyio.fail_after(10):
             async with q.open_feed(JOB, max_attempts=1) as feed:
                 got = await drain(feed)
@@ -504,3 +523,199 @@ async def test_many_small_batches(tmp_path: Path) -> None:
         job = await q.get_job(JOB)
         assert job is not None
         assert (job.succeeded, count) == (n, n)
+
+
+# -- body files -----------------------------------------------------------------------------
+
+KIB = 1024
+
+
+def sized(seq: int, size: int) -> bytes:
+    """A body of ``size`` bytes that differs from batch to batch (except when tiny)."""
+    head = b"%d:" % seq
+    if size <= len(head):
+        return head[:size]
+    return head + bytes([65 + seq % 26]) * (size - len(head))
+
+
+def mixed(n: int) -> list[bytes]:
+    """Empty, tiny, small, 4 KiB and 256 KiB bodies: every read path of the feeder."""
+    sizes = [0, 1, 80, 80, 4 * KIB, 80, 256 * KIB, 1, 80, 4 * KIB, 4 * KIB, 80]
+    return [sized(i, sizes[i % len(sizes)]) for i in range(n)]
+
+
+async def test_bodies_of_every_size_round_trip_in_order(tmp_path: Path) -> None:
+    # 600 mixed (12.5 MiB), 1,000 of 4 KiB (runs longer than one read), 140 of 256 KiB
+    # (35 MiB: more than the feeder may hold at once), then small ones again.
+    bodies = mixed(600)
+    bodies += [sized(600 + i, 4 * KIB) for i in range(1000)]
+    bodies += [sized(1600 + i, 256 * KIB) for i in range(140)]
+    bodies += [sized(1740 + i, 80) for i in range(300)]
+    got: list[Delivery] = []
+    path = tmp_path / "q.sqlite3"
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        with anyio.fail_after(20):
+            assert await q.enqueue(JOB, iter(bodies), chunk=97) == len(bodies)
+        assert body_file(path).stat().st_size == sum(map(len, bodies))
+        with anyio.fail_after(20):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                while (d := await feed.receive()) is not None:
+                    # The bodies buffered stay within the bound (the first page included).
+                    assert sum(len(r.body) for r in feed._ready) <= _BUFFER_BYTES
+                    got.append(d)
+                    feed.ack(d, 0.0)
+    assert [d.seq for d in got] == list(range(len(bodies)))
+    assert [d.body for d in got] == bodies
+    assert all(type(d.body) is bytes for d in got)
+
+
+async def test_resume_reads_the_same_bodies(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    bodies = mixed(240)
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        assert await q.enqueue(JOB, iter(bodies), chunk=50) == len(bodies)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=2) as feed:
+                for _ in range(120):
+                    d = await feed.receive()
+                    assert d is not None
+                    assert d.body == bodies[d.seq]
+                    if d.seq % 3 == 0:
+                        feed.ack(d, 0.1)  # leaves holes between the pending bodies
+                    elif d.seq % 3 == 1:
+                        feed.fail(d, record(d, status=500))
+                await feed.flush()
+                feed.close()
+    async with await EmbeddedQueue.open(path) as q:
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=2) as feed:
+                got = await drain(feed)
+    assert [d.seq for d in got] == [i for i in range(len(bodies)) if i >= 120 or i % 3]
+    assert all(d.body == bodies[d.seq] for d in got)
+    assert {d.seq for d in got if d.attempt == 2} == {i for i in range(120) if i % 3 == 1}
+
+
+@pytest.mark.parametrize(
+    ("size", "keep"),
+    [(1000, 25_500), (256 * KIB, 600 * KIB)],  # read as one span / one read per body
+    ids=["small", "big"],
+)
+async def test_a_truncated_body_file_is_an_error_not_a_wrong_body(
+    tmp_path: Path, size: int, keep: int
+) -> None:
+    path = tmp_path / "q.sqlite3"
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        assert await q.enqueue(JOB, (sized(i, size) for i in range(50))) == 50
+        os.truncate(body_file(path), keep)
+        got: list[Delivery] = []
+        with (
+            anyio.fail_after(10),
+            pytest.raises(
+                QueueError, match=r"shorter than its batches say .* truncated or replaced"
+            ),
+        ):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                while (d := await feed.receive()) is not None:
+                    got.append(d)
+                    feed.ack(d, 0.0)
+        assert all(d.body == sized(d.seq, size) for d in got)
+
+        body_file(path).unlink()
+        with anyio.fail_after(10), pytest.raises(QueueError, match="cannot open the body file"):
+            async with q.open_feed(JOB, max_attempts=1):
+                pass
+
+
+async def test_a_body_file_truncated_while_feeding_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    got: list[Delivery] = []
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        assert await q.enqueue(JOB, (sized(i, 1000) for i in range(200))) == 200
+        with (
+            anyio.fail_after(10),
+            pytest.raises(
+                QueueError, match=r"shorter than its batches say .* truncated or replaced"
+            ),
+        ):
+            async with q.open_feed(JOB, max_attempts=1, buffer=8) as feed:
+                while (d := await feed.receive()) is not None:
+                    if not got:
+                        os.truncate(body_file(path), 20_000)  # the feeder has read 8 at most
+                    got.append(d)
+                    feed.ack(d, 0.0)
+        assert 0 < len(got) <= 20
+        assert all(d.body == sized(d.seq, 1000) for d in got)
+        job = await q.get_job(JOB)
+        assert job is not None
+        assert job.succeeded == len(got)  # what was acked before the error is kept
+
+
+async def test_delete_job_removes_its_body_file(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    other = "7e5c6d1f00000002"
+    async with await EmbeddedQueue.open(path) as q:
+        await new_job(q, 10)
+        await new_job(q, 3, job_id=other)
+        kept = body_file(path, other)
+        gone = body_file(path, JOB)
+        assert gone.exists() and kept.exists()
+        await q.delete_job(JOB)
+        assert not gone.exists()
+        assert body_files(path) == [kept.name]
+    # A crash between deleting the rows and the file leaves the file: opening removes it.
+    orphan = _body_dir(path) / "99.bin"
+    orphan.write_bytes(b"stale")
+    async with await EmbeddedQueue.open(path) as q:
+        assert body_files(path) == [kept.name]
+        with anyio.fail_after(10):
+            async with q.open_feed(other, max_attempts=1) as feed:
+                assert [d.body for d in await drain(feed)] == [body(0), body(1), body(2)]
+
+
+async def test_a_body_file_that_cannot_be_written_fails_the_enqueue(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    async with await EmbeddedQueue.open(path) as q:
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        _body_dir(path).write_bytes(b"")  # a file where the directory should be
+        with anyio.fail_after(10), pytest.raises(QueueError, match="cannot write the body file"):
+            await q.enqueue(JOB, iter([body(0)]))
+        assert await q.list_jobs() == []
+    assert table_counts(path) == {"jobs": 0, "batches": 0, "attempts": 0}
+
+
+async def test_empty_job_has_an_empty_body_file(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    async with await EmbeddedQueue.open(path) as q:
+        await new_job(q, 0)
+        assert body_file(path).read_bytes() == b""
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                assert await feed.receive() is None
+
+
+@pytest.mark.parametrize(
+    ("version", "says"),
+    [(1, "was written by an older supervisor"), (3, "was written by a newer supervisor")],
+)
+async def test_a_file_of_another_format_is_refused(tmp_path: Path, version: int, says: str) -> None:
+    path = tmp_path / "q.sqlite3"
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("CREATE TABLE bodies (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+        conn.execute(f"PRAGMA user_version = {version}")
+    finally:
+        conn.close()
+    with pytest.raises(QueueError) as info:
+        await EmbeddedQueue.open(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} {says}")
+    assert "remove" in message
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (version,)  # left as it was
+    finally:
+        conn.close()

@@ -35,8 +35,9 @@ import os
 import select
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -168,7 +169,7 @@ class _Engine:
         if self._timeout is None and self._busy and not wants_feed and not self._settling:
             await anyio.wait_readable(self._epoll.fileno())  # the hot path
             return
-        waiters: list[Callable[[anyio.CancelScope | None], Awaitable[None]]] = []
+        waiters: list[Callable[[anyio.CancelScope | None], Coroutine[Any, Any, None]]] = []
         if self._busy:
             waiters.append(self._wait_sockets)
         if wants_feed:

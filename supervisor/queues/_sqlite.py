@@ -1,4 +1,4 @@
-"""SQLite storage of the embedded queue: schema, connection settings, row mapping.
+"""Storage of the embedded queue: SQLite schema and settings, body files, row mapping.
 
 Shared by :mod:`supervisor.queues.embedded` (jobs, enqueueing) and
 :mod:`supervisor.queues.embedded_feed` (dispatch); see the former for the theory.
@@ -6,6 +6,7 @@ Shared by :mod:`supervisor.queues.embedded` (jobs, enqueueing) and
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from supervisor.queues.base import (
 
 T = TypeVar("T")
 
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2  # 2: bodies in one file per job; 1: bodies in SQLite
 _SEQ_BITS: Final = 32  # id = jid << 32 | seq
 _PENDING: Final = 0
 _SUCCEEDED: Final = 1
@@ -35,6 +36,9 @@ _PAGE: Final = 512  # rows per feeder read
 _BUFFER_BYTES: Final = 32 << 20  # batch bodies held in memory ahead of the consumers, at most
 _COMMIT_WINDOW: Final = 0.005  # seconds acks may wait to share a transaction
 _CHUNK_BYTES: Final = 16 << 20  # an enqueue chunk also ends at this many bytes
+_SPAN_BYTES: Final = 1 << 20  # the feeder reads contiguous small bodies with one pread, up to this
+_SPAN_BODY: Final = 16 << 10  # ... of bodies below this size (bigger ones: one pread each)
+_IOV_MAX: Final = 1024  # buffers per writev (Linux)
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -57,9 +61,10 @@ CREATE INDEX IF NOT EXISTS jobs_by_api ON jobs (api_name, job_id);
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,
     state INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS bodies (id INTEGER PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER NOT NULL,
     attempt INTEGER NOT NULL,
@@ -127,9 +132,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     try:
-        # Big pages keep 256 KiB bodies in a few overflow pages instead of 64 (only takes
-        # effect when the file is created, before WAL mode is switched on).
-        conn.execute("PRAGMA page_size=65536")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA cache_size=-16384")
@@ -137,18 +139,109 @@ def _connect(path: Path) -> sqlite3.Connection:
         with _transaction(conn):
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version not in (0, _SCHEMA_VERSION):
-                raise QueueError(
-                    f"{path} holds a queue of format {version}; this supervisor reads "
-                    f"format {_SCHEMA_VERSION}."
-                )
+                raise QueueError(_version_error(path, version))
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            # Under the write lock, so no job is created meanwhile.
+            _remove_orphan_body_files(conn, path)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _version_error(path: Path, version: int) -> str:
+    if version < _SCHEMA_VERSION:
+        return (
+            f"{path} was written by an older supervisor (queue format {version}, this one "
+            f"reads format {_SCHEMA_VERSION}): remove it and its -wal and -shm files to start "
+            "over (its jobs cannot be resumed)."
+        )
+    return (
+        f"{path} was written by a newer supervisor (queue format {version}, this one reads "
+        f"format {_SCHEMA_VERSION}): use that supervisor, or remove the file to start over."
+    )
+
+
+# -- body files ---------------------------------------------------------------------------
+
+
+def _body_dir(path: Path) -> Path:
+    """The directory of the body files of the queue file ``path``: ``<path>-bodies``."""
+    return path.with_name(path.name + "-bodies")
+
+
+def _body_path(path: Path, jid: int) -> Path:
+    """The body file of job ``jid`` of the queue file ``path``."""
+    return _body_dir(path) / f"{jid}.bin"
+
+
+def _remove_orphan_body_files(conn: sqlite3.Connection, path: Path) -> None:
+    """Remove the body files of jobs that no longer exist (a crash right after a delete)."""
+    directory = _body_dir(path)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    jids = {jid for (jid,) in conn.execute("SELECT jid FROM jobs")}
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        if dot and ext == "bin" and stem.isdigit() and int(stem) not in jids:
+            (directory / name).unlink(missing_ok=True)
+
+
+def _create_body_file(path: Path) -> int:
+    """Create (or empty) the body file ``path``; return a descriptor open for writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """Write ``parts`` one after the other, a few syscalls for many parts, resuming short
+    writes."""
+    pending: list[bytes | memoryview] = list(parts)
+    i = 0
+    while i < len(pending):
+        group = pending[i : i + _IOV_MAX]
+        written = os.writev(fd, group)
+        if written == 0 and any(map(len, group)):
+            raise OSError(errno.EIO, "the file accepted no bytes")
+        for part in group:
+            if written < len(part):
+                pending[i] = memoryview(part)[written:]
+                break
+            written -= len(part)
+            i += 1
+
+
+def _sync_body_file(fd: int, path: Path) -> None:
+    """Make the body file durable (a power cut included), with the directory entries
+    leading to it."""
+    os.fdatasync(fd)
+    for directory in (path.parent, path.parent.parent):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _pread(fd: int, length: int, offset: int) -> bytes | None:
+    """The ``length`` bytes at ``offset``, or ``None`` if the file ends before."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            return None
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def _write_dead_letter(directory: Path, letter: DeadLetter) -> None:

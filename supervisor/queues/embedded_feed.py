@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections import deque
 from functools import partial
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import anyio
@@ -18,7 +19,11 @@ from supervisor.queues._sqlite import (
     _PAGE,
     _PENDING,
     _SEQ_BITS,
+    _SPAN_BODY,
+    _SPAN_BYTES,
     _SUCCEEDED,
+    _body_path,
+    _pread,
     _record_decoder,
     _record_encoder,
     _transaction,
@@ -38,6 +43,8 @@ if TYPE_CHECKING:
 
 __all__ = ["EmbeddedFeed"]
 
+_length = itemgetter(3)  # of a (seq, attempts, offset, length) row
+
 
 class EmbeddedFeed:
     """The consuming side of one job (:class:`~supervisor.queues.base.Feed`).
@@ -48,6 +55,8 @@ class EmbeddedFeed:
     __slots__ = (
         "_acks",
         "_base",
+        "_body_fd",
+        "_body_path",
         "_buffer",
         "_closed",
         "_commit_done",
@@ -82,10 +91,18 @@ class EmbeddedFeed:
     )
 
     def __init__(
-        self, queue: EmbeddedQueue, jid: int, job: JobRecord, max_attempts: int, buffer: int
+        self,
+        queue: EmbeddedQueue,
+        jid: int,
+        job: JobRecord,
+        max_attempts: int,
+        buffer: int,
+        body_fd: int,
     ) -> None:
         self._queue = queue
         self._jid = jid
+        self._body_fd = body_fd  # the job's body file, read-only; owned by open_feed
+        self._body_path = _body_path(queue.path, jid)
         self._job_id = job.job_id
         self._dead_letter_dir = queue.dead_letter_dir(job.job_id)
         self._base = jid << _SEQ_BITS
@@ -276,33 +293,103 @@ class EmbeddedFeed:
                     wakeup = self._feeder_wakeup = anyio.Event()
                     await wakeup.wait()
                     continue
-                want = max(1, min(_PAGE, self._limit - len(self._ready)))
-                rows = await self._queue._run(partial(self._read_page, self._cursor, want))
                 ready = self._ready
-                size = 0
-                for seq, attempts, body in rows:
-                    ready.append(Delivery(seq, body, attempts + 1))
-                    size += len(body)
-                if rows:
-                    self._cursor = rows[-1][0]
+                want = max(1, min(_PAGE, self._limit - len(ready)))
+                room = _BUFFER_BYTES - sum(len(d.body) for d in ready)
+                page, size, exhausted = await anyio.to_thread.run_sync(
+                    self._read_page, self._cursor, want, room
+                )
+                ready.extend(page)
+                if page:
+                    self._cursor = page[-1].seq
                     # Bound the buffer by bytes too: 1,024 batches of 256 KiB would be 256 MiB.
-                    per_row = max(1, size // len(rows))
+                    per_row = max(1, size // len(page))
                     self._limit = max(2, min(self._buffer, _BUFFER_BYTES // per_row))
                     self._low_water = self._limit // 2
-                if len(rows) < want:
+                if exhausted:
                     self._exhausted = True
                 self._wake_receivers()
 
-    def _read_page(
+    def _read_page(self, after: int, limit: int, room: int) -> tuple[list[Delivery], int, bool]:
+        """Worker thread: the next pending batches after seq ``after``, at most ``limit`` and
+        ``room`` bytes of bodies (but at least one batch); their total size; and whether they
+        are the last. The rows are read under the connection's lock, the bodies after it."""
+        rows = self._queue._locked(partial(self._select_page, after, limit))
+        exhausted = len(rows) < limit
+        size = sum(map(_length, rows))
+        if size > room and len(rows) > 1:
+            # The row limit follows the sizes seen so far; the lengths in the rows bound the
+            # page by bytes too (a first page of 512 bodies of 256 KiB would be 128 MiB).
+            size = 0
+            for k, row in enumerate(rows):
+                if size + row[3] > room and k:
+                    del rows[k:]
+                    exhausted = False
+                    break
+                size += row[3]
+        return self._read_bodies(rows, size), size, exhausted
+
+    def _select_page(
         self, after: int, limit: int, conn: sqlite3.Connection
-    ) -> list[tuple[int, int, bytes]]:
+    ) -> list[tuple[int, int, int, int]]:
         base = self._base
         return conn.execute(
-            "SELECT b.id - ?, b.attempts, d.body FROM batches AS b "
-            "JOIN bodies AS d ON d.id = b.id "
-            f"WHERE b.id > ? AND b.id < ? AND b.state = {_PENDING} ORDER BY b.id LIMIT ?",
+            "SELECT id - ?, attempts, offset, length FROM batches "
+            f"WHERE id > ? AND id < ? AND state = {_PENDING} ORDER BY id LIMIT ?",
             (base, base + after, base + (1 << _SEQ_BITS), limit),
         ).fetchall()
+
+    def _read_bodies(self, rows: list[tuple[int, int, int, int]], size: int) -> list[Delivery]:
+        """Deliveries of ``rows`` (seq, attempts, offset, length; ``size`` bytes in all).
+
+        Bodies are stored in seq order. Adjacent small bodies are read with one ``pread`` of
+        at most ``_SPAN_BYTES`` and sliced (usually the whole page at once); a big body is
+        read alone, straight into its ``bytes`` (slicing would copy it once more).
+        """
+        if not rows:
+            return []
+        first, last = rows[0], rows[-1]
+        start, end = first[2], last[2] + last[3]
+        if end - start == size <= _SPAN_BYTES:  # adjacent (they are stored in seq order)
+            data = self._pread(first[0], start, end)
+            return [Delivery(seq, data[o - start : o - start + n], a + 1) for seq, a, o, n in rows]
+        page: list[Delivery] = []
+        i, count = 0, len(rows)
+        while i < count:
+            seq, attempts, start, length = rows[i]
+            end = start + length
+            j = i + 1
+            if length < _SPAN_BODY:
+                while j < count:
+                    _, _, offset, n = rows[j]
+                    if offset != end or n >= _SPAN_BODY or end + n - start > _SPAN_BYTES:
+                        break
+                    end += n
+                    j += 1
+            data = self._pread(seq, start, end)
+            if j == i + 1:
+                page.append(Delivery(seq, data, attempts + 1))
+            else:
+                page.extend(
+                    Delivery(seq, data[o - start : o - start + n], a + 1)
+                    for seq, a, o, n in rows[i:j]
+                )
+            i = j
+        return page
+
+    def _pread(self, seq: int, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of the body file, where batch ``seq``'s body begins."""
+        try:
+            data = _pread(self._body_fd, end - start, start)
+        except OSError as e:
+            raise QueueError(f"cannot read the body file {self._body_path}: {e}") from e
+        if data is None:
+            raise QueueError(
+                f"the body file {self._body_path} of job {self._job_id} is shorter than its "
+                f"batches say (batch {seq} and on need bytes {start} to {end}): it was "
+                "truncated or replaced under the queue."
+            )
+        return data
 
     # -- the committer --------------------------------------------------------------------
 

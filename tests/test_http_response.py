@@ -288,6 +288,36 @@ def test_keep_body_bounds_what_is_kept(case: Case, keep: int, cuts: list[int]) -
     assert got.body_truncated is (len(case.body) > keep)
 
 
+@SETTINGS
+@given(case=responses(), cuts=st.lists(st.integers(0, 10_000), max_size=12))
+def test_a_repeated_head_parses_the_same_again(case: Case, cuts: list[int]) -> None:
+    """The parser reuses the parse of a head identical to the previous one: same result."""
+    if case.framing == "close" or case.version == b"1.0":
+        return  # no second response on this connection
+    parser = ResponseParser()
+    got: list[Response] = []
+    for piece in split_points(case.wire * 3, "random", cuts):
+        parser.receive_data(piece)
+        while (response := parser.next_response(head_request=case.head_request)) is not None:
+            got.append(response)
+            if not response.keep_alive:
+                break
+        if got and not got[-1].keep_alive:
+            break
+    first = ours([case.wire], False, head_request=case.head_request)
+    assert got and all(r == first for r in got)
+    assert len(got) == (3 if first.keep_alive else 1)
+
+
+def test_a_head_that_differs_only_in_length_is_parsed_again() -> None:
+    parser = ResponseParser()
+    parser.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+    parser.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nbc")
+    parser.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nd")
+    bodies = [r.body_head for r in iter(parser.next_response, None)]
+    assert bodies == [b"a", b"bc", b"d"]
+
+
 def test_pipelined_responses_come_out_in_order() -> None:
     parser = ResponseParser()
     parser.receive_data(

@@ -178,6 +178,19 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
     return fields
 
 
+_FieldsSnapshot = tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bool, bool, bool]
+
+
+def _snapshot(fields: _Fields) -> _FieldsSnapshot:
+    return (
+        tuple(fields.headers),
+        fields.content_length,
+        fields.chunked,
+        fields.close,
+        fields.keep_alive,
+    )
+
+
 def _bad_with_hint(message: str, _status: int) -> RemoteProtocolError:
     return _bad(message)  # a response's faults carry no status hint for us to answer with
 
@@ -201,6 +214,7 @@ class ResponseParser:
         "_eof",
         "_fields",
         "_keep_body",
+        "_last",
         "_max_head",
         "_reason",
         "_remaining",
@@ -217,6 +231,8 @@ class ResponseParser:
         self._scan = 0
         self._keep_body = keep_body if keep_body is not None else 1 << 62
         self._max_head = max_head
+        # The last final response's head text and its parse, reused when the next is the same.
+        self._last: tuple[bytes, int, bytes, _FieldsSnapshot] | None = None
         self._status = 0
         self._reason = b""
         self._version = b"1.1"
@@ -309,6 +325,13 @@ class ResponseParser:
             text = bytes(buf[:text_end])
             del buf[:head_end]
             self._scan = 0
+            last = self._last
+            if last is not None and last[0] == text:
+                # The same head as the previous response (a worker's answers differ in their
+                # Date at most once a second): same bytes, same parse.
+                _, status, line, (headers, length, chunked, close, keep) = last
+                fields = _Fields(list(headers), length, chunked, close, keep)
+                break
             lines = _split_head(text)
             line = lines[0]
             if (
@@ -323,6 +346,7 @@ class ResponseParser:
             status = int(line[9:12])
             fields = _parse_fields(lines[1:])
             if status >= 200:
+                self._last = (text, status, line, _snapshot(fields))
                 break
             if status == 101:
                 raise _bad("Server switched protocols (101) although no upgrade was requested.")

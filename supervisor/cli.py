@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from supervisor import __version__
+from supervisor.allocator import tune_allocator
 from supervisor.config import BatchAPI, load_api
 from supervisor.errors import BadInput, PodError
 from supervisor.jobs import load_submission
@@ -195,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command in ("run", "proxy"):
+            tune_allocator()
         if args.command == "run":
             return _run(args)
         if args.command == "proxy":

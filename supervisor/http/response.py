@@ -178,6 +178,7 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
     return fields
 
 
+_Fast = tuple[bytes, int, int, tuple[tuple[bytes, bytes], ...], bool, bytes, bytes]
 _FieldsSnapshot = tuple[tuple[tuple[bytes, bytes], ...], bytes | None, bool, bool, bool]
 
 
@@ -212,6 +213,7 @@ class ResponseParser:
         "_buf",
         "_chunked",
         "_eof",
+        "_fast",
         "_fields",
         "_keep_body",
         "_last",
@@ -233,6 +235,8 @@ class ResponseParser:
         self._max_head = max_head
         # The last final response's head text and its parse, reused when the next is the same.
         self._last: tuple[bytes, int, bytes, _FieldsSnapshot] | None = None
+        # The last Content-Length response's whole head and what it said, for _fast_response.
+        self._fast: _Fast | None = None
         self._status = 0
         self._reason = b""
         self._version = b"1.1"
@@ -278,6 +282,11 @@ class ResponseParser:
         Raises :class:`RemoteProtocolError` on malformed input or when the peer closed the
         connection before the response was complete.
         """
+        fast = self._fast
+        if fast is not None and self._state == _HEAD and not head_request:
+            response = self._fast_response(fast)
+            if response is not None:
+                return response
         try:
             state = self._state
             if state == _HEAD:
@@ -309,6 +318,30 @@ class ResponseParser:
 
     # -- internals -----------------------------------------------------------------------
 
+    def _fast_response(self, fast: _Fast) -> Response | None:
+        """The whole next response when its head is byte for byte the last Content-Length
+        one's and its body is all here: what the general path would return, with less work."""
+        head, length, status, headers, keep_alive, reason, version = fast
+        buf = self._buf
+        start = len(head)
+        end = start + length
+        if len(buf) < end or not buf.startswith(head):
+            return None
+        body = bytes(buf[start : start + min(self._keep_body, length)])
+        del buf[:end]
+        self._scan = 0
+        if not keep_alive:
+            self._state = _CLOSED
+        return Response(
+            status=status,
+            headers=list(headers),
+            body_head=body,
+            keep_alive=keep_alive,
+            reason=reason,
+            http_version=version,
+            body_length=length,
+        )
+
     def _read_head(self, head_request: bool) -> bool:
         buf = self._buf
         while True:
@@ -322,7 +355,8 @@ class ResponseParser:
                     raise _bad("Server disconnected without sending a response.")
                 self._scan = max(0, len(buf) - 2)
                 return False
-            text = bytes(buf[:text_end])
+            whole = bytes(buf[:head_end])
+            text = whole[:text_end]
             del buf[:head_end]
             self._scan = 0
             last = self._last
@@ -370,6 +404,18 @@ class ResponseParser:
             self._state = _UNTIL_EOF
             keep_alive = False
         fields.keep_alive = keep_alive
+        if self._state == _LENGTH:
+            self._fast = (
+                whole,
+                self._remaining,
+                status,
+                tuple(fields.headers),
+                keep_alive,
+                self._reason,
+                version,
+            )
+        else:
+            self._fast = None
         return True
 
     def _take(self, count: int) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 __all__ = ["tune_allocator"]
 
@@ -30,9 +29,16 @@ MMAP_THRESHOLD = 4 << 20  # bytes; above every body and every read of the feed
 TRIM_THRESHOLD = 64 << 20  # bytes of free heap kept before any goes back to the OS
 
 
+def _glibc() -> bool:
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
 def tune_allocator() -> bool:
     """Raise glibc's mmap and trim thresholds; True if it took effect."""
-    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if not _glibc() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -4,24 +4,29 @@ crash."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sqlite3
 import sys
 import textwrap
 from collections import Counter
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from supervisor.errors import JobError
 from supervisor.jobs import new_job_id
 from supervisor.queues._sqlite import _BUFFER_BYTES, _body_dir, _body_path
 from supervisor.queues.base import AttemptRecord, DeadLetter, Delivery, JobQueue, QueueError
 from supervisor.queues.embedded import EmbeddedFeed, EmbeddedQueue
+from supervisor.queues.embedded_feed import _runs
 
 pytestmark = pytest.mark.anyio
 
@@ -414,6 +419,40 @@ async def test_resume_delivers_only_what_was_not_acked(tmp_path: Path) -> None:
     assert sorted(d.seq for d in got) == sorted(set(range(n)) - acked)
     assert in_flight <= {d.seq for d in got}
     assert {d.seq: d.attempt for d in got if d.attempt != 1} == dict.fromkeys(failed, 2)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_acks_in_any_order_are_committed_exactly(tmp_path: Path, seed: int) -> None:
+    """Acks are committed as runs of consecutive batches: gaps and disorder must survive."""
+    path = tmp_path / "q.sqlite3"
+    n = 300
+    rng = random.Random(seed)
+    async with await EmbeddedQueue.open(path) as q:
+        await new_job(q, n)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=3) as feed:
+                taken = [await feed.receive() for _ in range(200)]
+                rng.shuffle(taken)
+                acked = set()
+                for d in taken[: rng.randrange(50, 200)]:
+                    assert d is not None
+                    feed.ack(d, 0.5)
+                    acked.add(d.seq)
+                await feed.flush()
+                feed.close()
+    async with await EmbeddedQueue.open(path) as q:
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=3) as feed:
+                got = await drain(feed)
+    assert sorted(d.seq for d in got) == sorted(set(range(n)) - acked)
+
+
+@given(st.lists(st.integers(0, 60), min_size=1, unique=True))
+def test_runs_cover_exactly_the_numbers(seqs: list[int]) -> None:
+    runs = _runs(seqs)
+    covered = [x for lo, hi in runs for x in range(lo, hi + 1)]
+    assert covered == sorted(seqs)
+    assert all(b[0] > a[1] + 1 for a, b in pairwise(runs))
 
 
 CHILD = """

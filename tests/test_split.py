@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import json
 import os
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor import split
+from supervisor import jobs, split
 from supervisor.errors import JobError
 from supervisor.jobs import JobSubmission, decode_submission
 from supervisor.sources import compile_glob, list_files
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
+from tests.helpers import free_ports, run_supervisor, write_api, write_job
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -51,9 +54,13 @@ def spell(value: Any, how: dict[str, Any]) -> bytes:
     return json.dumps(value, **how).encode()
 
 
-def item_list_job(items: list[bytes], batch_size: int) -> JobSubmission:
+def item_list_job_bytes(items: list[bytes], batch_size: int) -> bytes:
     body = b'{"workers":1,"item_list":{"items":[ ' + b" ,\n".join(items) + b" ],"
-    return decode_submission(body + b'"batch_size":%d}}' % batch_size)
+    return body + b'"batch_size":%d}}' % batch_size
+
+
+def item_list_job(items: list[bytes], batch_size: int) -> JobSubmission:
+    return decode_submission(item_list_job_bytes(items, batch_size))
 
 
 def files_job(kind: str, paths: list[str], batch_size: int = 10, **kw: Any) -> JobSubmission:
@@ -89,6 +96,41 @@ def chunk_size(n: int) -> Iterator[None]:
         yield
     finally:
         split._CHUNK = saved  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def item_chunk(n: int) -> Iterator[None]:
+    """Decode item_list arrays ``n`` bytes at a time, so many cuts are made (a tuning knob)."""
+    saved = split._ITEM_CHUNK
+    split._ITEM_CHUNK = n  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        split._ITEM_CHUNK = saved  # type: ignore[misc]
+
+
+def reference_items(array: bytes) -> list[bytes]:
+    """The items as the whole-list decoder sees them: one Raw per item."""
+    return [bytes(r) for r in msgspec.json.decode(array, type=list[msgspec.Raw])]
+
+
+def reference_batches(array: bytes, batch_size: int, limit: int) -> list[bytes]:
+    """``batch_size`` items a batch, cut early when one more would go over ``limit``."""
+    bodies: list[bytes] = []
+    batch: list[bytes] = []
+    for item in reference_items(array):
+        if batch and (
+            len(batch) == batch_size or len(b"[" + b",".join([*batch, item]) + b"]") > limit
+        ):
+            bodies.append(b"[" + b",".join(batch) + b"]")
+            batch = []
+        batch.append(item)
+    return [*bodies, b"[" + b",".join(batch) + b"]"]
+
+
+def chunked_items(array: bytes, chunk: int, spare: int = split._SPARE) -> list[list[bytes]]:
+    """The items of ``array`` per chunk (``spare``: how much vain parsing before the fallback)."""
+    return [[bytes(r) for r in c] for c in split._array_chunks(array, chunk, spare)]
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -154,6 +196,171 @@ def test_default_limit_is_256_kib() -> None:
     assert [len(b) for b in iter_batches(item_list_job([big], 1))] == [DEFAULT_MAX_BATCH_BYTES]
     with pytest.raises(JobError, match="over the batch limit"):
         list(iter_batches(item_list_job([big + b" "], 1), max_batch_bytes=len(big) + 1))
+
+
+# -- item_list: the array decoded a chunk at a time ------------------------------------------
+
+# Text that looks like JSON structure: commas, brackets, quotes, escapes, item-like prefixes.
+tricky_text = st.lists(
+    st.sampled_from([",", "[", "]", "{", "}", '"', "\\", ":", " ", "\n", "a", "é", "😀", "\u2028"])
+    | st.sampled_from([',{"id":', "],[", '},{"', ", [", ',"', '\\"', "\\u00e9"]),
+    max_size=8,
+).map("".join)
+tricky_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**20), 10**20)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | tricky_text,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["id", "a", ",{"]), inner)
+    ),
+    max_leaves=10,
+)
+blank = st.text(st.sampled_from([" ", "\n", "\t", "\r"]), max_size=3).map(str.encode)
+
+
+@st.composite
+def spelled_arrays(draw: st.DrawFn) -> bytes:
+    """A JSON array spelled in any legal way: items indented or not, any blanks between."""
+    values = draw(st.lists(st.tuples(tricky_values, spellings), min_size=1, max_size=25))
+    out = b"[" + draw(blank)
+    for k, (value, how) in enumerate(values):
+        if k:
+            out += draw(blank) + b"," + draw(blank)
+        out += spell(value, how)
+    return out + draw(blank) + b"]"
+
+
+@settings(max_examples=300, deadline=None)
+@given(spelled_arrays(), st.integers(1, 64), st.sampled_from([0, split._SPARE, 10**9]))
+def test_array_chunks_are_the_whole_list(array: bytes, chunk: int, spare: int) -> None:
+    # spare=10**9: no fallback, every chunk is cut by a guessed comma that decoded.
+    chunks = chunked_items(array, chunk, spare)
+    assert all(chunks)
+    assert [item for c in chunks for item in c] == reference_items(array)
+
+
+@settings(max_examples=200, deadline=None)
+@given(spelled_arrays(), st.integers(1, 64), st.integers(1, 9), st.integers(0, 100))
+def test_item_list_batches_equal_the_whole_list_ones(
+    array: bytes, chunk: int, batch_size: int, slack: int
+) -> None:
+    limit = max(map(len, reference_items(array))) + 2 + slack
+    job = b'{"workers":1,"item_list":{"items": ' + array + b', "batch_size":%d}}' % batch_size
+    with item_chunk(chunk):
+        bodies = list(iter_batches(decode_submission(job), max_batch_bytes=limit))
+    assert bodies == reference_batches(array, batch_size, limit)
+
+
+def test_array_chunks_with_item_like_insides() -> None:
+    """Items whose insides repeat how items start: most guessed cuts fail, none is wrong."""
+    kid = b'{"id":1,"s":"],{\\"id\\":2"}'
+    items = [b'{"id":%d,"kids":[%s]}' % (i, b",".join([kid] * (i % 5))) for i in range(300)]
+    array = b"[" + b",".join(items) + b"]"
+    for chunk in (1, 7, 64, 500, 4096):
+        for spare in (split._SPARE, 10**9):
+            chunks = chunked_items(array, chunk, spare)
+            assert [item for c in chunks for item in c] == items
+    assert len(chunked_items(array, 4096)) > 1
+
+
+def test_array_chunks_fall_back_for_one_huge_nested_item() -> None:
+    huge = b"[" + b",".join(b'[[%d,{"a":[1,2]}],[]]' % i for i in range(800)) + b"]"
+    for array in (
+        b"[" + huge + b"]",
+        b"[1,2,3," + huge + b"]",
+        b"[" + b",".join([b"[0]"] * 40 + [huge] + [b"[0]"] * 40) + b"]",
+    ):
+        for chunk, spare in itertools.product((1, 16, 1000), (0, split._SPARE, 10**9)):
+            chunks = chunked_items(array, chunk, spare)
+            assert [item for c in chunks for item in c] == reference_items(array)
+    assert huge in chunked_items(b"[" + huge + b"]", 16)[-1]
+
+
+def test_array_chunks_of_a_big_array_are_many() -> None:
+    items = [b'{"id":%d,"text":"a, b, {c}"}' % i for i in range(120_000)]  # ~3.5 MB
+    chunks = chunked_items(b"[" + b",\n  ".join(items) + b"]", 1 << 20)
+    assert 3 <= len(chunks) <= 5
+    assert [item for c in chunks for item in c] == items
+
+
+def test_item_list_late_oversized_item_is_named_with_its_index() -> None:
+    items = [b"%d" % (10**6 + i) for i in range(200_000)]  # 1.6 MB: past the first chunk
+    items[180_001] = b'"' + b"x" * 60 + b'"'
+    batches = iter_batches(item_list_job(items, 10), max_batch_bytes=50)  # no error yet
+    with pytest.raises(JobError, match=r"`item_list\.items\[180001\]` is 62 bytes"):
+        list(batches)
+    with item_chunk(64), pytest.raises(JobError, match=r"`item_list\.items\[5\]` is 62 bytes"):
+        iter_batches(item_list_job([*items[:5], items[180_001]], 10), max_batch_bytes=50)
+
+
+def test_item_list_bad_json_inside_the_array() -> None:
+    with pytest.raises(
+        JobError, match=r"^job: not valid JSON \(JSON is malformed: .*\(byte \d+\)\)"
+    ):
+        item_list_job([b"1", b'{"a": }', b"3"], 1)
+    with pytest.raises(JobError, match="not valid JSON"):
+        item_list_job([b"1", b"", b"3"], 1)
+    hand_made = JobSubmission(
+        workers=1, item_list=jobs.ItemList(items=msgspec.Raw(b"[1,2,[3]"), batch_size=1)
+    )
+    with pytest.raises(JobError, match=r"`item_list\.items` is not a valid JSON array"):
+        iter_batches(hand_made)
+    hand_made.item_list = jobs.ItemList(items=msgspec.Raw(b"[1,2, ,3]"), batch_size=1)
+    with item_chunk(1), pytest.raises(JobError, match="is not a valid JSON array"):
+        list(iter_batches(hand_made))
+    for text, message in [(b"[ ]", "is an empty array"), (b"3", "is not a valid JSON array")]:
+        hand_made.item_list = jobs.ItemList(items=msgspec.Raw(text), batch_size=1)
+        with pytest.raises(JobError, match=message):
+            iter_batches(hand_made)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (b"[]", "Expected `array` of length >= 1"),
+        (b"[ \n\t]", "Expected `array` of length >= 1"),
+        (b"3", "Expected `array`, got `int`"),
+        (b"1.5", "Expected `array`, got `float`"),
+        (b"null", "Expected `array`, got `null`"),
+        (b'{"a": [1]}', "Expected `array`, got `object`"),
+        (b'"[1]"', "Expected `array`, got `str`"),
+        (b"true", "Expected `array`, got `bool`"),
+    ],
+)
+def test_item_list_items_must_be_a_non_empty_array(items: bytes, message: str) -> None:
+    job = b'{"workers":1,"item_list":{"items": ' + items + b' ,"batch_size":1}}'
+    with pytest.raises(JobError) as e:
+        decode_submission(job, "job.json")
+    assert str(e.value) == f"job.json: {message} - at `item_list.items`"
+
+
+def test_run_with_a_late_oversized_item_stores_nothing(tmp_path: Path) -> None:
+    """The error comes after batches were made: `run` exits 2, no pod starts, nothing stays."""
+    marker = tmp_path / "started"
+    api = write_api(
+        tmp_path / "api.yaml", [{"name": "a", "command": ["touch", str(marker)]}], port=free_ports()
+    )
+    items = [b'{"i":%d}' % (10**6 + i) for i in range(150_000)]  # 2 MB
+    items[140_000] = b'"' + b"x" * 300_000 + b'"'
+    job = write_job(tmp_path / "job.json", item_list_job_bytes(items, 10))
+    root = tmp_path / "root"
+    r = run_supervisor("run", str(api), "--job", str(job), "--root", str(root))
+    assert r.returncode == 2, r.stderr
+    assert "`item_list.items[140000]` is 300002 bytes" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert not marker.exists()
+    db = root / "cortex" / "supervisor" / "queue.sqlite3"
+    assert db.exists()  # the job was created, then removed with its batches
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        for table in ("jobs", "batches"):
+            assert conn.execute(f"select count(*) from {table}").fetchone()[0] == 0
+    assert not [p for p in db.parent.iterdir() if p.name.startswith("bodies")]
+    r = run_supervisor("validate", str(api), "--job", str(job))
+    assert r.returncode == 2
+    assert "`item_list.items[140000]`" in r.stderr
 
 
 # -- delimited_files: NDJSON -----------------------------------------------------------------

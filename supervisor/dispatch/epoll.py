@@ -245,7 +245,7 @@ class _Engine:
         self._busy += 1
         if slot.sock is not None and slot.idle_tick != self._tick and not _alive(slot.sock):
             self._drop(slot)  # the server closed it (or sent stray bytes) while it was idle
-        slot.out = [head + body] if len(body) <= _JOIN else [head, body]
+        slot.out = _request(head, body)
         if slot.sock is None and not self._connect(slot):
             return
         if not slot.connecting:
@@ -325,10 +325,8 @@ class _Engine:
                 # The server closed the reused connection before the request arrived: once,
                 # on a fresh connection (nothing of it was acted upon).
                 self._drop(slot)
-                d = slot.delivery
-                assert d is not None
-                body = d.body
-                slot.out = [slot.head + body] if len(body) <= _JOIN else [slot.head, body]
+                assert slot.delivery is not None
+                slot.out = _request(slot.head, slot.delivery.body)
                 if self._connect(slot) and not slot.connecting:
                     self._write(slot)
                 return
@@ -434,6 +432,11 @@ class _Engine:
             wakeup, self._wakeup = self._wakeup, None
             if wakeup is not None:
                 wakeup.set()
+
+
+def _request(head: bytes, body: bytes) -> list[bytes | memoryview]:
+    """What to write: one buffer for a small request, head and body apart for a big one."""
+    return [head + body] if len(body) <= _JOIN else [head, body]
 
 
 def _alive(sock: socket.socket) -> bool:

@@ -31,6 +31,15 @@ SPECIAL = {b"content-length", b"transfer-encoding", b"connection", b"host", b"ex
 @dataclass
 class Case:
     wire: bytes
+    # The head around its Content-Length digits (one plain value), to build the same head
+    # with other lengths; None for other framings.
+    around_length: tuple[bytes, bytes] | None = None
+
+    def again(self, body: bytes) -> bytes:
+        """This request's head with ``body`` and its length instead."""
+        assert self.around_length is not None
+        before, after = self.around_length
+        return before + b"%d" % len(body) + after + body
 
 
 header_names = (
@@ -105,7 +114,11 @@ def requests(draw: st.DrawFn) -> Case:
             fields[i] += eol + draw(st.sampled_from([b" ", b"\t"])) + b"folded"
     head = method + b" " + target + b" HTTP/" + version + eol
     head += b"".join(field + eol for field in fields) + eol
-    return Case(head + (tail if framing == "chunked" else body))
+    around = None
+    if framing == "length" and b", " not in fields[-1]:
+        start = head.rindex(b"%d" % len(body), 0, head.rindex(fields[-1]) + len(fields[-1]))
+        around = (head[:start], head[start + len(b"%d" % len(body)) :])
+    return Case(head + (tail if framing == "chunked" else body), around)
 
 
 def h11_read(wire: bytes) -> tuple[Request, bool] | None:
@@ -206,6 +219,104 @@ def test_mutated_requests_accepted_or_refused_like_h11(
     except RemoteProtocolError:
         got = None
     assert got == (reference[0] if reference is not None else None)
+
+
+@SETTINGS
+@given(
+    case=requests().filter(lambda case: case.around_length is not None),
+    bodies=st.lists(st.binary(max_size=150), min_size=1, max_size=4),
+    mode=st.sampled_from(["whole", "bytes", "random"]),
+    cuts=st.lists(st.integers(0, 10_000), max_size=8),
+)
+def test_heads_repeated_with_other_lengths_read_like_h11(
+    case: Case, bodies: list[bytes], mode: str, cuts: list[int]
+) -> None:
+    """The remembered-head path: the same head with other Content-Length digits."""
+    wires = [case.wire, *(case.again(body) for body in bodies)]
+    expected: list[Request] = []
+    for wire in wires:
+        reference = h11_read(wire)
+        assert reference is not None, wire
+        expected.append(reference[0])
+        if not reference[0].keep_alive:
+            break
+    parser = RequestParser()
+    got: list[Request] = []
+    reused: list[bool] = []
+    for piece in [*split(b"".join(wires), mode, cuts), b""]:
+        parser.receive_data(piece)
+        while (request := parser.next_request()) is not None:
+            got.append(request)
+            reused.append(parser.reused_head)
+    assert got == expected
+    assert reused == [False] + [True] * (len(got) - 1)  # so the path under test was taken
+
+
+@SETTINGS
+@given(
+    case=requests().filter(lambda case: case.around_length is not None),
+    body=st.binary(max_size=50),
+    edits=st.lists(
+        st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 2)),
+        min_size=1,
+        max_size=2,
+    ),
+)
+def test_a_changed_repeat_is_read_like_h11(
+    case: Case, body: bytes, edits: list[tuple[int, int, int]]
+) -> None:
+    """A head that is almost the remembered one is parsed in full, as h11 reads it."""
+    first = h11_read(case.wire)
+    assert first is not None
+    if not first[0].keep_alive:
+        return
+    data = bytearray(case.again(body))
+    for position, byte, kind in edits:
+        index = position % (len(data) + 1)
+        if kind == 0:
+            data.insert(index, byte)
+        elif kind == 1 and index < len(data):
+            data[index] = byte
+        elif index < len(data):
+            del data[index]
+    reference = h11_read(bytes(data))
+    parser = RequestParser()
+    parser.receive_data(case.wire + bytes(data))
+    parser.receive_data(b"")
+    assert parser.next_request() == first[0]
+    try:
+        got = parser.next_request()
+    except RemoteProtocolError:
+        got = None
+    assert got == (reference[0] if reference is not None else None)
+
+
+@pytest.mark.parametrize(
+    "digits", [b"", b"-1", b"+2", b"1_0", b"0x1", b"2 2", b"2,2", b"1" * 21, b"00002", b"\xd9\xa3"]
+)
+def test_a_repeat_with_odd_length_digits_is_read_like_h11(digits: bytes) -> None:
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %b\r\nX: y\r\n\r\n"
+    second = head % digits + b"hi"
+    reference = h11_read(second)
+    parser = RequestParser()
+    parser.receive_data(head % b"2" + b"hi" + second)
+    parser.receive_data(b"")
+    assert parser.next_request() is not None
+    try:
+        got = parser.next_request()
+    except RemoteProtocolError:
+        got = None
+    assert got == (reference[0] if reference is not None else None)
+
+
+def test_a_remembered_head_still_bounds_the_body() -> None:
+    parser = RequestParser(max_body=10)
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+    parser.receive_data(head % 2 + b"hi" + head % 11)
+    assert parser.next_request() is not None
+    with pytest.raises(RemoteProtocolError) as big:
+        parser.next_request()
+    assert parser.reused_head and big.value.error_status_hint == 413
 
 
 @SETTINGS

@@ -24,6 +24,13 @@ or as soon as a chunked body passes the bound. Every refusal is a
 :class:`~supervisor.http.errors.RemoteProtocolError` whose ``error_status_hint`` is the status
 to answer (400 by default); the parser is unusable afterwards and the connection must close.
 
+A client sends the same head again and again with only ``Content-Length`` changing (a batch
+poster's heads differ in nothing else), so after a full parse the parser remembers the head
+split around that value: when the next head is byte for byte the same apart from those digits,
+its parse is the remembered one with the new length (the digits are the only input that
+changed, and they are checked as a full parse would check them). :attr:`reused_head` says so,
+which lets the proxy reuse what it built from the previous head.
+
 ``Request.keep_alive`` is h11's rule: HTTP/1.1 or later without ``Connection: close``. After a
 request that is not keep-alive the parser returns nothing more. :attr:`expects_continue` is
 true while a client that sent ``Expect: 100-continue`` waits for the body to be asked for.
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import msgspec
 
-from supervisor.http._framing import ChunkedReader, merge_content_length
+from supervisor.http._framing import _MAX_LENGTH_DIGITS, ChunkedReader, merge_content_length
 from supervisor.http._framing import find_blank_line as _find_blank_line
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 from supervisor.http.response import _TCHAR, _split_head
@@ -185,6 +192,38 @@ def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, b
     return headers
 
 
+# A head split around its Content-Length digits: (text before, text after, parse, the index
+# of the Content-Length field in the parse's headers).
+_Last = tuple[bytes, bytes, _Head, int]
+
+
+def _remember(text: bytes, head: _Head) -> _Last | None:
+    """``text`` split around its one ``Content-Length`` value, when that value is plain digits."""
+    if head.chunked:
+        return None
+    lowered = text.lower()
+    start = lowered.find(b"\ncontent-length:")
+    if start < 0 or lowered.find(b"\ncontent-length:", start + 1) >= 0:
+        return None
+    first = start + 16
+    while text[first : first + 1] in (b" ", b"\t"):
+        first += 1
+    end = first
+    while text[end : end + 1].isdigit():
+        end += 1
+    after = end
+    while text[after : after + 1] in (b" ", b"\t"):
+        after += 1
+    if end == first or text[after : after + 1] not in (b"\r", b"\n"):
+        return None
+    for index, (name, value) in enumerate(head.headers):
+        if name.lower() == b"content-length":
+            if value != text[first:end]:
+                return None
+            return text[:first], text[end:], head, index
+    return None
+
+
 class RequestParser:
     """Turns the bytes of one server connection into :class:`Request` objects (sans-IO)."""
 
@@ -194,15 +233,20 @@ class RequestParser:
         "_chunked",
         "_eof",
         "_head",
+        "_last",
         "_max_body",
         "_max_head",
         "_remaining",
         "_scan",
         "_state",
+        "reused_head",
     )
 
     def __init__(self, *, max_head: int = MAX_HEAD, max_body: int = MAX_BODY) -> None:
         self._buf = bytearray()
+        self._last: _Last | None = None
+        self.reused_head = False
+        """Whether the last head read equalled the one before, ``Content-Length`` aside."""
         self._eof = False
         self._state = _HEAD
         self._scan = 0
@@ -303,10 +347,14 @@ class RequestParser:
         text = bytes(buf[:text_end])
         del buf[:head_end]
         self._scan = 0
-        lines = _split_head(text, "Request")
-        method, target, version = _parse_request_line(lines[0])
-        head = _Head(method, target, version, [])
-        head.headers = _parse_fields(lines[1:], head)
+        head = self._reuse(text)
+        self.reused_head = head is not None
+        if head is None:
+            lines = _split_head(text, "Request")
+            method, target, version = _parse_request_line(lines[0])
+            head = _Head(method, target, version, [])
+            head.headers = _parse_fields(lines[1:], head)
+            self._last = _remember(text, head)
         if head.chunked:
             self._chunked.reset()
             self._state = _CHUNKED
@@ -317,6 +365,31 @@ class RequestParser:
             self._state = _LENGTH
         self._head = head
         return True
+
+    def _reuse(self, text: bytes) -> _Head | None:
+        """The parse of ``text`` when it is the remembered head with other length digits."""
+        last = self._last
+        if last is None:
+            return None
+        prefix, suffix, head, index = last
+        end = len(text) - len(suffix)
+        if end <= len(prefix) or not text.startswith(prefix) or not text.endswith(suffix):
+            return None
+        digits = text[len(prefix) : end]
+        if not digits.isdigit() or len(digits) > _MAX_LENGTH_DIGITS:
+            return None
+        headers = head.headers.copy()
+        headers[index] = (headers[index][0], digits)
+        return _Head(
+            head.method,
+            head.target,
+            head.version,
+            headers,
+            int(digits),
+            False,
+            head.keep_alive,
+            head.expect_continue,
+        )
 
     def _read_chunked(self) -> bool:
         return self._chunked.read(self._buf, self._take_body, self._eof)

@@ -171,13 +171,55 @@ async def test_forwarding_is_byte_exact_and_drops_hop_by_hop_headers() -> None:
             response = await raw_exchange(port, sent)
     assert upstream.requests == [
         b"POST /?x=1 HTTP/1.1\r\nHost: pod.local\r\nContent-Type: application/json\r\n"
-        b"X-Cortex-Job-ID: j1\r\nContent-Length: %d\r\nX-Last: z\r\n\r\n" % len(body) + body
+        b"X-Cortex-Job-ID: j1\r\nX-Last: z\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     ]
     assert (response.status, response.reason) == (201, b"Created Here")
     assert response.body_head == b"abcde"
     names = [name for name, _ in response.headers]
     assert names == [b"x-reply", b"set-cookie", b"set-cookie", b"content-length"]
     assert response.header(b"content-length") == b"5"
+
+
+async def test_repeated_heads_and_answers_reuse_nothing_stale() -> None:
+    """A keep-alive client repeating a head with other lengths; the answers change too."""
+    upstream = Upstream()
+    ready = Ready(True)
+    head = b"POST %b HTTP/1.1\r\nHost: h\r\nX-N: 1\r\nContent-Length: %d\r\n\r\n"
+    other = b"HTTP/1.1 202 Accepted\r\nX-Other: 1\r\nContent-Length: 3\r\n\r\nyes"
+    answers: list[Parsed] = []
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream, ready=ready) as port:
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                parser = ResponseParser(keep_body=None)
+
+                async def exchange(data: bytes) -> None:
+                    await stream.send(data)
+                    while (response := parser.next_response()) is None:
+                        parser.receive_data(await stream.receive())
+                    answers.append(response)
+
+                await exchange(head % (b"/", 3) + b"[1]")
+                await exchange(head % (b"/", 5) + b"[1,2]")
+                ready.value = False
+                await exchange(head % (b"/on-job-complete", 2) + b"{}")
+                ready.value = True
+                upstream.reply = other
+                await exchange(head % (b"/on-job-complete", 4) + b"{ } ")
+                await exchange(head % (b"/on-job-complete", 12) + b"[1,2,3,4,55]")
+    assert [(a.status, a.body_head) for a in answers] == [
+        (200, b"ok"),
+        (200, b"ok"),
+        (503, answers[2].body_head),
+        (202, b"yes"),
+        (202, b"yes"),
+    ]
+    assert answers[4].header(b"x-other") == b"1"
+    assert upstream.requests == [
+        head % (b"/", 3) + b"[1]",
+        head % (b"/", 5) + b"[1,2]",
+        head % (b"/on-job-complete", 4) + b"{ } ",
+        head % (b"/on-job-complete", 12) + b"[1,2,3,4,55]",
+    ]
 
 
 async def test_chunked_request_is_forwarded_with_a_length() -> None:

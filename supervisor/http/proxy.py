@@ -144,7 +144,7 @@ class ProxyApp:
         answer = self.route(request)
         if answer is not None:
             return answer
-        headers = _end_to_end(request.headers)
+        headers = _end_to_end(request.headers, drop=(b"content-length",))  # goes last
         target = request.target.encode("ascii")
         try:
             if self._timeout is None:

@@ -71,49 +71,77 @@ def _end_to_end(
     ]
 
 
-def _upstream_request(request: Request, authority: bytes) -> bytes:
-    """Head and body to send upstream; the parser already validated names and values."""
-    body = request.body
+def _upstream_head(request: Request, authority: bytes) -> bytes:
+    """The upstream head without its framing: ``Content-Length`` and the blank line follow.
+
+    The parser already validated names and values, so nothing is checked again. The length
+    goes last, recomputed (a chunked body arrives whole).
+    """
     lines = [b"POST %b HTTP/1.1\r\n" % request.target.encode("ascii")]
     has_host = False
-    has_length = False
     connection = False
     for name, value in request.headers:
         lower = name.lower()
         if lower in _HOP_BY_HOP:
             connection = connection or lower == b"connection"
             continue
-        if lower[:6] == b"proxy-":
+        if lower[:6] == b"proxy-" or lower == b"content-length":
             continue
         if lower == b"host":
             has_host = True
-        elif lower == b"content-length":
-            if int(value) != len(body):  # a chunked body: Transfer-Encoding won
-                continue
-            has_length = True
         lines.append(b"%b: %b\r\n" % (name, value))
     if connection:  # rare: drop the names listed in Connection too
         named = _connection_tokens(request.headers)
         lines[1:] = [line for line in lines[1:] if line.partition(b":")[0].lower() not in named]
     if not has_host:
         lines.insert(1, b"Host: %b\r\n" % authority)
-    if not has_length:
-        lines.append(b"Content-Length: %d\r\n" % len(body))
-    lines.append(b"\r\n")
-    lines.append(body)
     return b"".join(lines)
 
 
-def _client_response(upstream: Upstream, keep_alive: bool) -> bytes:
-    """The bytes relaying ``upstream`` to the client, re-framed with ``Content-Length``."""
-    status = upstream.status
-    headers = upstream.headers  # lowercased names, validated by the parser
+class _Answers:
+    """Re-frames upstream responses for the client (``Content-Length``, hop-by-hop dropped).
+
+    The head before the framing is a function of the status, reason and headers, and a worker
+    answers with the same ones again and again: the last one built is reused when they match.
+    """
+
+    __slots__ = ("_headers", "_prefix", "_reason", "_status")
+
+    def __init__(self) -> None:
+        self._status = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._prefix = b""
+
+    def encode(self, upstream: Upstream, keep_alive: bool) -> bytes:
+        status = upstream.status
+        headers = upstream.headers  # lowercased names, validated by the parser
+        if status != self._status or upstream.reason != self._reason or headers != self._headers:
+            self._prefix = _client_head(status, upstream.reason, headers)
+            self._status = status
+            self._reason = upstream.reason
+            self._headers = headers
+        body = upstream.body_head
+        if status == 204 or status == 304:
+            framing = b"" if keep_alive else b"Connection: close\r\n"
+            return b"%b%b\r\n" % (self._prefix, framing)
+        if keep_alive:
+            return b"%bContent-Length: %d\r\n\r\n%b" % (self._prefix, len(body), body)
+        return b"%bContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
+            self._prefix,
+            len(body),
+            body,
+        )
+
+
+def _client_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The status line and end-to-end headers of an answer, without its framing."""
     named: set[bytes] | frozenset[bytes] = frozenset()
     for name, _ in headers:
         if name == b"connection":
             named = _connection_tokens(headers)
             break
-    parts = [_status_line(status, upstream.reason)]
+    parts = [_status_line(status, reason)]
     for name, value in headers:
         if (
             name in _HOP_BY_HOP
@@ -123,15 +151,6 @@ def _client_response(upstream: Upstream, keep_alive: bool) -> bytes:
         ):
             continue
         parts.append(b"%b: %b\r\n" % (name, value))
-    body = upstream.body_head
-    if status == 204 or status == 304:
-        body = b""
-    else:
-        parts.append(b"Content-Length: %d\r\n" % len(body))
-    if not keep_alive:
-        parts.append(b"Connection: close\r\n")
-    parts.append(b"\r\n")
-    parts.append(body)
     return b"".join(parts)
 
 
@@ -176,6 +195,8 @@ class _Client:
         "pending",
         "readable",
         "sock",
+        "upstream_head",
+        "upstream_port",
     )
 
     def __init__(self, sock: socket.socket, parser: RequestParser) -> None:
@@ -192,6 +213,9 @@ class _Client:
         self.continued = False
         self.keep_alive = True
         self.pending = b""  # the upstream request while waiting for a pool slot
+        # The upstream head built for this client's last head (see _dispatch), and its port.
+        self.upstream_head = b""
+        self.upstream_port = 0
 
 
 class _Conn:
@@ -228,6 +252,7 @@ class _Relay:
         self._idle: list[_Conn] = []
         self._open = 0  # upstream connections, idle or busy
         self._waiting: deque[_Client] = deque()
+        self._answers = _Answers()
         self._deadlines: dict[object, float] = {}  # _Conn: 504; _Client: linger; fd: accept
         self._max_body = max_body
         self._max_head = max_head
@@ -366,6 +391,9 @@ class _Relay:
             parser.receive_data(data)
 
     def _dispatch(self, client: _Client, request: Request) -> None:
+        if not client.parser.reused_head:
+            # Only a head equal to the last one (Content-Length aside) may reuse its build.
+            client.upstream_head = b""
         client.continued = False
         client.keep_alive = request.keep_alive
         app = self._app
@@ -383,7 +411,13 @@ class _Relay:
         port = app._port()
         assert port is not None  # route() checked
         client.busy = True
-        data = _upstream_request(request, b"%b:%d" % (self._authority, port))
+        head = client.upstream_head
+        if not head or client.upstream_port != port:
+            head = _upstream_head(request, b"%b:%d" % (self._authority, port))
+            client.upstream_head = head
+            client.upstream_port = port
+        body = request.body
+        data = b"%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body)
         idle = self._idle
         if idle and not self._waiting and idle[-1].port == port:  # the hot path
             conn = idle.pop()
@@ -621,7 +655,7 @@ class _Relay:
         if response.body_truncated:
             self._answer(client, _TOO_LARGE)
         else:
-            self._answer(client, _client_response(response, client.keep_alive))
+            self._answer(client, self._answers.encode(response, client.keep_alive))
 
     def _fail(self, conn: _Conn, reason: str, answer: Response | None = None) -> None:
         """Close ``conn``; its client gets 502 (or ``answer``)."""

@@ -22,12 +22,18 @@ Theory of operation: the forwarding core
 ``app.handle`` is a server :data:`~supervisor.http.server.Handler` that also has a
 ``serve_sockets`` method, which :func:`~supervisor.http.server.serve` prefers. Where
 ``select.epoll`` exists and the target host is an IP literal, that method runs
-:class:`_Relay`: **one task** that registers every client and upstream socket once, edge
-triggered, in its own epoll set, and waits on that set's file descriptor with
-:func:`anyio.wait_readable` (works on asyncio, uvloop and trio). Each wake-up handles every
-ready socket: ``recv``, the sans-IO request or response parser, ``send``. A task per
-connection would instead pay the event loop's register/unregister (or pause/resume reading)
-for every wait -- two per forwarded request -- which halves throughput; measured in issue 3.
+:class:`_Relay`: **one loop in a thread of its own** that registers every client and upstream
+socket once, edge triggered, in its own epoll set and blocks in ``epoll_wait`` (the thread is
+started with :func:`anyio.to_thread.run_sync` and stopped through a pipe in the same set when
+the serving task is cancelled, on asyncio, uvloop and trio alike). Each wake-up handles every
+ready socket: ``recv``, the sans-IO request or response parser, ``send``. Measured in issue 3:
+a task per connection pays the event loop's register/unregister for every wait -- two per
+forwarded request -- which halves throughput; one task waiting on the epoll set through the
+event loop still pays a loop wake-up and a register/unregister per round (~25% of the
+proxy's time at c=4); the thread pays one ``epoll_wait``. Only the forwarding decision runs in
+that thread (:meth:`ProxyApp.forward_port`, which reads ``is_ready`` and ``target_port``);
+what is answered locally (``/healthz``, ``/status``, 503s, 404s) and logging go to the event
+loop's thread with :func:`anyio.from_thread.run_sync`, since that thread owns the state.
 
 Per client connection: read, parse a whole request with
 :class:`~supervisor.http.request.RequestParser` (its names and values are validated there,
@@ -111,6 +117,16 @@ class ProxyApp:
         )
         self.handle = _ProxyHandler(self)
         """The server handler (use with ``serve``/``start_server``)."""
+
+    def forward_port(self, request: Request) -> int | None:
+        """The port to forward ``request`` to right now, or ``None``: :meth:`route` answers.
+
+        The forwarding core calls this from its own thread, so it only calls ``is_ready``
+        and ``target_port``, which must be cheap reads.
+        """
+        if request.method == "POST" and request.path in _FORWARDED_PATHS and self._is_ready():
+            return self._port()
+        return None
 
     def route(self, request: Request) -> Response | None:
         """The answer given here, or ``None`` when the request is to be forwarded."""

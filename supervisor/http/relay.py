@@ -1,5 +1,6 @@
-"""The proxy's forwarding core: one task relays every client and upstream connection
-over a single edge-triggered epoll set, plus the header rewriting both paths share.
+"""The proxy's forwarding core: one loop, in a thread of its own, relays every client and
+upstream connection over a single edge-triggered epoll set; plus the header rewriting both
+paths share.
 
 See :mod:`supervisor.http.proxy` for what is forwarded and why this shape is fast.
 """
@@ -7,9 +8,12 @@ See :mod:`supervisor.http.proxy` for what is forwarded and why this shape is fas
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
+import os
 import select
 import socket
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -265,32 +269,54 @@ class _Relay:
         ).encode("ascii")
 
     async def run(self) -> None:
-        epoll = self._epoll
-        fd = epoll.fileno()
-        objects = self._objects
-        for lfd in self._listeners:
-            epoll.register(lfd, _LISTEN)
+        """Relay until cancelled: the loop runs in a thread of its own (see the module doc)."""
+        wake_r, wake_w = os.pipe()
         try:
+            async with anyio.create_task_group() as tg:
+
+                async def stop_when_cancelled() -> None:
+                    try:
+                        await anyio.sleep_forever()
+                    finally:
+                        os.write(wake_w, b"x")  # the thread returns at its next wait
+
+                tg.start_soon(stop_when_cancelled)
+                await anyio.to_thread.run_sync(self._loop, wake_r, limiter=anyio.CapacityLimiter(1))
+                tg.cancel_scope.cancel()
+        finally:
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def _loop(self, wake: int) -> None:
+        epoll = self._epoll
+        objects = self._objects
+        deadlines = self._deadlines
+        client_event = self._client_event
+        conn_event = self._conn_event
+        try:
+            for lfd in self._listeners:
+                epoll.register(lfd, _LISTEN)
+            epoll.register(wake, select.EPOLLIN)
             while True:
-                if self._deadlines:
-                    delay = min(self._deadlines.values()) - anyio.current_time()
-                    with anyio.move_on_after(max(delay, 0.0)):
-                        await anyio.wait_readable(fd)
+                timeout = -1.0
+                if deadlines:
+                    timeout = max(min(deadlines.values()) - time.monotonic(), 0.0)
+                ready = epoll.poll(timeout)
+                if deadlines:
                     self._expire()
-                else:
-                    await anyio.wait_readable(fd)
-                for efd, events in epoll.poll(0):
+                for efd, events in ready:
                     obj = objects.get(efd)
                     try:
-                        if obj is None:
+                        if type(obj) is _Client:
+                            client_event(obj, events)
+                        elif type(obj) is _Conn:
+                            conn_event(obj, events)
+                        elif efd == wake:
+                            return
+                        else:
                             listener = self._listeners.get(efd)
                             if listener is not None:
                                 self._accept(listener)
-                        elif type(obj) is _Client:
-                            self._client_event(obj, events)
-                        else:
-                            assert isinstance(obj, _Conn)
-                            self._conn_event(obj, events)
                     except Exception as exc:  # pragma: no cover - a bug must not stop the proxy
                         self._log("http_connection_failed", f"{type(exc).__name__}: {exc}")
                         if isinstance(obj, _Client):
@@ -301,17 +327,18 @@ class _Relay:
             for obj in list(objects.values()):
                 obj.sock.close()
             objects.clear()
-            anyio.notify_closing(fd)
             epoll.close()
 
-    def _log(self, event: str, error: str) -> None:
+    def _log(self, event: str, error: str, *, level: str = "error") -> None:
+        """Log from the relay's thread: the logger belongs to the event loop's."""
         if self._logger is not None:
-            self._logger.error(event, error=error)
+            write = self._logger.error if level == "error" else self._logger.warning
+            anyio.from_thread.run_sync(functools.partial(write, event, error=error))
 
     # -- timers and accepting ------------------------------------------------------------
 
     def _expire(self) -> None:
-        now = anyio.current_time()
+        now = time.monotonic()
         for key, deadline in list(self._deadlines.items()):
             if deadline > now:
                 continue
@@ -331,10 +358,9 @@ class _Relay:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # aborted handshakes, or out of file descriptors: back off
-                if self._logger is not None:
-                    self._logger.warning("http_accept_failed", error=str(exc))
+                self._log("http_accept_failed", str(exc), level="warning")
                 self._epoll.modify(listener.fileno(), 0)
-                self._deadlines[listener.fileno()] = anyio.current_time() + _ACCEPT_BACKOFF
+                self._deadlines[listener.fileno()] = time.monotonic() + _ACCEPT_BACKOFF
                 return
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -397,19 +423,24 @@ class _Relay:
         client.continued = False
         client.keep_alive = request.keep_alive
         app = self._app
-        try:
-            answer = app.route(request)
-        except Exception as exc:
-            self._log("http_handler_failed", f"{type(exc).__name__}: {exc}")
-            answer = json_response(500, {"error": "Internal server error."})
-        if answer is not None:
-            data, keep_alive = _encode_response(request, answer)
-            if not keep_alive:
-                client.closing = True
-            self._send(client, data)
-            return
-        port = app._port()
-        assert port is not None  # route() checked
+        port = app.forward_port(request)
+        if port is None:  # answered here, by the event loop's thread (it owns the state)
+            try:
+                answer = anyio.from_thread.run_sync(app.route, request)
+            except Exception as exc:
+                self._log("http_handler_failed", f"{type(exc).__name__}: {exc}")
+                answer = json_response(500, {"error": "Internal server error."})
+            if answer is None:  # became ready meanwhile
+                port = app._port()
+                if port is None:
+                    answer = _unreachable("The target port is not known yet.")
+            if answer is not None:
+                data, keep_alive = _encode_response(request, answer)
+                if not keep_alive:
+                    client.closing = True
+                self._send(client, data)
+                return
+        assert port is not None
         client.busy = True
         head = client.upstream_head
         if not head or client.upstream_port != port:
@@ -424,7 +455,7 @@ class _Relay:
             conn.client = client
             conn.out = data
             if app._timeout is not None:
-                self._deadlines[conn] = anyio.current_time() + app._timeout
+                self._deadlines[conn] = time.monotonic() + app._timeout
             self._write(conn)
             return
         client.pending = data
@@ -486,7 +517,7 @@ class _Relay:
             pass
         client.lingering = True
         client.readable = True
-        self._deadlines[client] = anyio.current_time() + _LINGER_SECONDS
+        self._deadlines[client] = time.monotonic() + _LINGER_SECONDS
         self._drain(client)
 
     def _drain(self, client: _Client) -> None:
@@ -549,7 +580,7 @@ class _Relay:
             conn.client = client
             conn.out = data
             if self._app._timeout is not None:
-                self._deadlines[conn] = anyio.current_time() + self._app._timeout
+                self._deadlines[conn] = time.monotonic() + self._app._timeout
             if not conn.connecting:
                 self._write(conn)
 

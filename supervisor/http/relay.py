@@ -179,6 +179,7 @@ if hasattr(select, "epoll"):
     _OUT = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
     _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
     _LISTEN = select.EPOLLIN
+    _READABLE = select.EPOLLIN | select.EPOLLOUT  # as reported for a socket with news to read
 _ANSWER_ONLY = Request("POST", "/", [])  # encodes internal answers (keep-alive, not HEAD)
 
 
@@ -604,6 +605,9 @@ class _Relay:
         return conn
 
     def _conn_event(self, conn: _Conn, events: int) -> None:
+        if events == _READABLE and conn.client is not None and not conn.out and not conn.connecting:
+            self._read(conn)
+            return
         if conn.connecting:
             if not events & _OUT:
                 return
@@ -676,13 +680,16 @@ class _Relay:
         client = conn.client
         assert client is not None
         conn.client = None
-        self._deadlines.pop(conn, None)
+        if self._deadlines:
+            self._deadlines.pop(conn, None)
         if response.keep_alive and not conn.parser.unprocessed and not conn.out:
             conn.reused = True
             self._idle.append(conn)
+            if self._waiting:
+                self._start_waiting()
         else:
             self._close_conn(conn)
-        self._start_waiting()
+            self._start_waiting()
         if response.body_truncated:
             self._answer(client, _TOO_LARGE)
         else:

@@ -88,7 +88,12 @@ _FORWARDED_PATHS = frozenset({"/", "/on-job-complete"})
 
 
 class ProxyApp:
-    """Forwards batch traffic to the port owner; answers health and status itself."""
+    """Forwards batch traffic to the port owner; answers health and status itself.
+
+    ``is_ready`` and ``target_port`` are also called from the forwarding core's thread for
+    every forwarded request: they must be cheap reads of plain attributes (as ``Pod.serving``
+    and ``Pod.port`` are). ``status`` runs on the event loop's thread only.
+    """
 
     def __init__(
         self,

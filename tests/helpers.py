@@ -107,3 +107,18 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def mutate(wire: bytes, edits: list[tuple[int, int, int]]) -> bytes:
+    """``wire`` with each ``(position, byte, kind)`` edit applied: kind 0 inserts ``byte``,
+    1 replaces the byte there, 2 deletes it (positions wrap around the current length)."""
+    data = bytearray(wire)
+    for position, byte, kind in edits:
+        index = position % (len(data) + 1)
+        if kind == 0:
+            data.insert(index, byte)
+        elif kind == 1 and index < len(data):
+            data[index] = byte
+        elif index < len(data):
+            del data[index]
+    return bytes(data)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from supervisor.http.errors import RemoteProtocolError
 from supervisor.http.request import Request, RequestParser
+from tests.helpers import mutate
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -201,18 +202,10 @@ def test_valid_requests_read_like_h11(cases: list[Case], mode: str, cuts: list[i
 def test_mutated_requests_accepted_or_refused_like_h11(
     case: Case, edits: list[tuple[int, int, int]]
 ) -> None:
-    data = bytearray(case.wire)
-    for position, byte, kind in edits:
-        index = position % (len(data) + 1)
-        if kind == 0:
-            data.insert(index, byte)
-        elif kind == 1 and index < len(data):
-            data[index] = byte
-        elif index < len(data):
-            del data[index]
-    reference = h11_read(bytes(data))
+    data = mutate(case.wire, edits)
+    reference = h11_read(data)
     parser = RequestParser()
-    parser.receive_data(bytes(data))
+    parser.receive_data(data)
     parser.receive_data(b"")
     try:
         got = parser.next_request()  # only the first request: h11_read stops there too
@@ -270,18 +263,10 @@ def test_a_changed_repeat_is_read_like_h11(
     assert first is not None
     if not first[0].keep_alive:
         return
-    data = bytearray(case.again(body))
-    for position, byte, kind in edits:
-        index = position % (len(data) + 1)
-        if kind == 0:
-            data.insert(index, byte)
-        elif kind == 1 and index < len(data):
-            data[index] = byte
-        elif index < len(data):
-            del data[index]
-    reference = h11_read(bytes(data))
+    data = mutate(case.again(body), edits)
+    reference = h11_read(data)
     parser = RequestParser()
-    parser.receive_data(case.wire + bytes(data))
+    parser.receive_data(case.wire + data)
     parser.receive_data(b"")
     assert parser.next_request() == first[0]
     try:

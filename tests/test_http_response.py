@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 from supervisor.http.response import Response, ResponseParser
+from tests.helpers import mutate
 
 SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -461,13 +462,4 @@ def test_garbage_raises_only_remote_protocol_error(data: bytes, cuts: list[int],
 def test_mutated_responses_raise_only_remote_protocol_error(
     case: Case, edits: list[tuple[int, int, int]], cuts: list[int]
 ) -> None:
-    data = bytearray(case.wire)
-    for position, byte, kind in edits:
-        index = position % (len(data) + 1)
-        if kind == 0:
-            data.insert(index, byte)
-        elif kind == 1 and index < len(data):
-            data[index] = byte
-        elif index < len(data):
-            del data[index]
-    _only_remote_errors(split_points(bytes(data), "random", cuts), True)
+    _only_remote_errors(split_points(mutate(case.wire, edits), "random", cuts), True)

@@ -304,6 +304,20 @@ def test_a_remembered_head_still_bounds_the_body() -> None:
     assert parser.reused_head and big.value.error_status_hint == 413
 
 
+def test_a_remembered_head_still_bounds_the_head() -> None:
+    """A repeat whose longer digits push the head over ``max_head`` is refused like any head."""
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+    bound = len(head % 1) - 2  # the text up to its last line break, as h11 measures it
+    parser = RequestParser(max_head=bound, max_body=100)
+    parser.receive_data(head % 1 + b"x" + head % 2 + b"xy" + head % 10 + b"x" * 10)
+    assert parser.next_request() is not None
+    second = parser.next_request()
+    assert second is not None and parser.reused_head and second.body == b"xy"
+    with pytest.raises(RemoteProtocolError) as big:
+        parser.next_request()
+    assert big.value.error_status_hint == 431
+
+
 @SETTINGS
 @given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 400)))
 def test_garbage_raises_only_remote_protocol_error(data: bytes, cuts: list[int]) -> None:

@@ -26,10 +26,11 @@ to answer (400 by default); the parser is unusable afterwards and the connection
 
 A client sends the same head again and again with only ``Content-Length`` changing (a batch
 poster's heads differ in nothing else), so after a full parse the parser remembers the head
-split around that value: when the next head is byte for byte the same apart from those digits,
+split around that value: when the buffer starts with the same bytes apart from those digits,
 its parse is the remembered one with the new length (the digits are the only input that
-changed, and they are checked as a full parse would check them). :attr:`reused_head` says so,
-which lets the proxy reuse what it built from the previous head.
+changed, and they are checked as a full parse would check them). That match is tried before
+anything else, so a repeated head costs two ``bytearray`` searches and no split or decode.
+:attr:`reused_head` says so, which lets the proxy reuse what it built from the previous head.
 
 ``Request.keep_alive`` is h11's rule: HTTP/1.1 or later without ``Connection: close``. After a
 request that is not keep-alive the parser returns nothing more. :attr:`expects_continue` is
@@ -108,9 +109,9 @@ def _bad(message: str, status: int = 400) -> RemoteProtocolError:
 class _Head(msgspec.Struct, gc=False):
     """A parsed request head and what it says about framing."""
 
-    method: bytes
-    target: bytes
-    version: bytes
+    method: str
+    target: str
+    version: str
     headers: list[tuple[bytes, bytes]]
     content_length: int = 0
     chunked: bool = False
@@ -118,7 +119,7 @@ class _Head(msgspec.Struct, gc=False):
     expect_continue: bool = False
 
 
-def _parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+def _parse_request_line(line: bytes) -> tuple[str, str, str]:
     method, _, rest = line.partition(b" ")
     target, _, version = rest.partition(b" ")
     if (
@@ -133,7 +134,7 @@ def _parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
         or not version[7:8].isdigit()
     ):
         raise _bad(f"Illegal request line: {line[:100]!r}.")
-    return method, target, version[5:]
+    return method.decode("ascii"), target.decode("ascii"), version[5:].decode("ascii")
 
 
 def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, bytes]]:
@@ -181,9 +182,9 @@ def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, b
     if head is not None:
         if hosts > 1:
             raise _bad("Request has more than one Host header.")
-        if hosts == 0 and head.version == b"1.1":
+        if hosts == 0 and head.version == "1.1":
             raise _bad("HTTP/1.1 request has no Host header.")
-        if head.version < b"1.1":
+        if head.version < "1.1":
             head.keep_alive = False
             head.expect_continue = False
         head.chunked = seen_te
@@ -192,35 +193,45 @@ def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, b
     return headers
 
 
-# A head split around its Content-Length digits: (text before, text after, parse, the index
-# of the Content-Length field in the parse's headers).
-_Last = tuple[bytes, bytes, _Head, int]
+class _Last(msgspec.Struct, gc=False, array_like=True):
+    """A head remembered around its ``Content-Length`` digits (see :meth:`RequestParser._match`).
+
+    ``prefix`` runs up to the digits, ``tail`` from after them to the end of the blank line
+    (``blank`` bytes long); ``head`` is the parse and ``index`` the place of the field in it.
+    """
+
+    prefix: bytes
+    tail: bytes
+    blank: int
+    head: _Head
+    index: int
 
 
-def _remember(text: bytes, head: _Head) -> _Last | None:
-    """``text`` split around its one ``Content-Length`` value, when that value is plain digits."""
+def _remember(whole: bytes, text_end: int, head: _Head) -> _Last | None:
+    """``whole`` (a head up to its blank line) split around its one ``Content-Length`` value,
+    when that value is plain digits."""
     if head.chunked:
         return None
-    lowered = text.lower()
+    lowered = whole.lower()
     start = lowered.find(b"\ncontent-length:")
     if start < 0 or lowered.find(b"\ncontent-length:", start + 1) >= 0:
         return None
     first = start + 16
-    while text[first : first + 1] in (b" ", b"\t"):
+    while whole[first : first + 1] in (b" ", b"\t"):
         first += 1
     end = first
-    while text[end : end + 1].isdigit():
+    while whole[end : end + 1].isdigit():
         end += 1
     after = end
-    while text[after : after + 1] in (b" ", b"\t"):
+    while whole[after : after + 1] in (b" ", b"\t"):
         after += 1
-    if end == first or text[after : after + 1] not in (b"\r", b"\n"):
+    if end == first or whole[after : after + 1] not in (b"\r", b"\n"):
         return None
     for index, (name, value) in enumerate(head.headers):
         if name.lower() == b"content-length":
-            if value != text[first:end]:
+            if value != whole[first:end]:
                 return None
-            return text[:first], text[end:], head, index
+            return _Last(whole[:first], whole[end:], len(whole) - text_end, head, index)
     return None
 
 
@@ -334,27 +345,28 @@ class RequestParser:
 
     def _read_head(self) -> bool:
         buf = self._buf
-        if buf and buf[0] < 0x21:
-            raise _bad("Illegal request line: it starts with a control byte or whitespace.")
-        text_end, head_end = _find_blank_line(buf, self._scan)
-        if head_end < 0 or text_end > self._max_head:
-            if len(buf) > self._max_head:
-                raise _bad(f"Request head is larger than {self._max_head} bytes.", 431)
-            if self._eof and buf:
-                raise _bad("Client disconnected before the request head was complete.")
-            self._scan = max(0, len(buf) - 2)
-            return False
-        text = bytes(buf[:text_end])
-        del buf[:head_end]
-        self._scan = 0
-        head = self._reuse(text)
+        last = self._last
+        head = self._match(buf, last) if last is not None else None
         self.reused_head = head is not None
         if head is None:
-            lines = _split_head(text, "Request")
+            if buf and buf[0] < 0x21:
+                raise _bad("Illegal request line: it starts with a control byte or whitespace.")
+            text_end, head_end = _find_blank_line(buf, self._scan)
+            if head_end < 0 or text_end > self._max_head:
+                if len(buf) > self._max_head:
+                    raise _bad(f"Request head is larger than {self._max_head} bytes.", 431)
+                if self._eof and buf:
+                    raise _bad("Client disconnected before the request head was complete.")
+                self._scan = max(0, len(buf) - 2)
+                return False
+            whole = bytes(buf[:head_end])
+            del buf[:head_end]
+            self._scan = 0
+            lines = _split_head(whole[:text_end], "Request")
             method, target, version = _parse_request_line(lines[0])
             head = _Head(method, target, version, [])
             head.headers = _parse_fields(lines[1:], head)
-            self._last = _remember(text, head)
+            self._last = _remember(whole, text_end, head)
         if head.chunked:
             self._chunked.reset()
             self._state = _CHUNKED
@@ -366,20 +378,31 @@ class RequestParser:
         self._head = head
         return True
 
-    def _reuse(self, text: bytes) -> _Head | None:
-        """The parse of ``text`` when it is the remembered head with other length digits."""
-        last = self._last
-        if last is None:
+    def _match(self, buf: bytearray, last: _Last) -> _Head | None:
+        """The parse of the head at the start of ``buf`` (which is then consumed) when it is
+        the remembered one with other ``Content-Length`` digits; else ``None``.
+
+        The bytes around the digits are the remembered ones, so a full parse would find the
+        same blank line (digits hold no line break) and read the same fields; the digits are
+        checked as a full parse checks them, and the head bound as a full parse applies it.
+        """
+        prefix = last.prefix
+        if not buf.startswith(prefix):
             return None
-        prefix, suffix, head, index = last
-        end = len(text) - len(suffix)
-        if end <= len(prefix) or not text.startswith(prefix) or not text.endswith(suffix):
+        tail = last.tail
+        start = len(prefix)
+        end = buf.find(tail, start + 1, start + _MAX_LENGTH_DIGITS + len(tail))
+        if end < 0:
             return None
-        digits = text[len(prefix) : end]
-        if not digits.isdigit() or len(digits) > _MAX_LENGTH_DIGITS:
+        digits = bytes(buf[start:end])
+        head_end = end + len(tail)
+        if not digits.isdigit() or head_end - last.blank > self._max_head:
             return None
+        del buf[:head_end]
+        self._scan = 0
+        head = last.head
         headers = head.headers.copy()
-        headers[index] = (headers[index][0], digits)
+        headers[last.index] = (headers[last.index][0], digits)
         return _Head(
             head.method,
             head.target,
@@ -404,11 +427,4 @@ class RequestParser:
         assert head is not None
         self._head = None
         self._state = _HEAD if head.keep_alive else _CLOSED
-        return Request(
-            method=head.method.decode("ascii"),
-            target=head.target.decode("ascii"),
-            headers=head.headers,
-            body=body,
-            http_version=head.version.decode("ascii"),
-            keep_alive=head.keep_alive,
-        )
+        return Request(head.method, head.target, head.headers, body, head.version, head.keep_alive)

@@ -463,3 +463,16 @@ def test_mutated_responses_raise_only_remote_protocol_error(
     case: Case, edits: list[tuple[int, int, int]], cuts: list[int]
 ) -> None:
     _only_remote_errors(split_points(mutate(case.wire, edits), "random", cuts), True)
+
+
+def test_idle_means_nothing_buffered_between_responses() -> None:
+    parser = ResponseParser()
+    assert parser.idle
+    parser.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no")
+    assert parser.next_response() is None and not parser.idle
+    parser.receive_data(b"k")
+    assert parser.next_response() is not None and parser.idle
+    parser.receive_data(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert parser.next_response() is None and parser.idle  # the final answer is still due
+    parser.receive_data(b"")
+    assert not parser.idle

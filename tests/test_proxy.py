@@ -222,6 +222,47 @@ async def test_repeated_heads_and_answers_reuse_nothing_stale() -> None:
     ]
 
 
+async def test_a_repeated_answer_is_relayed_the_same_and_a_closing_client_still_closes() -> None:
+    """Identical worker answers give identical client answers; a change or a client asking
+    to close is never answered with what was built for the one before."""
+    first = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
+    upstream = Upstream(first)
+    head = b"POST / HTTP/1.1\r\nHost: h\r\n%bContent-Length: 2\r\n\r\n[]"
+    raw: list[bytes] = []
+    answers: list[Parsed] = []
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream) as port:
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                parser = ResponseParser(keep_body=None)
+
+                async def exchange(extra: bytes = b"") -> None:
+                    await stream.send(head % extra)
+                    got = b""
+                    while (response := parser.next_response()) is None:
+                        data = await stream.receive()
+                        got += data
+                        parser.receive_data(data)
+                    raw.append(got)
+                    answers.append(response)
+
+                for _ in range(3):
+                    await exchange()
+                upstream.reply = first.replace(b"ok", b"no")
+                await exchange()
+                upstream.reply = first
+                await exchange()
+                await exchange(b"Connection: close\r\n")
+                with pytest.raises(anyio.EndOfStream):
+                    await stream.receive()
+    expected = b"HTTP/1.1 200 OK\r\nx-a: 1\r\nContent-Length: 2\r\n\r\nok"
+    assert raw[:3] == [expected] * 3
+    assert raw[3] == expected.replace(b"ok", b"no")
+    assert raw[4] == expected
+    assert answers[5].body_head == b"ok" and not answers[5].keep_alive
+    assert answers[5].header(b"connection") == b"close"
+    assert len(upstream.requests) == 6
+
+
 async def test_chunked_request_is_forwarded_with_a_length() -> None:
     upstream = Upstream()
     sent = (

@@ -258,6 +258,10 @@ class _Relay:
         self._open = 0  # upstream connections, idle or busy
         self._waiting: deque[_Client] = deque()
         self._answers = _Answers()
+        # The last upstream answer that arrived whole, alone, on an idle connection, and the
+        # bytes it became for a keep-alive client: the same bytes again become the same answer.
+        self._repeat_in: bytes | None = None
+        self._repeat_out = b""
         self._deadlines: dict[object, float] = {}  # _Conn: 504; _Client: linger; fd: accept
         self._max_body = max_body
         self._max_head = max_head
@@ -656,6 +660,8 @@ class _Relay:
 
     def _read(self, conn: _Conn) -> None:
         parser = conn.parser
+        client = conn.client
+        assert client is not None
         while True:
             try:
                 data = conn.sock.recv(_RECV)
@@ -664,6 +670,10 @@ class _Relay:
             except OSError:
                 self._fail(conn, "The connection broke while reading the response.")
                 return
+            fresh = parser.idle
+            if fresh and data == self._repeat_in and client.keep_alive:
+                self._relay(conn, True, self._repeat_out)  # a worker's usual answer, again
+                return
             parser.receive_data(data)
             try:
                 response = parser.next_response()
@@ -671,18 +681,26 @@ class _Relay:
                 self._fail(conn, str(exc))
                 return
             if response is not None:
-                self._relay(conn, response)
+                if response.body_truncated:
+                    self._relay(conn, response.keep_alive, _TOO_LARGE)
+                    return
+                answer = self._answers.encode(response, client.keep_alive)
+                if fresh and response.keep_alive and client.keep_alive and not parser.unprocessed:
+                    self._repeat_in = data
+                    self._repeat_out = answer
+                self._relay(conn, response.keep_alive, answer)
                 return
             if len(data) < _RECV:
                 return
 
-    def _relay(self, conn: _Conn, response: Upstream) -> None:
+    def _relay(self, conn: _Conn, keep_alive: bool, answer: Response | bytes) -> None:
+        """Give ``answer`` to the client; keep ``conn`` for another request when it can."""
         client = conn.client
         assert client is not None
         conn.client = None
         if self._deadlines:
             self._deadlines.pop(conn, None)
-        if response.keep_alive and not conn.parser.unprocessed and not conn.out:
+        if keep_alive and not conn.parser.unprocessed and not conn.out:
             conn.reused = True
             self._idle.append(conn)
             if self._waiting:
@@ -690,10 +708,7 @@ class _Relay:
         else:
             self._close_conn(conn)
             self._start_waiting()
-        if response.body_truncated:
-            self._answer(client, _TOO_LARGE)
-        else:
-            self._answer(client, self._answers.encode(response, client.keep_alive))
+        self._answer(client, answer)
 
     def _fail(self, conn: _Conn, reason: str, answer: Response | None = None) -> None:
         """Close ``conn``; its client gets 502 (or ``answer``)."""

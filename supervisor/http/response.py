@@ -269,6 +269,11 @@ class ResponseParser:
         return len(self._buf)
 
     @property
+    def idle(self) -> bool:
+        """Whether the parser waits for a new response with nothing buffered (and no EOF)."""
+        return self._state == _HEAD and not self._buf and not self._eof
+
+    @property
     def must_close(self) -> bool:
         """True once a response said the connection cannot be reused (or parsing failed)."""
         return self._state >= _CLOSED

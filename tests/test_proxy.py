@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -314,8 +315,14 @@ async def test_target_too_slow_gets_504() -> None:
 
 async def test_admin_routes_and_unknown_ones() -> None:
     state = {"containers": [{"name": "api", "ready": True}], "port_owner": 1234}
+    threads: list[int] = []
+
+    def status_here() -> object:
+        threads.append(threading.get_ident())
+        return state
+
     with anyio.fail_after(10):
-        async with proxy_in_front_of(Upstream(), status=lambda: state) as port:
+        async with proxy_in_front_of(Upstream(), status=status_here) as port:
             status = await request("127.0.0.1", port, "GET", "/status")
             wrong_method = await request("127.0.0.1", port, "GET", "/")
             post_health = await request("127.0.0.1", port, "POST", "/healthz")
@@ -324,6 +331,7 @@ async def test_admin_routes_and_unknown_ones() -> None:
             no_status = await request("127.0.0.1", port, "GET", "/status")
     assert status.status == 200
     assert msgspec.json.decode(status.body_head) == state
+    assert threads == [threading.get_ident()]  # the pod's state is read on its own thread
     assert wrong_method.status == 405 and wrong_method.header(b"allow") == b"POST"
     assert post_health.status == 405
     assert unknown.status == 404

@@ -31,9 +31,12 @@ a task per connection pays the event loop's register/unregister for every wait -
 forwarded request -- which halves throughput; one task waiting on the epoll set through the
 event loop still pays a loop wake-up and a register/unregister per round (~25% of the
 proxy's time at c=4); the thread pays one ``epoll_wait``. Only the forwarding decision runs in
-that thread (:meth:`ProxyApp.forward_port`, which reads ``is_ready`` and ``target_port``);
-what is answered locally (``/healthz``, ``/status``, 503s, 404s) and logging go to the event
-loop's thread with :func:`anyio.from_thread.run_sync`, since that thread owns the state.
+that thread (:meth:`ProxyApp.forward_port`, which reads ``is_ready`` and ``target_port``),
+and so do the local answers that need nothing else (``/healthz``, 503s, 404s, 405s): a client
+hammering a pod that is not ready yet costs the relay no more than a forwarded request (503s
+at c=16: 31k/s and 18 us of CPU each; 13.6k/s and 57 us through the event loop). ``/status``
+(:meth:`ProxyApp.needs_event_loop`) and logging go to the event loop's thread with
+:func:`anyio.from_thread.run_sync`, since that thread owns the pod's state.
 
 Per client connection: read, parse a whole request with
 :class:`~supervisor.http.request.RequestParser` (its names and values are validated there,
@@ -90,9 +93,10 @@ _FORWARDED_PATHS = frozenset({"/", "/on-job-complete"})
 class ProxyApp:
     """Forwards batch traffic to the port owner; answers health and status itself.
 
-    ``is_ready`` and ``target_port`` are also called from the forwarding core's thread for
-    every forwarded request: they must be cheap reads of plain attributes (as ``Pod.serving``
-    and ``Pod.port`` are). ``status`` runs on the event loop's thread only.
+    ``is_ready`` and ``target_port`` are also called from the forwarding core's thread, for
+    every forwarded request and every local answer but ``/status``: they must be cheap reads
+    of plain attributes (as ``Pod.serving`` and ``Pod.port`` are). ``status`` runs on the
+    event loop's thread only.
     """
 
     def __init__(
@@ -132,6 +136,11 @@ class ProxyApp:
         if request.method == "POST" and request.path in _FORWARDED_PATHS and self._is_ready():
             return self._port()
         return None
+
+    def needs_event_loop(self, request: Request) -> bool:
+        """Whether :meth:`route` must run on the event loop's thread for ``request``: it
+        calls ``status`` (anything else it reads is ``is_ready`` and ``target_port``)."""
+        return self._status is not None and request.path == "/status"
 
     def route(self, request: Request) -> Response | None:
         """The answer given here, or ``None`` when the request is to be forwarded."""

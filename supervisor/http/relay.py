@@ -429,9 +429,12 @@ class _Relay:
         client.keep_alive = request.keep_alive
         app = self._app
         port = app.forward_port(request)
-        if port is None:  # answered here, by the event loop's thread (it owns the state)
+        if port is None:  # answered here (the pod's status by the event loop's thread)
             try:
-                answer = anyio.from_thread.run_sync(app.route, request)
+                if app.needs_event_loop(request):
+                    answer = anyio.from_thread.run_sync(app.route, request)
+                else:
+                    answer = app.route(request)
             except Exception as exc:
                 self._log("http_handler_failed", f"{type(exc).__name__}: {exc}")
                 answer = json_response(500, {"error": "Internal server error."})

@@ -43,7 +43,10 @@ Per client connection: read, parse a whole request with
 so the upstream head is built without re-checking), route it synchronously (:meth:`ProxyApp.
 route`), and either answer at once or write the head and body to an idle upstream connection
 (or a new one, non-blocking ``connect``). The response is read with the fast
-:class:`~supervisor.http.response.ResponseParser` and re-framed with ``Content-Length``.
+:class:`~supervisor.http.response.ResponseParser` and re-framed with ``Content-Length``; a
+worker answers the same bytes again and again (the batch contract ignores the body), so a
+read that arrives whole on an idle connection and equals the last such read is given the
+bytes built for it, unparsed (keep-alive clients only: the framing depends on the client).
 One request per client is in flight; pipelined requests wait in the parser's buffer and the
 client is not read while an answer is still unsent (bounded memory). Edge-triggered reads
 stop after a short ``recv`` (the kernel buffer was empty; the next byte brings an event).

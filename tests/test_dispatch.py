@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,3 +345,59 @@ async def test_idle_connection_closed_by_the_server_is_replaced_uncounted(
     server, p, _ = await run_job(tmp_path, engine, handler, bodies(3), pod=pod, during=during)
     assert p.succeeded == 3 and p.failed_attempts == 0
     assert server.connections == 2
+
+
+class ResettingServer(Server):
+    """Answers each request with a keep-alive 200, then resets the connection at once.
+
+    It runs on raw non-blocking sockets so that the answer and the reset leave with no
+    checkpoint between them: the client can read the answer, and its next ``send`` on that
+    connection fails (on loopback the reset has arrived by then).
+    """
+
+    async def serve(self, listener: anyio.abc.SocketListener) -> None:
+        lsock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+        async with anyio.create_task_group() as tg:
+            while True:
+                await anyio.wait_readable(lsock)
+                try:
+                    sock, _ = lsock.accept()
+                except BlockingIOError:
+                    continue
+                sock.setblocking(False)
+                self.connections += 1
+                tg.start_soon(self._answer_then_reset, sock, self.connections)
+
+    async def _answer_then_reset(self, sock: socket.socket, number: int) -> None:
+        buf = b""
+        try:
+            while True:
+                await anyio.wait_readable(sock)
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buf += data
+                head, blank, body = buf.partition(b"\r\n\r\n")
+                if not blank:
+                    continue
+                fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+                if len(body) < int(fields[b"content-length"]):
+                    continue
+                self.seen.append(Seen(number, body, fields))
+                sock.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+        finally:
+            sock.close()
+
+
+async def test_reused_connection_reset_before_the_request_is_retried_uncounted(
+    tmp_path: Path, engine: Engine
+) -> None:
+    """The connection was reset after its last answer: the next batch goes out again, once,
+    on a fresh connection, and no attempt is counted (nothing of it reached the server)."""
+    sent = bodies(5)
+    server, p, _ = await run_job(tmp_path, engine, ok, sent, server=ResettingServer(ok))
+    assert p.succeeded == 5 and p.failed_attempts == 0 and p.dead == 0
+    assert [s.body for s in server.seen] == sent
+    assert server.connections == 5

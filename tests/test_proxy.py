@@ -34,6 +34,9 @@ class Upstream:
         self.connections = 0
         self.got_request = anyio.Event()
 
+    async def serve(self, listener: anyio.abc.SocketListener) -> None:
+        await listener.serve(self.on_connection)
+
     async def on_connection(self, stream: anyio.abc.SocketStream) -> None:
         self.connections += 1
         buf = b""
@@ -63,6 +66,59 @@ class Upstream:
                     await anyio.sleep_forever()
                 else:
                     await stream.send(self.reply)
+
+
+class ResettingUpstream(Upstream):
+    """Reads each request on raw non-blocking sockets and holds the answer: :meth:`answer`
+    sends a keep-alive 200 on the held connection and resets it at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[socket.socket] = []
+
+    async def serve(self, listener: anyio.abc.SocketListener) -> None:
+        lsock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+        async with anyio.create_task_group() as tg:
+            while True:
+                await anyio.wait_readable(lsock)
+                try:
+                    sock, _ = lsock.accept()
+                except BlockingIOError:
+                    continue
+                sock.setblocking(False)
+                self.connections += 1
+                tg.start_soon(self._read_one, sock)
+
+    async def _read_one(self, sock: socket.socket) -> None:
+        buf = b""
+        while True:
+            await anyio.wait_readable(sock)
+            data = sock.recv(65536)
+            if not data:
+                sock.close()
+                return
+            buf += data
+            head, blank, body = buf.partition(b"\r\n\r\n")
+            if not blank:
+                continue
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            if len(body) < length:
+                continue
+            self.requests.append(head + b"\r\n\r\n" + body)
+            self.held.append(sock)
+            self.got_request.set()
+            return
+
+    def answer(self) -> None:
+        """Answer the held request and reset its connection, with no checkpoint between."""
+        sock = self.held.pop()
+        sock.send(OK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # on loopback the answer and the reset have both arrived now
 
 
 class Ready:
@@ -109,7 +165,7 @@ async def proxy_in_front_of(
     handler = app.handle if PATHS["core"] == "relay" else app.handle.__call__
     async with listener, anyio.create_task_group() as tg:
         if upstream is not None:
-            tg.start_soon(listener.serve, upstream.on_connection)
+            tg.start_soon(upstream.serve, listener)
         port = await tg.start(start_server, "127.0.0.1", 0, handler)
         try:
             yield port
@@ -262,6 +318,40 @@ async def test_a_repeated_answer_is_relayed_the_same_and_a_closing_client_still_
     assert answers[5].body_head == b"ok" and not answers[5].keep_alive
     assert answers[5].header(b"connection") == b"close"
     assert len(upstream.requests) == 6
+
+
+async def test_upstream_reset_after_its_answer_costs_the_next_request_nothing() -> None:
+    """The worker resets each connection right after answering on it: every request still
+    gets its answer, each is forwarded once, on a fresh connection.
+
+    The answer and the reset are sent from inside ``status()``, which the forwarding core
+    asks the event loop's thread for and waits on: so it is not reading meanwhile, and finds
+    both when it reads the answer. It hands the connection back to its pool, and the next
+    request's ``send`` on it fails: the request must go out again on a new connection.
+    """
+    upstream = ResettingUpstream()
+
+    def status() -> object:
+        upstream.answer()
+        return {}
+
+    post = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n[%d]"
+    answers: list[Parsed] = []
+    with anyio.fail_after(10):
+        async with proxy_in_front_of(upstream, status=status) as port:
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                parser = ResponseParser(keep_body=None)
+                for n in range(3):
+                    upstream.got_request = anyio.Event()
+                    await stream.send(post % n)
+                    await upstream.got_request.wait()
+                    assert (await request("127.0.0.1", port, "GET", "/status")).status == 200
+                    while (response := parser.next_response()) is None:
+                        parser.receive_data(await stream.receive())
+                    answers.append(response)
+    assert [(a.status, a.body_head) for a in answers] == [(200, b"ok")] * 3
+    assert [r[-3:] for r in upstream.requests] == [b"[0]", b"[1]", b"[2]"]
+    assert upstream.connections == 3
 
 
 async def test_chunked_request_is_forwarded_with_a_length() -> None:

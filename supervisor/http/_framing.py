@@ -1,5 +1,5 @@
-"""Message framing shared by the request and response parsers (sans-IO): the
-``Content-Length`` rules and the chunked transfer coding.
+"""Message framing shared by the request and response parsers (sans-IO): the head's
+lines and token characters, the ``Content-Length`` rules and the chunked transfer coding.
 
 For chunked bodies, the parser that owns the connection's buffer calls :meth:`ChunkedReader.read` whenever bytes
 arrive; the reader consumes what it can (body bytes go to the parser through ``take``) and
@@ -13,11 +13,24 @@ from collections.abc import Callable
 
 from supervisor.http.errors import RemoteProtocolError
 
-__all__ = ["HEXDIG", "ChunkedReader", "find_blank_line", "merge_content_length"]
+__all__ = [
+    "HEXDIG",
+    "MAX_LENGTH_DIGITS",
+    "TCHAR",
+    "ChunkedReader",
+    "find_blank_line",
+    "merge_content_length",
+    "split_head",
+]
 
 HEXDIG = b"0123456789abcdefABCDEF"
 _MAX_CHUNK_LINE = 4096
-_MAX_LENGTH_DIGITS = 20
+MAX_LENGTH_DIGITS = 20
+# bytes.translate(None, delete=X) removes every byte in X: what is left are the bad bytes.
+TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Bytes allowed anywhere in a head once CRLF became LF: h11's rule (no NUL, no whitespace
+# other than SP and HTAB, no bare CR); other control bytes are tolerated, as h11 does.
+_HEAD_BYTES = bytes(b for b in range(256) if b not in (0x00, 0x0B, 0x0C, 0x0D))
 
 _SIZE = 0
 _DATA = 1
@@ -41,7 +54,7 @@ def merge_content_length(
         if len(lengths) != 1:
             raise bad(f"{who} has conflicting Content-Length values: {value!r}.", 400)
         value = lengths.pop()
-    if not value.isdigit() or len(value) > _MAX_LENGTH_DIGITS:
+    if not value.isdigit() or len(value) > MAX_LENGTH_DIGITS:
         raise bad(f"{who} has an invalid Content-Length: {value[:30]!r}.", 400)
     if previous is None:
         return value
@@ -137,7 +150,7 @@ class ChunkedReader:
                     size = size.rstrip(b" \t")
                 if (
                     not size
-                    or len(size) > _MAX_LENGTH_DIGITS
+                    or len(size) > MAX_LENGTH_DIGITS
                     or size.translate(None, HEXDIG)
                     or b"\n" in line
                 ):
@@ -170,3 +183,36 @@ class ChunkedReader:
         if eof:
             raise bad(self._eof_message, 400)
         return False
+
+
+def split_head(text: bytes, subject: str = "Response") -> list[bytes]:
+    """Lines of a block ending in LF (CRLF allowed), without the final empty one; unfolded.
+
+    ``subject`` ("Request" or "Response") starts the error messages.
+    """
+    if b"\r" in text:
+        text = text.replace(b"\r\n", b"\n")
+    if text.translate(None, _HEAD_BYTES):
+        raise RemoteProtocolError(
+            f"{subject} head contains a forbidden control byte (NUL, CR, VT or FF)."
+        )
+    lines = text.split(b"\n")
+    lines.pop()
+    if b"\n " in text or b"\n\t" in text:
+        lines[1:] = _unfold(lines[1:], subject)
+    return lines
+
+
+def _unfold(lines: list[bytes], subject: str = "Response") -> list[bytes]:
+    """Join obsolete folded lines (RFC 9112 §5.2) to their field with a single space."""
+    out: list[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if not out:
+                raise RemoteProtocolError(
+                    f"{subject} header block starts with a continuation line."
+                )
+            out[-1] = out[-1] + b" " + line.lstrip(b" \t")
+        else:
+            out.append(line)
+    return out

@@ -42,6 +42,7 @@ import anyio
 import anyio.abc
 import h11
 
+from supervisor.http._framing import TCHAR
 from supervisor.http._rawsock import RawSocket, connect
 from supervisor.http.errors import (
     ConnectError,
@@ -61,7 +62,6 @@ __all__ = ["BatchClient", "ConnectionPool", "Response", "post_head_prefix", "req
 _IO_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 _RECEIVE_SIZE = 65536
 _ONE_SEND = 64 * 1024  # head and body are joined into one send up to this body size
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _FRAMING = (b"content-length", b"transfer-encoding")
 
 
@@ -71,7 +71,7 @@ def _authority(host: str, port: int) -> str:
 
 def _check_header(name: bytes, value: bytes) -> None:
     """Refuse header names that are not tokens and values that could inject lines."""
-    if not name or name.translate(None, _TCHAR):
+    if not name or name.translate(None, TCHAR):
         raise LocalProtocolError(f"Illegal header name {name[:100]!r}.")
     if b"\r" in value or b"\n" in value or b"\x00" in value:
         raise LocalProtocolError(f"Illegal header value {value[:100]!r} for {name!r}.")
@@ -334,7 +334,7 @@ class ConnectionPool(anyio.abc.AsyncResource):
         body: bytes,
         port: int,
     ) -> bytes:
-        if not method or method.translate(None, _TCHAR):
+        if not method or method.translate(None, TCHAR):
             raise LocalProtocolError(f"Illegal request method {method[:50]!r}.")
         if not target or any(c <= 0x20 or c >= 0x7F for c in target):
             raise LocalProtocolError(f"Illegal request target {target[:100]!r}.")

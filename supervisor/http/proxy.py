@@ -22,7 +22,7 @@ Theory of operation: the forwarding core
 ``app.handle`` is a server :data:`~supervisor.http.server.Handler` that also has a
 ``serve_sockets`` method, which :func:`~supervisor.http.server.serve` prefers. Where
 ``select.epoll`` exists and the target host is an IP literal, that method runs
-:class:`_Relay`: **one loop in a thread of its own** that registers every client and upstream
+:class:`Relay`: **one loop in a thread of its own** that registers every client and upstream
 socket once, edge triggered, in its own epoll set and blocks in ``epoll_wait`` (the thread is
 started with :func:`anyio.to_thread.run_sync` and stopped through a pipe in the same set when
 the serving task is cancelled, on asyncio, uvloop and trio alike). Each wake-up handles every
@@ -68,16 +68,16 @@ import socket
 from collections.abc import Callable, Sequence
 
 import anyio
+import msgspec
 
 from supervisor.http.client import ConnectionPool
 from supervisor.http.errors import HTTPError, LocalProtocolError
 from supervisor.http.relay import (
-    _TIMED_OUT,
-    _TOO_LARGE,
-    _end_to_end,
-    _json_encode,
-    _Relay,
-    _unreachable,
+    TIMED_OUT,
+    TOO_LARGE,
+    Relay,
+    end_to_end,
+    unreachable,
 )
 from supervisor.http.request import MAX_BODY, MAX_HEAD
 from supervisor.http.server import (
@@ -168,7 +168,7 @@ class ProxyApp:
             if method not in ("GET", "HEAD"):
                 return _method_not_allowed(b"GET, HEAD")
             return Response(
-                200, [(b"Content-Type", b"application/json")], _json_encode(self._status())
+                200, [(b"Content-Type", b"application/json")], msgspec.json.encode(self._status())
             )
         return json_response(404, {"error": f"No route for {path}."})
 
@@ -177,7 +177,7 @@ class ProxyApp:
         answer = self.route(request)
         if answer is not None:
             return answer
-        headers = _end_to_end(request.headers, drop=(b"content-length",))  # goes last
+        headers = end_to_end(request.headers, drop=(b"content-length",))  # goes last
         target = request.target.encode("ascii")
         try:
             if self._timeout is None:
@@ -186,16 +186,16 @@ class ProxyApp:
                 with anyio.fail_after(self._timeout):
                     upstream = await self._pool.request(b"POST", target, headers, request.body)
         except TimeoutError:
-            return _TIMED_OUT
+            return TIMED_OUT
         except LocalProtocolError:
             raise
         except HTTPError as exc:
-            return _unreachable(str(exc))
+            return unreachable(str(exc))
         if upstream.body_truncated:
-            return _TOO_LARGE
+            return TOO_LARGE
         return Response(
             upstream.status,
-            _end_to_end(upstream.headers, drop=(b"content-length",)),
+            end_to_end(upstream.headers, drop=(b"content-length",)),
             upstream.body_head,
             upstream.reason,
         )
@@ -237,7 +237,7 @@ class _ProxyHandler:
                 sockets, app._handle, max_body=max_body, max_head=max_head, logger=logger
             )
             return
-        relay = _Relay(app, sockets, max_body, max_head, logger)
+        relay = Relay(app, sockets, max_body, max_head, logger)
         await relay.run()
 
 

@@ -28,14 +28,16 @@ from supervisor.http.response import ResponseParser
 from supervisor.http.server import (
     Request,
     Response,
-    _encode_response,
-    _status_line,
+    encode_response,
     json_response,
+    status_line,
 )
 from supervisor.logs import Logger
 
 if TYPE_CHECKING:
     from supervisor.http.proxy import ProxyApp
+
+__all__ = ["TIMED_OUT", "TOO_LARGE", "Relay", "end_to_end", "unreachable"]
 
 _HOP_BY_HOP = frozenset(
     {
@@ -60,7 +62,7 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     return named
 
 
-def _end_to_end(
+def end_to_end(
     headers: list[tuple[bytes, bytes]], *, drop: tuple[bytes, ...] = ()
 ) -> list[tuple[bytes, bytes]]:
     """``headers`` without hop-by-hop ones (including those named in ``Connection``)."""
@@ -145,7 +147,7 @@ def _client_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]])
         if name == b"connection":
             named = _connection_tokens(headers)
             break
-    parts = [_status_line(status, reason)]
+    parts = [status_line(status, reason)]
     for name, value in headers:
         if (
             name in _HOP_BY_HOP
@@ -158,12 +160,12 @@ def _client_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]])
     return b"".join(parts)
 
 
-def _unreachable(reason: str) -> Response:
+def unreachable(reason: str) -> Response:
     return json_response(502, {"error": f"The API could not be reached: {reason}"})
 
 
-_TIMED_OUT = json_response(504, {"error": "The API did not answer in time."})
-_TOO_LARGE = json_response(502, {"error": "The API's response body is too large."})
+TIMED_OUT = json_response(504, {"error": "The API did not answer in time."})
+TOO_LARGE = json_response(502, {"error": "The API's response body is too large."})
 
 
 # -- the forwarding core (epoll) ---------------------------------------------------------------
@@ -239,7 +241,7 @@ class _Conn:
         self.closed = False
 
 
-class _Relay:
+class Relay:
     """The single-task forwarding core (see the module docstring)."""
 
     def __init__(
@@ -350,7 +352,7 @@ class _Relay:
             del self._deadlines[key]
             if isinstance(key, _Conn):
                 if key.client is not None:
-                    self._fail(key, "", _TIMED_OUT)
+                    self._fail(key, "", TIMED_OUT)
             elif isinstance(key, _Client):
                 self._close_client(key)
             elif isinstance(key, int):
@@ -441,9 +443,9 @@ class _Relay:
             if answer is None:  # became ready meanwhile
                 port = app._port()
                 if port is None:
-                    answer = _unreachable("The target port is not known yet.")
+                    answer = unreachable("The target port is not known yet.")
             if answer is not None:
-                data, keep_alive = _encode_response(request, answer)
+                data, keep_alive = encode_response(request, answer)
                 if not keep_alive:
                     client.closing = True
                 self._send(client, data)
@@ -479,7 +481,7 @@ class _Relay:
             request = (
                 _ANSWER_ONLY if client.keep_alive else Request("POST", "/", [], keep_alive=False)
             )
-            answer = _encode_response(request, answer)[0]
+            answer = encode_response(request, answer)[0]
         if not client.keep_alive:
             client.closing = True
         self._send(client, answer)
@@ -544,7 +546,7 @@ class _Relay:
     def _reject(self, client: _Client, status: int, message: str) -> None:
         body = _json_encode({"error": message})
         head = (
-            _status_line(status, b"")
+            status_line(status, b"")
             + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
             + b"Connection: close\r\n\r\n"
         )
@@ -579,7 +581,7 @@ class _Relay:
                     break
                 self._close_conn(candidate)
             if port is None:
-                self._answer(client, _unreachable("The target port is not known yet."))
+                self._answer(client, unreachable("The target port is not known yet."))
                 continue
             if conn is None:
                 conn = self._connect(client, port)
@@ -601,7 +603,7 @@ class _Relay:
             reason = errno.errorcode.get(code, str(code))
             self._answer(
                 client,
-                _unreachable(f"Could not connect to {self._app._host}:{port}: {reason}."),
+                unreachable(f"Could not connect to {self._app._host}:{port}: {reason}."),
             )
             return None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -685,7 +687,7 @@ class _Relay:
                 return
             if response is not None:
                 if response.body_truncated:
-                    self._relay(conn, response.keep_alive, _TOO_LARGE)
+                    self._relay(conn, response.keep_alive, TOO_LARGE)
                     return
                 answer = self._answers.encode(response, client.keep_alive)
                 if fresh and response.keep_alive and client.keep_alive and not parser.unprocessed:
@@ -721,7 +723,7 @@ class _Relay:
         self._close_conn(conn)
         self._start_waiting()
         if client is not None:
-            self._answer(client, answer or _unreachable(reason))
+            self._answer(client, answer or unreachable(reason))
 
     def _close_conn(self, conn: _Conn) -> None:
         if not conn.closed:

@@ -41,10 +41,15 @@ from __future__ import annotations
 
 import msgspec
 
-from supervisor.http._framing import _MAX_LENGTH_DIGITS, ChunkedReader, merge_content_length
+from supervisor.http._framing import (
+    MAX_LENGTH_DIGITS,
+    TCHAR,
+    ChunkedReader,
+    merge_content_length,
+    split_head,
+)
 from supervisor.http._framing import find_blank_line as _find_blank_line
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
-from supervisor.http.response import _TCHAR, _split_head
 
 __all__ = ["MAX_BODY", "MAX_HEAD", "Request", "RequestParser"]
 
@@ -99,7 +104,7 @@ class Request(msgspec.Struct, gc=False):
 
 
 def _check_trailers(text: bytes) -> None:
-    _parse_fields(_split_head(b"\n" + text, "Request")[1:], None)
+    _parse_fields(split_head(b"\n" + text, "Request")[1:], None)
 
 
 def _bad(message: str, status: int = 400) -> RemoteProtocolError:
@@ -124,7 +129,7 @@ def _parse_request_line(line: bytes) -> tuple[str, str, str]:
     target, _, version = rest.partition(b" ")
     if (
         not method
-        or method.translate(None, _TCHAR)
+        or method.translate(None, TCHAR)
         or not target
         or target.translate(None, _VCHAR)
         or len(version) != 8
@@ -138,7 +143,7 @@ def _parse_request_line(line: bytes) -> tuple[str, str, str]:
 
 
 def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, bytes]]:
-    """Validate ``name: value`` lines (from ``_split_head``); fill ``head``'s framing fields.
+    """Validate ``name: value`` lines (from ``split_head``); fill ``head``'s framing fields.
 
     ``head`` is ``None`` for trailers, which are validated the same way and then dropped.
     """
@@ -176,8 +181,8 @@ def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, b
                 if b"100-continue" in [token.strip() for token in value.lower().split(b",")]:
                     head.expect_continue = True
         headers.append((raw_name, value))
-    if b"".join(names).translate(None, _TCHAR):
-        bad = next(name for name in names if name.translate(None, _TCHAR))
+    if b"".join(names).translate(None, TCHAR):
+        bad = next(name for name in names if name.translate(None, TCHAR))
         raise _bad(f"Request has an illegal header name: {bad[:100]!r}.")
     if head is not None:
         if hosts > 1:
@@ -362,7 +367,7 @@ class RequestParser:
             whole = bytes(buf[:head_end])
             del buf[:head_end]
             self._scan = 0
-            lines = _split_head(whole[:text_end], "Request")
+            lines = split_head(whole[:text_end], "Request")
             method, target, version = _parse_request_line(lines[0])
             head = _Head(method, target, version, [])
             head.headers = _parse_fields(lines[1:], head)
@@ -391,7 +396,7 @@ class RequestParser:
             return None
         tail = last.tail
         start = len(prefix)
-        end = buf.find(tail, start + 1, start + _MAX_LENGTH_DIGITS + len(tail))
+        end = buf.find(tail, start + 1, start + MAX_LENGTH_DIGITS + len(tail))
         if end < 0:
             return None
         digits = bytes(buf[start:end])

@@ -34,7 +34,13 @@ from __future__ import annotations
 
 import msgspec
 
-from supervisor.http._framing import ChunkedReader, find_blank_line, merge_content_length
+from supervisor.http._framing import (
+    TCHAR,
+    ChunkedReader,
+    find_blank_line,
+    merge_content_length,
+    split_head,
+)
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["KEEP_BODY", "MAX_HEAD", "Response", "ResponseParser"]
@@ -45,11 +51,6 @@ MAX_HEAD = 64 * 1024
 KEEP_BODY = 1024
 """Default number of body bytes kept for error reports; the rest is counted and dropped."""
 
-# bytes.translate(None, delete=X) removes every byte in X: what is left are the bad bytes.
-_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-# Bytes allowed anywhere in a head once CRLF became LF: h11's rule (no NUL, no whitespace
-# other than SP and HTAB, no bare CR); other control bytes are tolerated, as h11 does.
-_HEAD_BYTES = bytes(b for b in range(256) if b not in (0x00, 0x0B, 0x0C, 0x0D))
 
 # Parser states.
 _HEAD = 0
@@ -104,39 +105,10 @@ def _bad(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message)
 
 
-def _split_head(text: bytes, subject: str = "Response") -> list[bytes]:
-    """Lines of a block ending in LF (CRLF allowed), without the final empty one; unfolded.
-
-    ``subject`` ("Request" or "Response") starts the error messages.
-    """
-    if b"\r" in text:
-        text = text.replace(b"\r\n", b"\n")
-    if text.translate(None, _HEAD_BYTES):
-        raise _bad(f"{subject} head contains a forbidden control byte (NUL, CR, VT or FF).")
-    lines = text.split(b"\n")
-    lines.pop()
-    if b"\n " in text or b"\n\t" in text:
-        lines[1:] = _unfold(lines[1:], subject)
-    return lines
-
-
-def _unfold(lines: list[bytes], subject: str = "Response") -> list[bytes]:
-    """Join obsolete folded lines (RFC 9112 §5.2) to their field with a single space."""
-    out: list[bytes] = []
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not out:
-                raise _bad(f"{subject} header block starts with a continuation line.")
-            out[-1] = out[-1] + b" " + line.lstrip(b" \t")
-        else:
-            out.append(line)
-    return out
-
-
 def _parse_fields(lines: list[bytes]) -> _Fields:
     """Parse and validate ``name: value`` lines (h11's rules, without regular expressions).
 
-    ``lines`` must come from :func:`_split_head` (no control bytes, folded lines joined).
+    ``lines`` must come from :func:`split_head` (no control bytes, folded lines joined).
     """
     fields = _Fields([])
     headers = fields.headers
@@ -172,8 +144,8 @@ def _parse_fields(lines: list[bytes]) -> _Fields:
                 elif token == b"keep-alive":
                     fields.keep_alive = True
         headers.append((name, value))
-    if b"".join(names).translate(None, _TCHAR):
-        bad = next(name for name in names if name.translate(None, _TCHAR))
+    if b"".join(names).translate(None, TCHAR):
+        bad = next(name for name in names if name.translate(None, TCHAR))
         raise _bad(f"Response has an illegal header name: {bad[:100]!r}.")
     return fields
 
@@ -197,7 +169,7 @@ def _bad_with_hint(message: str, _status: int) -> RemoteProtocolError:
 
 
 def _check_trailers(text: bytes) -> None:
-    _parse_fields(_split_head(text))  # raises on malformed trailers; the fields are dropped
+    _parse_fields(split_head(text))  # raises on malformed trailers; the fields are dropped
 
 
 class ResponseParser:
@@ -371,7 +343,7 @@ class ResponseParser:
                 _, status, line, (headers, length, chunked, close, keep) = last
                 fields = _Fields(list(headers), length, chunked, close, keep)
                 break
-            lines = _split_head(text)
+            lines = split_head(text)
             line = lines[0]
             if (
                 line[:7] != b"HTTP/1."

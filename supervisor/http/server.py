@@ -38,20 +38,22 @@ import anyio.abc
 import msgspec
 from anyio.streams.stapled import MultiListener
 
+from supervisor.http._framing import TCHAR
 from supervisor.http._rawsock import RawSocket
 from supervisor.http.errors import RemoteProtocolError
 from supervisor.http.request import MAX_BODY, MAX_HEAD, Request, RequestParser
-from supervisor.http.response import _TCHAR
 from supervisor.logs import Logger
 
 __all__ = [
     "Handler",
     "Request",
     "Response",
+    "encode_response",
     "json_response",
     "serve",
     "serve_sockets",
     "start_server",
+    "status_line",
 ]
 
 _RECEIVE_SIZE = 65536
@@ -218,7 +220,7 @@ async def _serve_connection(
                         error=f"{type(exc).__name__}: {exc}",
                     )
                 response = _INTERNAL_ERROR
-            data, keep_alive = _encode_response(request, response)
+            data, keep_alive = encode_response(request, response)
             await send(data)
             if not keep_alive:
                 return
@@ -231,7 +233,7 @@ async def _serve_connection(
         stream.close()
 
 
-def _status_line(status: int, reason: bytes) -> bytes:
+def status_line(status: int, reason: bytes) -> bytes:
     """``HTTP/1.1 {status} {reason}\r\n``, cached per (status, reason) pair."""
     key = (status, reason)
     line = _STATUS_LINES.get(key)
@@ -247,7 +249,7 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return line
 
 
-def _encode_response(request: Request, response: Response) -> tuple[bytes, bool]:
+def encode_response(request: Request, response: Response) -> tuple[bytes, bool]:
     """Bytes for ``response`` (a 500 instead if it is not valid HTTP) and keep-alive."""
     status = response.status
     body = response.body
@@ -269,19 +271,19 @@ def _encode_response(request: Request, response: Response) -> tuple[bytes, bool]
         parts += (name, b": ", value, b"\r\n")
     if (
         not 200 <= status <= 999
-        or b"".join(names).translate(None, _TCHAR)
+        or b"".join(names).translate(None, TCHAR)
         or not all(names)
         or b"".join(values).translate(None, _VALUE_BYTES)
         or response.reason.translate(None, _VALUE_BYTES)
     ):
-        return _encode_response(request, _INVALID_RESPONSE)
+        return encode_response(request, _INVALID_RESPONSE)
     if status in _NO_BODY_STATUSES:
         body = b""
     else:
         parts.append(b"Content-Length: %d\r\n" % len(body))
     if not request.keep_alive:
         parts.append(b"Connection: close\r\n")
-    parts[0] = _status_line(status, response.reason)
+    parts[0] = status_line(status, response.reason)
     parts.append(b"\r\n")
     if body and request.method != "HEAD":
         parts.append(body)
@@ -292,7 +294,7 @@ async def _send_error(stream: RawSocket, status: int, message: str) -> None:
     """Answer a rejected request, then close gently so the client can read the answer."""
     body = _json_encode({"error": message})
     head = (
-        _status_line(status, b"")
+        status_line(status, b"")
         + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         + b"Connection: close\r\n\r\n"
     )

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from supervisor.errors import JobError
 from supervisor.jobs import new_job_id
-from supervisor.queues._sqlite import _BUFFER_BYTES, _body_dir, _body_path
+from supervisor.queues._sqlite import BUFFER_BYTES, body_dir, body_path
 from supervisor.queues.base import AttemptRecord, DeadLetter, Delivery, JobQueue, QueueError
 from supervisor.queues.embedded import EmbeddedFeed, EmbeddedQueue
 from supervisor.queues.embedded_feed import _runs
@@ -88,11 +88,11 @@ def body_file(path: Path, job_id: str = JOB) -> Path:
         (jid,) = conn.execute("SELECT jid FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
     finally:
         conn.close()
-    return _body_path(path, jid)
+    return body_path(path, jid)
 
 
 def body_files(path: Path) -> list[str]:
-    directory = _body_dir(path)
+    directory = body_dir(path)
     return sorted(os.listdir(directory)) if directory.exists() else []
 
 
@@ -601,7 +601,7 @@ async def test_bodies_of_every_size_round_trip_in_order(tmp_path: Path) -> None:
             async with q.open_feed(JOB, max_attempts=1) as feed:
                 while (d := await feed.receive()) is not None:
                     # The bodies buffered stay within the bound (the first page included).
-                    assert sum(len(r.body) for r in feed._ready) <= _BUFFER_BYTES
+                    assert sum(len(r.body) for r in feed._ready) <= BUFFER_BYTES
                     got.append(d)
                     feed.ack(d, 0.0)
     assert [d.seq for d in got] == list(range(len(bodies)))
@@ -706,7 +706,7 @@ async def test_delete_job_removes_its_body_file(tmp_path: Path) -> None:
         assert not gone.exists()
         assert body_files(path) == [kept.name]
     # A crash between deleting the rows and the file leaves the file: opening removes it.
-    orphan = _body_dir(path) / "99.bin"
+    orphan = body_dir(path) / "99.bin"
     orphan.write_bytes(b"stale")
     async with await EmbeddedQueue.open(path) as q:
         assert body_files(path) == [kept.name]
@@ -719,7 +719,7 @@ async def test_a_body_file_that_cannot_be_written_fails_the_enqueue(tmp_path: Pa
     path = tmp_path / "q.sqlite3"
     async with await EmbeddedQueue.open(path) as q:
         await q.create_job(JOB, "api", "digest", b"{}", "t0")
-        _body_dir(path).write_bytes(b"")  # a file where the directory should be
+        body_dir(path).write_bytes(b"")  # a file where the directory should be
         with anyio.fail_after(10), pytest.raises(QueueError, match="cannot write the body file"):
             await q.enqueue(JOB, iter([body(0)]))
         assert await q.list_jobs() == []

@@ -28,16 +28,16 @@ from supervisor.queues.base import (
 T = TypeVar("T")
 
 _SCHEMA_VERSION: Final = 2  # 2: bodies in one file per job; 1: bodies in SQLite
-_SEQ_BITS: Final = 32  # id = jid << 32 | seq
-_PENDING: Final = 0
-_SUCCEEDED: Final = 1
-_DEAD: Final = 2
-_PAGE: Final = 512  # rows per feeder read
-_BUFFER_BYTES: Final = 32 << 20  # batch bodies held in memory ahead of the consumers, at most
-_COMMIT_WINDOW: Final = 0.005  # seconds acks may wait to share a transaction
-_CHUNK_BYTES: Final = 16 << 20  # an enqueue chunk also ends at this many bytes
-_SPAN_BYTES: Final = 1 << 20  # the feeder reads contiguous small bodies with one pread, up to this
-_SPAN_BODY: Final = 16 << 10  # ... of bodies below this size (bigger ones: one pread each)
+SEQ_BITS: Final = 32  # id = jid << 32 | seq
+PENDING: Final = 0
+SUCCEEDED: Final = 1
+DEAD: Final = 2
+PAGE: Final = 512  # rows per feeder read
+BUFFER_BYTES: Final = 32 << 20  # batch bodies held in memory ahead of the consumers, at most
+COMMIT_WINDOW: Final = 0.005  # seconds acks may wait to share a transaction
+CHUNK_BYTES: Final = 16 << 20  # an enqueue chunk also ends at this many bytes
+SPAN_BYTES: Final = 1 << 20  # the feeder reads contiguous small bodies with one pread, up to this
+SPAN_BODY: Final = 16 << 10  # ... of bodies below this size (bigger ones: one pread each)
 _IOV_MAX: Final = 1024  # buffers per writev (Linux)
 
 _SCHEMA: Final = """
@@ -73,17 +73,17 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE UNIQUE INDEX IF NOT EXISTS attempts_by_batch ON attempts (id, attempt);
 """
 
-_JOB_COLUMNS: Final = (
+JOB_COLUMNS: Final = (
     "job_id, api_name, digest, spec_json, status, created_time, start_time, end_time, "
     "total_batches, succeeded, dead, failed_attempts, time_per_batch_sum"
 )
 
-_record_encoder: Final = msgspec.json.Encoder()
-_record_decoder: Final = msgspec.json.Decoder(AttemptRecord)
+record_encoder: Final = msgspec.json.Encoder()
+record_decoder: Final = msgspec.json.Decoder(AttemptRecord)
 _dead_letter_encoder: Final = msgspec.json.Encoder()
 
 
-def _job(row: Any) -> JobRecord:
+def job_from_row(row: Any) -> JobRecord:
     (job_id, api_name, digest, spec, status, created, start, end, total, ok, dead, failed, tpb) = (
         row
     )
@@ -104,7 +104,7 @@ def _job(row: Any) -> JobRecord:
     )
 
 
-def _progress(job: JobRecord, in_flight: int) -> Progress:
+def progress_of(job: JobRecord, in_flight: int) -> Progress:
     total = job.total_batches
     return Progress(
         total=total,
@@ -118,7 +118,7 @@ def _progress(job: JobRecord, in_flight: int) -> Progress:
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -128,7 +128,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     try:
@@ -136,7 +136,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA cache_size=-16384")
         conn.execute("PRAGMA mmap_size=17179869184")  # read pages straight from the page cache
-        with _transaction(conn):
+        with transaction(conn):
             (version,) = conn.execute("PRAGMA user_version").fetchone()
             if version not in (0, _SCHEMA_VERSION):
                 raise QueueError(_version_error(path, version))
@@ -168,19 +168,19 @@ def _version_error(path: Path, version: int) -> str:
 # -- body files ---------------------------------------------------------------------------
 
 
-def _body_dir(path: Path) -> Path:
+def body_dir(path: Path) -> Path:
     """The directory of the body files of the queue file ``path``: ``<path>-bodies``."""
     return path.with_name(path.name + "-bodies")
 
 
-def _body_path(path: Path, jid: int) -> Path:
+def body_path(path: Path, jid: int) -> Path:
     """The body file of job ``jid`` of the queue file ``path``."""
-    return _body_dir(path) / f"{jid}.bin"
+    return body_dir(path) / f"{jid}.bin"
 
 
 def _remove_orphan_body_files(conn: sqlite3.Connection, path: Path) -> None:
     """Remove the body files of jobs that no longer exist (a crash right after a delete)."""
-    directory = _body_dir(path)
+    directory = body_dir(path)
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -192,13 +192,13 @@ def _remove_orphan_body_files(conn: sqlite3.Connection, path: Path) -> None:
             (directory / name).unlink(missing_ok=True)
 
 
-def _create_body_file(path: Path) -> int:
+def create_body_file(path: Path) -> int:
     """Create (or empty) the body file ``path``; return a descriptor open for writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
 
 
-def _write_all(fd: int, parts: list[bytes]) -> None:
+def write_all(fd: int, parts: list[bytes]) -> None:
     """Write ``parts`` one after the other, a few syscalls for many parts, resuming short
     writes."""
     pending: list[bytes | memoryview] = list(parts)
@@ -216,7 +216,7 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
             i += 1
 
 
-def _sync_body_file(fd: int, path: Path) -> None:
+def sync_body_file(fd: int, path: Path) -> None:
     """Make the body file durable (a power cut included), with the directory entries
     leading to it."""
     os.fdatasync(fd)
@@ -228,7 +228,7 @@ def _sync_body_file(fd: int, path: Path) -> None:
             os.close(dir_fd)
 
 
-def _pread(fd: int, length: int, offset: int) -> bytes | None:
+def pread(fd: int, length: int, offset: int) -> bytes | None:
     """The ``length`` bytes at ``offset``, or ``None`` if the file ends before."""
     data = os.pread(fd, length, offset)
     if len(data) == length:
@@ -244,7 +244,7 @@ def _pread(fd: int, length: int, offset: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _write_dead_letter(directory: Path, letter: DeadLetter) -> None:
+def write_dead_letter(directory: Path, letter: DeadLetter) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / dead_letter_name(letter.batch)
     tmp = final.with_name(final.name + ".tmp")
@@ -252,7 +252,7 @@ def _write_dead_letter(directory: Path, letter: DeadLetter) -> None:
     os.replace(tmp, final)
 
 
-def _dead_letter_seq(path: Path) -> int | None:
+def dead_letter_seq(path: Path) -> int | None:
     name = path.name
     if not (name.startswith("batch-") and name.endswith(".json")):
         return None

@@ -75,19 +75,19 @@ import anyio.lowlevel
 
 from supervisor.jobs import END_STATES
 from supervisor.queues._sqlite import (
-    _CHUNK_BYTES,
-    _JOB_COLUMNS,
-    _SEQ_BITS,
+    CHUNK_BYTES,
+    JOB_COLUMNS,
+    SEQ_BITS,
     T,
-    _body_path,
-    _connect,
-    _create_body_file,
-    _dead_letter_seq,
-    _job,
-    _progress,
-    _sync_body_file,
-    _transaction,
-    _write_all,
+    body_path,
+    connect,
+    create_body_file,
+    dead_letter_seq,
+    job_from_row,
+    progress_of,
+    sync_body_file,
+    transaction,
+    write_all,
 )
 from supervisor.queues.base import (
     JobRecord,
@@ -128,7 +128,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         """Open (creating if needed) the queue file at ``path``."""
         file = Path(path)
         try:
-            conn = await anyio.to_thread.run_sync(_connect, file)
+            conn = await anyio.to_thread.run_sync(connect, file)
         except (sqlite3.Error, OSError) as e:
             raise QueueError(f"cannot open the queue file {file}: {e}") from e
         root = file.parent / "dead-letters" if dead_letter_root is None else Path(dead_letter_root)
@@ -184,7 +184,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         """Store a new job with status ``enqueuing`` and no batches."""
 
         def create(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with transaction(conn):
                 if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone():
                     raise QueueError(f"job {job_id} already exists.")
                 conn.execute(
@@ -201,11 +201,11 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             raise ValueError("chunk must be at least 1")
         self._not_feeding(job_id, "enqueue")
         jid = await self._run(partial(self._clear_batches, job_id))
-        path = _body_path(self._path, jid)
+        path = body_path(self._path, jid)
         count = 0
         try:
             with _writing(path):
-                fd = await anyio.to_thread.run_sync(_create_body_file, path)
+                fd = await anyio.to_thread.run_sync(create_body_file, path)
             try:
                 offset = 0
                 while True:
@@ -216,7 +216,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     if done:
                         break
                 with _writing(path):
-                    await anyio.to_thread.run_sync(_sync_body_file, fd, path)
+                    await anyio.to_thread.run_sync(sync_body_file, fd, path)
             finally:
                 os.close(fd)
         except Exception:
@@ -225,14 +225,14 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             raise
 
         def finish(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with transaction(conn):
                 conn.execute("UPDATE jobs SET total_batches = ? WHERE jid = ?", (count, jid))
 
         await self._run(finish)
         return count
 
     def _clear_batches(self, job_id: str, conn: sqlite3.Connection) -> int:
-        with _transaction(conn):
+        with transaction(conn):
             jid = self._jid(conn, job_id)
             self._delete_batches(conn, jid)
             conn.execute(
@@ -244,17 +244,17 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
     @staticmethod
     def _delete_batches(conn: sqlite3.Connection, jid: int) -> None:
-        lo, hi = jid << _SEQ_BITS, (jid + 1) << _SEQ_BITS
+        lo, hi = jid << SEQ_BITS, (jid + 1) << SEQ_BITS
         for table in ("batches", "attempts"):
             conn.execute(f"DELETE FROM {table} WHERE id >= ? AND id < ?", (lo, hi))
 
     def _delete_rows(self, jid: int, conn: sqlite3.Connection) -> None:
         """Delete the job and its batches, then its body file."""
-        with _transaction(conn):
+        with transaction(conn):
             self._delete_batches(conn, jid)
             conn.execute("DELETE FROM jobs WHERE jid = ?", (jid,))
         with suppress(OSError):  # the job is gone: if this fails, the next open removes it
-            _body_path(self._path, jid).unlink(missing_ok=True)
+            body_path(self._path, jid).unlink(missing_ok=True)
 
     def _enqueue_chunk(
         self, jid: int, batches: Iterator[bytes], fd: int, first: int, offset: int, chunk: int
@@ -265,24 +265,24 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         rows: list[tuple[int, int, int]] = []
         size = 0
         done = True
-        base = (jid << _SEQ_BITS) + first
+        base = (jid << SEQ_BITS) + first
         for body in batches:
             n = len(body)
             bodies.append(body)
             rows.append((base + len(rows), offset + size, n))
             size += n
-            if len(rows) >= chunk or size >= _CHUNK_BYTES:
+            if len(rows) >= chunk or size >= CHUNK_BYTES:
                 done = False
                 break
-        if first + len(rows) > 1 << _SEQ_BITS:
-            raise QueueError(f"a job holds at most {1 << _SEQ_BITS} batches.")
+        if first + len(rows) > 1 << SEQ_BITS:
+            raise QueueError(f"a job holds at most {1 << SEQ_BITS} batches.")
         if not rows:
             return 0, offset, done
-        with _writing(_body_path(self._path, jid)):
-            _write_all(fd, bodies)  # before the rows that point at them are committed
+        with _writing(body_path(self._path, jid)):
+            write_all(fd, bodies)  # before the rows that point at them are committed
 
         def insert(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with transaction(conn):
                 conn.executemany("INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)", rows)
 
         self._locked(insert)
@@ -299,7 +299,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         """Set the job's status, and its start/end time when given."""
 
         def update(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with transaction(conn):
                 cursor = conn.execute(
                     "UPDATE jobs SET status = ?, start_time = coalesce(?, start_time), "
                     "end_time = coalesce(?, end_time) WHERE job_id = ?",
@@ -315,9 +315,9 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
         def get(conn: sqlite3.Connection) -> JobRecord | None:
             row = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)
             ).fetchone()
-            return None if row is None else _job(row)
+            return None if row is None else job_from_row(row)
 
         return await self._run(get)
 
@@ -326,13 +326,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
         def select(conn: sqlite3.Connection) -> list[JobRecord]:
             if api_name is None:
-                rows = conn.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY job_id")
+                rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY job_id")
             else:
                 rows = conn.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE api_name = ? ORDER BY job_id",
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? ORDER BY job_id",
                     (api_name,),
                 )
-            return [_job(row) for row in rows]
+            return [job_from_row(row) for row in rows]
 
         return await self._run(select)
 
@@ -343,11 +343,11 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
         def find(conn: sqlite3.Connection) -> JobRecord | None:
             row = conn.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE api_name = ? AND digest = ? "
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? AND digest = ? "
                 f"AND status NOT IN ({marks}) ORDER BY job_id LIMIT 1",
                 (api_name, digest, *ends),
             ).fetchone()
-            return None if row is None else _job(row)
+            return None if row is None else job_from_row(row)
 
         return await self._run(find)
 
@@ -371,7 +371,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         job = await self.get_job(job_id)
         if job is None:
             raise QueueError(f"there is no job {job_id}.")
-        return _progress(job, 0)
+        return progress_of(job, 0)
 
     def dead_letter_dir(self, job_id: str) -> Path:
         """``dead_letter_root/<job_id>``: one ``batch-<seq>.json`` per dead batch."""
@@ -383,7 +383,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
         def scan() -> list[Path]:
             try:
-                found = [(_dead_letter_seq(p), p) for p in directory.iterdir()]
+                found = [(dead_letter_seq(p), p) for p in directory.iterdir()]
             except FileNotFoundError:
                 return []
             return [p for seq, p in sorted((s, p) for s, p in found if s is not None)]
@@ -412,13 +412,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             def load(conn: sqlite3.Connection) -> tuple[int, JobRecord, int]:
                 jid = self._jid(conn, job_id)
                 row = conn.execute(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE jid = ?", (jid,)
+                    f"SELECT {JOB_COLUMNS} FROM jobs WHERE jid = ?", (jid,)
                 ).fetchone()
-                job = _job(row)
+                job = job_from_row(row)
                 if job.total_batches is None:
                     raise QueueError(f"job {job_id} has not finished enqueueing.")
                 try:
-                    fd = os.open(_body_path(self._path, jid), os.O_RDONLY)
+                    fd = os.open(body_path(self._path, jid), os.O_RDONLY)
                 except OSError as e:
                     raise QueueError(f"cannot open the body file of job {job_id}: {e}") from e
                 return jid, job, fd

@@ -13,21 +13,21 @@ import anyio.lowlevel
 import msgspec
 
 from supervisor.queues._sqlite import (
-    _BUFFER_BYTES,
-    _COMMIT_WINDOW,
-    _DEAD,
-    _PAGE,
-    _PENDING,
-    _SEQ_BITS,
-    _SPAN_BODY,
-    _SPAN_BYTES,
-    _SUCCEEDED,
-    _body_path,
-    _pread,
-    _record_decoder,
-    _record_encoder,
-    _transaction,
-    _write_dead_letter,
+    BUFFER_BYTES,
+    COMMIT_WINDOW,
+    DEAD,
+    PAGE,
+    PENDING,
+    SEQ_BITS,
+    SPAN_BODY,
+    SPAN_BYTES,
+    SUCCEEDED,
+    body_path,
+    pread,
+    record_decoder,
+    record_encoder,
+    transaction,
+    write_dead_letter,
 )
 from supervisor.queues.base import (
     AttemptRecord,
@@ -116,10 +116,10 @@ class EmbeddedFeed:
         self._queue = queue
         self._jid = jid
         self._body_fd = body_fd  # the job's body file, read-only; owned by open_feed
-        self._body_path = _body_path(queue.path, jid)
+        self._body_path = body_path(queue.path, jid)
         self._job_id = job.job_id
         self._dead_letter_dir = queue.dead_letter_dir(job.job_id)
-        self._base = jid << _SEQ_BITS
+        self._base = jid << SEQ_BITS
         self._max_attempts = max_attempts
         self._buffer = buffer
         self._limit = buffer  # rows to hold; lowered for big bodies (see _run_feeder)
@@ -198,7 +198,7 @@ class EmbeddedFeed:
         self._failed_attempts += 1
         if record.attempt != d.attempt:
             record = msgspec.structs.replace(record, attempt=d.attempt)
-        self._failed.append((d.seq, d.attempt, _record_encoder.encode(record)))
+        self._failed.append((d.seq, d.attempt, record_encoder.encode(record)))
         if d.attempt < self._max_attempts:
             self._ready.append(Delivery(d.seq, d.body, d.attempt + 1))
             self._wake_receivers()
@@ -308,8 +308,8 @@ class EmbeddedFeed:
                     await wakeup.wait()
                     continue
                 ready = self._ready
-                want = max(1, min(_PAGE, self._limit - len(ready)))
-                room = _BUFFER_BYTES - sum(len(d.body) for d in ready)
+                want = max(1, min(PAGE, self._limit - len(ready)))
+                room = BUFFER_BYTES - sum(len(d.body) for d in ready)
                 page, size, exhausted = await anyio.to_thread.run_sync(
                     self._read_page, self._cursor, want, room
                 )
@@ -318,7 +318,7 @@ class EmbeddedFeed:
                     self._cursor = page[-1].seq
                     # Bound the buffer by bytes too: 1,024 batches of 256 KiB would be 256 MiB.
                     per_row = max(1, size // len(page))
-                    self._limit = max(2, min(self._buffer, _BUFFER_BYTES // per_row))
+                    self._limit = max(2, min(self._buffer, BUFFER_BYTES // per_row))
                     self._low_water = self._limit // 2
                 if exhausted:
                     self._exhausted = True
@@ -349,22 +349,22 @@ class EmbeddedFeed:
         base = self._base
         return conn.execute(
             "SELECT id - ?, attempts, offset, length FROM batches "
-            f"WHERE id > ? AND id < ? AND state = {_PENDING} ORDER BY id LIMIT ?",
-            (base, base + after, base + (1 << _SEQ_BITS), limit),
+            f"WHERE id > ? AND id < ? AND state = {PENDING} ORDER BY id LIMIT ?",
+            (base, base + after, base + (1 << SEQ_BITS), limit),
         ).fetchall()
 
     def _read_bodies(self, rows: list[tuple[int, int, int, int]], size: int) -> list[Delivery]:
         """Deliveries of ``rows`` (seq, attempts, offset, length; ``size`` bytes in all).
 
         Bodies are stored in seq order. Adjacent small bodies are read with one ``pread`` of
-        at most ``_SPAN_BYTES`` and sliced (usually the whole page at once); a big body is
+        at most ``SPAN_BYTES`` and sliced (usually the whole page at once); a big body is
         read alone, straight into its ``bytes`` (slicing would copy it once more).
         """
         if not rows:
             return []
         first, last = rows[0], rows[-1]
         start, end = first[2], last[2] + last[3]
-        if end - start == size <= _SPAN_BYTES:  # adjacent (they are stored in seq order)
+        if end - start == size <= SPAN_BYTES:  # adjacent (they are stored in seq order)
             data = self._pread(first[0], start, end)
             return [Delivery(seq, data[o - start : o - start + n], a + 1) for seq, a, o, n in rows]
         page: list[Delivery] = []
@@ -373,10 +373,10 @@ class EmbeddedFeed:
             seq, attempts, start, length = rows[i]
             end = start + length
             j = i + 1
-            if length < _SPAN_BODY:
+            if length < SPAN_BODY:
                 while j < count:
                     _, _, offset, n = rows[j]
-                    if offset != end or n >= _SPAN_BODY or end + n - start > _SPAN_BYTES:
+                    if offset != end or n >= SPAN_BODY or end + n - start > SPAN_BYTES:
                         break
                     end += n
                     j += 1
@@ -394,7 +394,7 @@ class EmbeddedFeed:
     def _pread(self, seq: int, start: int, end: int) -> bytes:
         """Bytes ``start`` to ``end`` of the body file, where batch ``seq``'s body begins."""
         try:
-            data = _pread(self._body_fd, end - start, start)
+            data = pread(self._body_fd, end - start, start)
         except OSError as e:
             raise QueueError(f"cannot read the body file {self._body_path}: {e}") from e
         if data is None:
@@ -421,7 +421,7 @@ class EmbeddedFeed:
                     # transaction per window, not one per batch (a flush() skips the wait).
                     # Acks do not wake us meanwhile; flush() and shutdown do.
                     hurry = self._hurry = anyio.Event()
-                    with anyio.move_on_after(_COMMIT_WINDOW):
+                    with anyio.move_on_after(COMMIT_WINDOW):
                         await hurry.wait()
                     self._hurry = None
                 await self._commit_buffered()
@@ -473,7 +473,7 @@ class EmbeddedFeed:
         conn: sqlite3.Connection,
     ) -> None:
         base = self._base
-        with _transaction(conn):
+        with transaction(conn):
             if failed:
                 conn.executemany(
                     "INSERT OR REPLACE INTO attempts (id, attempt, record) VALUES (?, ?, ?)",
@@ -491,24 +491,24 @@ class EmbeddedFeed:
                     job_id=self._job_id,
                     batch=seq,
                     body=msgspec.Raw(body),
-                    attempts=[_record_decoder.decode(r) for (r,) in records],
+                    attempts=[record_decoder.decode(r) for (r,) in records],
                 )
                 try:
-                    _write_dead_letter(self._dead_letter_dir, letter)
+                    write_dead_letter(self._dead_letter_dir, letter)
                 except OSError as e:
                     raise QueueError(
                         f"cannot write the dead letter of batch {seq} of job {self._job_id}: {e}"
                     ) from e
             if deads:
                 conn.executemany(
-                    f"UPDATE batches SET state = {_DEAD} WHERE id = ?",
+                    f"UPDATE batches SET state = {DEAD} WHERE id = ?",
                     [(base + seq,) for seq, _ in deads],
                 )
             if acks:
                 # Acks come mostly in order: one statement per run of consecutive batches
                 # (a window of 125 acks commits in ~50 us instead of ~200 us, one per row).
                 conn.executemany(
-                    f"UPDATE batches SET state = {_SUCCEEDED} WHERE id BETWEEN ? AND ?",
+                    f"UPDATE batches SET state = {SUCCEEDED} WHERE id BETWEEN ? AND ?",
                     [(base + lo, base + hi) for lo, hi in _runs(acks)],
                 )
             conn.execute(

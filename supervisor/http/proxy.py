@@ -114,18 +114,19 @@ class ProxyApp:
         upstream_timeout: float | None = None,
         max_response_body: int = 64 * 1024 * 1024,
     ) -> None:
-        self._host = target_host
-        self._port: Callable[[], int | None] = (
+        self.target_host = target_host
+        self.target_port: Callable[[], int | None] = (
             target_port if callable(target_port) else (lambda: target_port)
         )
+        """The port to forward to, or ``None`` while it is not known."""
         self._is_ready = is_ready
         self._status = status
         self._retry_after = b"%d" % retry_after
-        self._timeout = upstream_timeout
-        self._pool_size = pool_size
-        self._max_response_body = max_response_body
+        self.upstream_timeout = upstream_timeout
+        self.pool_size = pool_size
+        self.max_response_body = max_response_body
         self._pool = ConnectionPool(
-            target_host, self._port, max_connections=pool_size, keep_body=max_response_body
+            target_host, self.target_port, max_connections=pool_size, keep_body=max_response_body
         )
         self.handle = _ProxyHandler(self)
         """The server handler (use with ``serve``/``start_server``)."""
@@ -137,7 +138,7 @@ class ProxyApp:
         and ``target_port``, which must be cheap reads.
         """
         if request.method == "POST" and request.path in _FORWARDED_PATHS and self._is_ready():
-            return self._port()
+            return self.target_port()
         return None
 
     def needs_event_loop(self, request: Request) -> bool:
@@ -152,7 +153,7 @@ class ProxyApp:
         if path in _FORWARDED_PATHS:
             if method != "POST":
                 return _method_not_allowed(b"POST")
-            if not self._is_ready() or self._port() is None:
+            if not self._is_ready() or self.target_port() is None:
                 return json_response(
                     503,
                     {"error": "The API is not ready yet; retry later."},
@@ -180,10 +181,10 @@ class ProxyApp:
         headers = end_to_end(request.headers, drop=(b"content-length",))  # goes last
         target = request.target.encode("ascii")
         try:
-            if self._timeout is None:
+            if self.upstream_timeout is None:
                 upstream = await self._pool.request(b"POST", target, headers, request.body)
             else:
-                with anyio.fail_after(self._timeout):
+                with anyio.fail_after(self.upstream_timeout):
                     upstream = await self._pool.request(b"POST", target, headers, request.body)
         except TimeoutError:
             return TIMED_OUT
@@ -227,7 +228,7 @@ class _ProxyHandler:
         """Serve the listening ``sockets``: the forwarding core, or the generic server."""
         app = self._app
         try:
-            ipaddress.ip_address(app._host)
+            ipaddress.ip_address(app.target_host)
         except ValueError:
             literal = False
         else:

@@ -269,10 +269,12 @@ class Relay:
         self._max_head = max_head
         self._logger = logger
         self._family = (
-            socket.AF_INET6 if ipaddress.ip_address(app._host).version == 6 else socket.AF_INET
+            socket.AF_INET6
+            if ipaddress.ip_address(app.target_host).version == 6
+            else socket.AF_INET
         )
         self._authority = (
-            f"[{app._host}]" if self._family == socket.AF_INET6 else app._host
+            f"[{app.target_host}]" if self._family == socket.AF_INET6 else app.target_host
         ).encode("ascii")
 
     async def run(self) -> None:
@@ -441,7 +443,7 @@ class Relay:
                 self._log("http_handler_failed", f"{type(exc).__name__}: {exc}")
                 answer = json_response(500, {"error": "Internal server error."})
             if answer is None:  # became ready meanwhile
-                port = app._port()
+                port = app.target_port()
                 if port is None:
                     answer = unreachable("The target port is not known yet.")
             if answer is not None:
@@ -464,8 +466,8 @@ class Relay:
             conn = idle.pop()
             conn.client = client
             conn.out = data
-            if app._timeout is not None:
-                self._deadlines[conn] = time.monotonic() + app._timeout
+            if app.upstream_timeout is not None:
+                self._deadlines[conn] = time.monotonic() + app.upstream_timeout
             self._write(conn)
             return
         client.pending = data
@@ -566,13 +568,13 @@ class Relay:
         """Give waiting clients an idle connection, or a new one while under the limit."""
         waiting = self._waiting
         idle = self._idle
-        pool_size = self._app._pool_size
+        pool_size = self._app.pool_size
         while waiting and (idle or self._open < pool_size):
             client = waiting.popleft()
             if client.closed:
                 continue
             data, client.pending = client.pending, b""
-            port = self._app._port()
+            port = self._app.target_port()
             conn = None
             while idle:
                 candidate = idle.pop()
@@ -589,25 +591,25 @@ class Relay:
                     continue
             conn.client = client
             conn.out = data
-            if self._app._timeout is not None:
-                self._deadlines[conn] = time.monotonic() + self._app._timeout
+            if self._app.upstream_timeout is not None:
+                self._deadlines[conn] = time.monotonic() + self._app.upstream_timeout
             if not conn.connecting:
                 self._write(conn)
 
     def _connect(self, client: _Client, port: int) -> _Conn | None:
         sock = socket.socket(self._family, socket.SOCK_STREAM)
         sock.setblocking(False)
-        code = sock.connect_ex((self._app._host, port))
+        code = sock.connect_ex((self._app.target_host, port))
         if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
             sock.close()
             reason = errno.errorcode.get(code, str(code))
             self._answer(
                 client,
-                unreachable(f"Could not connect to {self._app._host}:{port}: {reason}."),
+                unreachable(f"Could not connect to {self._app.target_host}:{port}: {reason}."),
             )
             return None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(sock, port, self._app._max_response_body)
+        conn = _Conn(sock, port, self._app.max_response_body)
         self._objects[sock.fileno()] = conn
         self._epoll.register(sock.fileno(), _MASK)
         self._open += 1
@@ -623,7 +625,9 @@ class Relay:
             code = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 reason = errno.errorcode.get(code, str(code))
-                self._fail(conn, f"Could not connect to {self._app._host}:{conn.port}: {reason}.")
+                self._fail(
+                    conn, f"Could not connect to {self._app.target_host}:{conn.port}: {reason}."
+                )
                 return
             conn.connecting = False
             if conn.out:

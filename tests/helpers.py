@@ -8,9 +8,12 @@ import random
 import socket
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.abc
 import yaml
 
 TESTS = Path(__file__).parent
@@ -122,3 +125,43 @@ def mutate(wire: bytes, edits: list[tuple[int, int, int]]) -> bytes:
         elif index < len(data):
             del data[index]
     return bytes(data)
+
+
+async def serve_raw(
+    listener: anyio.abc.SocketListener, handle: Callable[[socket.socket], Awaitable[None]]
+) -> None:
+    """Accept on ``listener``'s own socket and run ``handle`` on each (non-blocking) connection.
+
+    For test servers that must do several things on a socket with no checkpoint in between.
+    """
+    lsock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+    async with anyio.create_task_group() as tg:
+        while True:
+            await anyio.wait_readable(lsock)
+            try:
+                sock, _ = lsock.accept()
+            except BlockingIOError:
+                continue
+            sock.setblocking(False)
+            tg.start_soon(handle, sock)
+
+
+async def read_raw_request(sock: socket.socket) -> tuple[bytes, dict[bytes, bytes], bytes] | None:
+    """One whole request from a non-blocking socket: its head (without the blank line), its
+    fields (lowercased names) and its ``Content-Length`` body; ``None`` if the peer closed."""
+    buf = b""
+    while True:
+        await anyio.wait_readable(sock)
+        data = sock.recv(65536)
+        if not data:
+            return None
+        buf += data
+        head, blank, body = buf.partition(b"\r\n\r\n")
+        if not blank:
+            continue
+        fields: dict[bytes, bytes] = {}
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        if len(body) >= int(fields.get(b"content-length", b"0")):
+            return head, fields, body

@@ -23,6 +23,7 @@ from supervisor.dispatch import ENGINES, Engine, dispatch_pod
 from supervisor.logs import Logger
 from supervisor.queues.base import Progress
 from supervisor.queues.embedded import EmbeddedQueue
+from tests.helpers import read_raw_request, serve_raw
 
 pytestmark = pytest.mark.anyio
 
@@ -356,37 +357,17 @@ class ResettingServer(Server):
     """
 
     async def serve(self, listener: anyio.abc.SocketListener) -> None:
-        lsock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-        async with anyio.create_task_group() as tg:
-            while True:
-                await anyio.wait_readable(lsock)
-                try:
-                    sock, _ = lsock.accept()
-                except BlockingIOError:
-                    continue
-                sock.setblocking(False)
-                self.connections += 1
-                tg.start_soon(self._answer_then_reset, sock, self.connections)
+        await serve_raw(listener, self._answer_then_reset)
 
-    async def _answer_then_reset(self, sock: socket.socket, number: int) -> None:
-        buf = b""
+    async def _answer_then_reset(self, sock: socket.socket) -> None:
+        self.connections += 1
+        number = self.connections
         try:
-            while True:
-                await anyio.wait_readable(sock)
-                data = sock.recv(65536)
-                if not data:
-                    return
-                buf += data
-                head, blank, body = buf.partition(b"\r\n\r\n")
-                if not blank:
-                    continue
-                fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
-                if len(body) < int(fields[b"content-length"]):
-                    continue
-                self.seen.append(Seen(number, body, fields))
+            got = await read_raw_request(sock)
+            if got is not None:
+                self.seen.append(Seen(number, got[2], got[1]))
                 sock.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                return
         finally:
             sock.close()
 

@@ -18,6 +18,7 @@ from supervisor.http.proxy import ProxyApp
 from supervisor.http.response import Response as Parsed
 from supervisor.http.response import ResponseParser
 from supervisor.http.server import start_server
+from tests.helpers import read_raw_request, serve_raw
 
 pytestmark = pytest.mark.anyio
 
@@ -77,41 +78,17 @@ class ResettingUpstream(Upstream):
         self.held: list[socket.socket] = []
 
     async def serve(self, listener: anyio.abc.SocketListener) -> None:
-        lsock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
-        async with anyio.create_task_group() as tg:
-            while True:
-                await anyio.wait_readable(lsock)
-                try:
-                    sock, _ = lsock.accept()
-                except BlockingIOError:
-                    continue
-                sock.setblocking(False)
-                self.connections += 1
-                tg.start_soon(self._read_one, sock)
+        await serve_raw(listener, self._read_one)
 
     async def _read_one(self, sock: socket.socket) -> None:
-        buf = b""
-        while True:
-            await anyio.wait_readable(sock)
-            data = sock.recv(65536)
-            if not data:
-                sock.close()
-                return
-            buf += data
-            head, blank, body = buf.partition(b"\r\n\r\n")
-            if not blank:
-                continue
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name.lower() == b"content-length":
-                    length = int(value)
-            if len(body) < length:
-                continue
-            self.requests.append(head + b"\r\n\r\n" + body)
-            self.held.append(sock)
-            self.got_request.set()
+        self.connections += 1
+        got = await read_raw_request(sock)
+        if got is None:
+            sock.close()
             return
+        self.requests.append(got[0] + b"\r\n\r\n" + got[2])
+        self.held.append(sock)
+        self.got_request.set()
 
     def answer(self) -> None:
         """Answer the held request and reset its connection, with no checkpoint between."""

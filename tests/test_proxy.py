@@ -151,13 +151,40 @@ async def proxy_in_front_of(
             await app.aclose()
 
 
-async def raw_exchange(port: int, data: bytes) -> Parsed:
-    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-        await stream.send(data)
-        parser = ResponseParser(keep_body=None)
-        while (response := parser.next_response()) is None:
-            parser.receive_data(await stream.receive())
+class Client:
+    """One keep-alive client connection: answers are parsed, and their bytes kept in ``raw``."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.parser = ResponseParser(keep_body=None)
+        self.raw: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send(data)
+
+    async def answer(self) -> Parsed:
+        got = b""
+        while (response := self.parser.next_response()) is None:
+            data = await self.stream.receive()
+            got += data
+            self.parser.receive_data(data)
+        self.raw.append(got)
         return response
+
+    async def exchange(self, data: bytes) -> Parsed:
+        await self.send(data)
+        return await self.answer()
+
+
+@asynccontextmanager
+async def client(port: int) -> AsyncIterator[Client]:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        yield Client(stream)
+
+
+async def raw_exchange(port: int, data: bytes) -> Parsed:
+    async with client(port) as c:
+        return await c.exchange(data)
 
 
 async def post(port: int, path: str = "/", body: bytes = b"[1]") -> Parsed:
@@ -223,23 +250,15 @@ async def test_repeated_heads_and_answers_reuse_nothing_stale() -> None:
     answers: list[Parsed] = []
     with anyio.fail_after(10):
         async with proxy_in_front_of(upstream, ready=ready) as port:
-            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-                parser = ResponseParser(keep_body=None)
-
-                async def exchange(data: bytes) -> None:
-                    await stream.send(data)
-                    while (response := parser.next_response()) is None:
-                        parser.receive_data(await stream.receive())
-                    answers.append(response)
-
-                await exchange(head % (b"/", 3) + b"[1]")
-                await exchange(head % (b"/", 5) + b"[1,2]")
+            async with client(port) as c:
+                answers.append(await c.exchange(head % (b"/", 3) + b"[1]"))
+                answers.append(await c.exchange(head % (b"/", 5) + b"[1,2]"))
                 ready.value = False
-                await exchange(head % (b"/on-job-complete", 2) + b"{}")
+                answers.append(await c.exchange(head % (b"/on-job-complete", 2) + b"{}"))
                 ready.value = True
                 upstream.reply = other
-                await exchange(head % (b"/on-job-complete", 4) + b"{ } ")
-                await exchange(head % (b"/on-job-complete", 12) + b"[1,2,3,4,55]")
+                answers.append(await c.exchange(head % (b"/on-job-complete", 4) + b"{ } "))
+                answers.append(await c.exchange(head % (b"/on-job-complete", 12) + b"[1,2,3,4,55]"))
     assert [(a.status, a.body_head) for a in answers] == [
         (200, b"ok"),
         (200, b"ok"),
@@ -262,32 +281,19 @@ async def test_a_repeated_answer_is_relayed_the_same_and_a_closing_client_still_
     first = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
     upstream = Upstream(first)
     head = b"POST / HTTP/1.1\r\nHost: h\r\n%bContent-Length: 2\r\n\r\n[]"
-    raw: list[bytes] = []
     answers: list[Parsed] = []
     with anyio.fail_after(10):
         async with proxy_in_front_of(upstream) as port:
-            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-                parser = ResponseParser(keep_body=None)
-
-                async def exchange(extra: bytes = b"") -> None:
-                    await stream.send(head % extra)
-                    got = b""
-                    while (response := parser.next_response()) is None:
-                        data = await stream.receive()
-                        got += data
-                        parser.receive_data(data)
-                    raw.append(got)
-                    answers.append(response)
-
-                for _ in range(3):
-                    await exchange()
+            async with client(port) as c:
+                answers += [await c.exchange(head % b"") for _ in range(3)]
                 upstream.reply = first.replace(b"ok", b"no")
-                await exchange()
+                answers.append(await c.exchange(head % b""))
                 upstream.reply = first
-                await exchange()
-                await exchange(b"Connection: close\r\n")
+                answers.append(await c.exchange(head % b""))
+                answers.append(await c.exchange(head % b"Connection: close\r\n"))
                 with pytest.raises(anyio.EndOfStream):
-                    await stream.receive()
+                    await c.stream.receive()
+            raw = c.raw
     expected = b"HTTP/1.1 200 OK\r\nx-a: 1\r\nContent-Length: 2\r\n\r\nok"
     assert raw[:3] == [expected] * 3
     assert raw[3] == expected.replace(b"ok", b"no")
@@ -316,16 +322,13 @@ async def test_upstream_reset_after_its_answer_costs_the_next_request_nothing() 
     answers: list[Parsed] = []
     with anyio.fail_after(10):
         async with proxy_in_front_of(upstream, status=status) as port:
-            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-                parser = ResponseParser(keep_body=None)
+            async with client(port) as c:
                 for n in range(3):
                     upstream.got_request = anyio.Event()
-                    await stream.send(post % n)
+                    await c.send(post % n)
                     await upstream.got_request.wait()
                     assert (await request("127.0.0.1", port, "GET", "/status")).status == 200
-                    while (response := parser.next_response()) is None:
-                        parser.receive_data(await stream.receive())
-                    answers.append(response)
+                    answers.append(await c.answer())
     assert [(a.status, a.body_head) for a in answers] == [(200, b"ok")] * 3
     assert [r[-3:] for r in upstream.requests] == [b"[0]", b"[1]", b"[2]"]
     assert upstream.connections == 3

@@ -427,13 +427,8 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             try:
                 feed = EmbeddedFeed(self, jid, job, max_attempts, buffer, fd)
                 self._feeds[job_id] = feed
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(feed._run_feeder)
-                    tg.start_soon(feed._run_committer)
-                    try:
-                        yield feed
-                    finally:
-                        feed._shut_down()
+                async with feed.running():
+                    yield feed
             except BaseExceptionGroup as group:
                 # One failure (the caller's, or a database error) is raised as itself.
                 if len(group.exceptions) != 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -290,6 +292,18 @@ class EmbeddedFeed:
         if wakeup is not None:
             self._committer_wakeup = None
             wakeup.set()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the feeder and the committer for the block; on the way out, stop them once
+        every ack is committed (:meth:`EmbeddedQueue.open_feed` wraps its caller in this)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._run_feeder)
+            tg.start_soon(self._run_committer)
+            try:
+                yield
+            finally:
+                self._shut_down()
 
     def _shut_down(self) -> None:
         self._stopping = True

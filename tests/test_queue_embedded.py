@@ -70,6 +70,14 @@ async def drain(feed: EmbeddedFeed) -> list[Delivery]:
     return got
 
 
+async def drain_reopened(path: Path, max_attempts: int) -> list[Delivery]:
+    """Open the queue at ``path`` afresh (as after a crash) and :func:`drain` the job."""
+    async with await EmbeddedQueue.open(path) as q:
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=max_attempts) as feed:
+                return await drain(feed)
+
+
 def table_counts(path: Path) -> dict[str, int]:
     conn = sqlite3.connect(path)
     try:
@@ -440,10 +448,7 @@ async def test_acks_in_any_order_are_committed_exactly(tmp_path: Path, seed: int
                     acked.add(d.seq)
                 await feed.flush()
                 feed.close()
-    async with await EmbeddedQueue.open(path) as q:
-        with anyio.fail_after(10):
-            async with q.open_feed(JOB, max_attempts=3) as feed:
-                got = await drain(feed)
+    got = await drain_reopened(path, 3)
     assert sorted(d.seq for d in got) == sorted(set(range(n)) - acked)
 
 
@@ -627,10 +632,7 @@ async def test_resume_reads_the_same_bodies(tmp_path: Path) -> None:
                         feed.fail(d, record(d, status=500))
                 await feed.flush()
                 feed.close()
-    async with await EmbeddedQueue.open(path) as q:
-        with anyio.fail_after(10):
-            async with q.open_feed(JOB, max_attempts=2) as feed:
-                got = await drain(feed)
+    got = await drain_reopened(path, 2)
     assert [d.seq for d in got] == [i for i in range(len(bodies)) if i >= 120 or i % 3]
     assert all(d.body == bodies[d.seq] for d in got)
     assert {d.seq for d in got if d.attempt == 2} == {i for i in range(120) if i % 3 == 1}

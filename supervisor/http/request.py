@@ -198,7 +198,7 @@ def _parse_fields(lines: list[bytes], head: _Head | None) -> list[tuple[bytes, b
     return headers
 
 
-class _Last(msgspec.Struct, gc=False, array_like=True):
+class _Last(msgspec.Struct, gc=False):
     """A head remembered around its ``Content-Length`` digits (see :meth:`RequestParser._match`).
 
     ``prefix`` runs up to the digits, ``tail`` from after them to the end of the blank line

@@ -367,13 +367,14 @@ async def test_jobs_are_listed_found_and_deleted(tmp_path: Path) -> None:
             None,
         )
 
-        found = await q.find_resumable("api", "d1")
+        found = await q.find_latest("api", "d1")
         assert found is not None and found.job_id == new
-        await q.set_status(new, "succeeded", start_time="t4", end_time="t5")
-        found = await q.find_resumable("api", "d1")
-        assert found is not None and found.job_id == old
+        await q.set_status(new, "succeeded", start_time="t4", end_time="t5", worker_counts=b"{}")
+        found = await q.find_latest("api", "d1")  # ended jobs too: a re-run reports them
+        assert found is not None and found.job_id == new
+        assert (found.status, found.worker_counts) == ("succeeded", b"{}")
         await q.set_status(old, "running", start_time="t6")
-        assert await q.find_resumable("api", "d2") is None
+        assert await q.find_latest("api", "d2") is None
 
         job = await q.get_job(new)
         assert job is not None
@@ -740,7 +741,7 @@ async def test_empty_job_has_an_empty_body_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("version", "says"),
-    [(1, "was written by an older supervisor"), (3, "was written by a newer supervisor")],
+    [(1, "was written by an older supervisor"), (4, "was written by a newer supervisor")],
 )
 async def test_a_file_of_another_format_is_refused(tmp_path: Path, version: int, says: str) -> None:
     path = tmp_path / "q.sqlite3"
@@ -760,3 +761,24 @@ async def test_a_file_of_another_format_is_refused(tmp_path: Path, version: int,
         assert conn.execute("PRAGMA user_version").fetchone() == (version,)  # left as it was
     finally:
         conn.close()
+
+
+async def test_a_format_2_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    """Format 3 only adds the final worker counts: a root written by the previous release
+    keeps its jobs (a resume after upgrading the supervisor still works)."""
+    path = tmp_path / "q.sqlite3"
+    async with await EmbeddedQueue.open(path) as q:
+        await new_job(q, 2)
+    conn = sqlite3.connect(path)
+    try:  # back to format 2: the column did not exist
+        conn.execute("ALTER TABLE jobs DROP COLUMN worker_counts")
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    finally:
+        conn.close()
+    async with await EmbeddedQueue.open(path) as q:
+        job = await q.get_job(JOB)
+        assert job is not None and job.total_batches == 2 and job.worker_counts is None
+        await q.set_status(JOB, "succeeded", worker_counts=b'{"succeeded":1}')
+        job = await q.get_job(JOB)
+        assert job is not None and job.worker_counts == b'{"succeeded":1}'

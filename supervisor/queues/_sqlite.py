@@ -27,7 +27,7 @@ from supervisor.queues.base import (
 
 T = TypeVar("T")
 
-_SCHEMA_VERSION: Final = 2  # 2: bodies in one file per job; 1: bodies in SQLite
+_SCHEMA_VERSION: Final = 3  # 3: jobs.worker_counts; 2: bodies in one file per job; 1: in SQLite
 SEQ_BITS: Final = 32  # id = jid << 32 | seq
 PENDING: Final = 0
 SUCCEEDED: Final = 1
@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     succeeded INTEGER NOT NULL DEFAULT 0,
     dead INTEGER NOT NULL DEFAULT 0,
     failed_attempts INTEGER NOT NULL DEFAULT 0,
-    time_per_batch_sum REAL NOT NULL DEFAULT 0
+    time_per_batch_sum REAL NOT NULL DEFAULT 0,
+    worker_counts BLOB
 );
 CREATE INDEX IF NOT EXISTS jobs_by_api ON jobs (api_name, job_id);
 CREATE TABLE IF NOT EXISTS batches (
@@ -75,7 +76,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS attempts_by_batch ON attempts (id, attempt);
 
 JOB_COLUMNS: Final = (
     "job_id, api_name, digest, spec_json, status, created_time, start_time, end_time, "
-    "total_batches, succeeded, dead, failed_attempts, time_per_batch_sum"
+    "total_batches, succeeded, dead, failed_attempts, time_per_batch_sum, worker_counts"
 )
 
 record_encoder: Final = msgspec.json.Encoder()
@@ -84,9 +85,22 @@ _dead_letter_encoder: Final = msgspec.json.Encoder()
 
 
 def job_from_row(row: Any) -> JobRecord:
-    (job_id, api_name, digest, spec, status, created, start, end, total, ok, dead, failed, tpb) = (
-        row
-    )
+    (
+        job_id,
+        api_name,
+        digest,
+        spec,
+        status,
+        created,
+        start,
+        end,
+        total,
+        ok,
+        dead,
+        failed,
+        tpb,
+        wc,
+    ) = row
     return JobRecord(
         job_id=job_id,
         api_name=api_name,
@@ -101,6 +115,7 @@ def job_from_row(row: Any) -> JobRecord:
         dead=dead,
         failed_attempts=failed,
         time_per_batch_sum=float(tpb),
+        worker_counts=None if wc is None else bytes(wc),
     )
 
 
@@ -138,7 +153,9 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA mmap_size=17179869184")  # read pages straight from the page cache
         with transaction(conn):
             (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version not in (0, _SCHEMA_VERSION):
+            if version == 2:  # format 3 only adds a column: upgrade in place
+                conn.execute("ALTER TABLE jobs ADD COLUMN worker_counts BLOB")
+            elif version not in (0, _SCHEMA_VERSION):
                 raise QueueError(_version_error(path, version))
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -153,7 +170,7 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def _version_error(path: Path, version: int) -> str:
-    if version < _SCHEMA_VERSION:
+    if version < 2:
         return (
             f"{path} was written by an older supervisor (queue format {version}, this one "
             f"reads format {_SCHEMA_VERSION}): remove it and its -wal and -shm files to start "

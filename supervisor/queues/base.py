@@ -90,6 +90,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     dead: int = 0  # batches that failed for good
     failed_attempts: int = 0
     time_per_batch_sum: float = 0.0
+    worker_counts: bytes | None = None  # JSON of the final worker_counts, once ended
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -141,6 +142,11 @@ class Feed(Protocol):
         """Stop: every :meth:`receive` returns ``None`` from now on; pending batches stay."""
         ...
 
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` has been called (a consumer holding a batch for a pod
+        that is not ready gives it back then, instead of waiting for readiness forever)."""
+        ...
+
     def progress(self) -> Progress:
         """The job's counters now, from memory."""
         ...
@@ -174,8 +180,9 @@ class JobQueue(Protocol):
         *,
         start_time: str | None = None,
         end_time: str | None = None,
+        worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status (and the times that are given)."""
+        """Set the job's status (and the times and final worker counts that are given)."""
         ...
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -186,8 +193,8 @@ class JobQueue(Protocol):
         """Jobs (of one API, or all), newest first."""
         ...
 
-    async def find_resumable(self, api_name: str, digest: str) -> JobRecord | None:
-        """The newest job with this digest that has not reached an end state."""
+    async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
+        """The newest job with this digest (the same command), in any state."""
         ...
 
     async def delete_job(self, job_id: str) -> None:

@@ -73,7 +73,6 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from supervisor.jobs import END_STATES
 from supervisor.queues._sqlite import (
     CHUNK_BYTES,
     JOB_COLUMNS,
@@ -295,15 +294,17 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         *,
         start_time: str | None = None,
         end_time: str | None = None,
+        worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status, and its start/end time when given."""
+        """Set the job's status, and its start/end time and final worker counts when given."""
 
         def update(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 cursor = conn.execute(
                     "UPDATE jobs SET status = ?, start_time = coalesce(?, start_time), "
-                    "end_time = coalesce(?, end_time) WHERE job_id = ?",
-                    (status, start_time, end_time, job_id),
+                    "end_time = coalesce(?, end_time), "
+                    "worker_counts = coalesce(?, worker_counts) WHERE job_id = ?",
+                    (status, start_time, end_time, worker_counts, job_id),
                 )
                 if cursor.rowcount == 0:
                     raise QueueError(f"there is no job {job_id}.")
@@ -336,16 +337,14 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
         return await self._run(select)
 
-    async def find_resumable(self, api_name: str, digest: str) -> JobRecord | None:
-        """The newest job of ``api_name`` with ``digest`` whose status is not an end state."""
-        ends = sorted(END_STATES)
-        marks = ", ".join("?" * len(ends))
+    async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
+        """The newest job of ``api_name`` with ``digest`` (the same command), in any state."""
 
         def find(conn: sqlite3.Connection) -> JobRecord | None:
             row = conn.execute(
                 f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? AND digest = ? "
-                f"AND status NOT IN ({marks}) ORDER BY job_id LIMIT 1",
-                (api_name, digest, *ends),
+                "ORDER BY job_id LIMIT 1",
+                (api_name, digest),
             ).fetchone()
             return None if row is None else job_from_row(row)
 

@@ -75,6 +75,7 @@ class EmbeddedFeed:
         "_body_path",
         "_buffer",
         "_closed",
+        "_closed_event",
         "_commit_done",
         "_committer_wakeup",
         "_cursor",
@@ -153,6 +154,7 @@ class EmbeddedFeed:
         self._hurry: anyio.Event | None = None  # set to end a group-commit window early
         self._stopping = False  # leaving open_feed: commit what is left, then stop
         self._stopped = False  # the committer has stopped: ack/fail are refused
+        self._closed_event: anyio.Event | None = None  # created by the first wait_closed()
 
     # -- the consumer's side --------------------------------------------------------------
 
@@ -219,8 +221,19 @@ class EmbeddedFeed:
     def close(self) -> None:
         """Stop: ``receive`` returns ``None`` from now on; unsent batches stay pending."""
         self._closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
         self._wake_receivers()
         self._wake_feeder()
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` has been called."""
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._closed_event is None:
+            self._closed_event = anyio.Event()
+        await self._closed_event.wait()
 
     def progress(self) -> Progress:
         """The job's counters now (including acks not committed yet)."""

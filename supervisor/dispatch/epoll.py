@@ -173,7 +173,11 @@ class _Engine:
         if self._busy:
             waiters.append(self._wait_sockets)
         if wants_feed:
-            waiters.append(self._wait_feed if self._target.serving else self._wait_serving)
+            if self._target.serving:
+                waiters.append(self._wait_feed)
+            else:  # a pod that is not ready: wait for it, or for the feed to be closed
+                waiters.append(self._wait_serving)
+                waiters.append(self._wait_closed)
         if self._settling:
             waiters.append(self._wait_settled)
         delay = float("inf")
@@ -204,6 +208,17 @@ class _Engine:
 
     async def _wait_serving(self, race: anyio.CancelScope | None) -> None:
         await self._target.wait_serving()
+        if race is not None:
+            race.cancel()
+
+    async def _wait_closed(self, race: anyio.CancelScope | None) -> None:
+        await self._feed.wait_closed()
+        self._done = True  # nothing more will be taken; what was taken goes back
+        feed = self._feed
+        for d in self._stash:
+            if d is not None:
+                feed.release(d)
+        self._stash.clear()
         if race is not None:
             race.cancel()
 

@@ -49,8 +49,9 @@ async def _slot(
             d = await feed.receive()
             if d is None:
                 return
-            if not target.serving:
-                await target.wait_serving()
+            if not target.serving and not await _wait_serving_or_closed(feed, target):
+                feed.release(d)  # the feed was closed while the pod was not ready
+                return
             generation = target.generation
             t0 = perf()
             status: int | None = None
@@ -86,3 +87,23 @@ async def _slot(
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _wait_serving_or_closed(feed: Feed, target: Target) -> bool:
+    """Wait until ``target`` serves (True) or the feed is closed (False)."""
+    serving = False
+    async with anyio.create_task_group() as tg:
+
+        async def wait_serving() -> None:
+            nonlocal serving
+            await target.wait_serving()
+            serving = True
+            tg.cancel_scope.cancel()
+
+        async def wait_closed() -> None:
+            await feed.wait_closed()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(wait_serving)
+        tg.start_soon(wait_closed)
+    return serving

@@ -64,6 +64,11 @@ class Layout:
         return self.cortex_dir / "supervisor"
 
     @property
+    def lock_path(self) -> Path:
+        """Held (flock) by the one supervisor working on this root."""
+        return self.state_dir / "lock"
+
+    @property
     def queue_path(self) -> Path:
         return self.state_dir / "queue.sqlite3"
 

@@ -4,6 +4,8 @@
   exit code 2 and one sentence on stderr; the HTTP API turns it into a 400.
 * :class:`PodError` -- the pod cannot do its work (a container died, the port is owned by a
   stranger, ...). It carries the Cortex status code the job should end with.
+  :class:`StartError`, one of them, says the pod could not start at all: the job has not
+  failed and stays resumable.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = [
     "JobError",
     "PodError",
     "PortOwnerError",
+    "StartError",
     "SupervisorError",
     "first_leaf",
 ]
@@ -49,6 +52,11 @@ class PodError(SupervisorError):
 
 class PortOwnerError(PodError):
     """pod.port is held by a process that is not ours, or claimed by two containers."""
+
+
+class StartError(PodError):
+    """A pod could not start (a command not found, pod.port held by a stranger). Not the
+    job's fault: the job is left as it was, to be resumed once the cause is fixed."""
 
 
 def first_leaf(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E:

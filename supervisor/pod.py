@@ -21,6 +21,7 @@ each container is then stopped with its grace period, concurrently.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,9 @@ import anyio
 import anyio.abc
 
 from supervisor.config import BatchAPI, Container, Probe
-from supervisor.errors import PodError, PortOwnerError
+from supervisor.errors import PodError, PortOwnerError, StartError
+from supervisor.layout import Layout
+from supervisor.lifecycle import PodState, next_pod_state
 from supervisor.logs import Logger
 from supervisor.ports import PortOwner, find_port_owner
 from supervisor.probes import (
@@ -42,7 +45,7 @@ from supervisor.probes import (
 )
 from supervisor.process import Child, build_env, expand_argv, open_child
 
-__all__ = ["CORTEX_VERSION", "Pod"]
+__all__ = ["CORTEX_VERSION", "Pod", "check_port_free", "pod_env"]
 
 CORTEX_VERSION = "0.42.0"
 POD_PORT_GATE = "pod.port"
@@ -50,6 +53,24 @@ _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
 _OWNER_RECHECK = 5.0  # seconds between port-owner checks while serving
 _FIRST_BIND_POLL = 0.05  # seconds between tries of the default TCP probe before it first passes
+
+
+def pod_env(api: BatchAPI, layout: Layout, *, job_id: str | None) -> dict[str, str]:
+    """The ``CORTEX_*`` variables every container of the pod gets (docs/container-contract.md).
+
+    ``CORTEX_SPEC_PATH`` is always set; under ``proxy`` (no job known: ``job_id`` None) the
+    file exists only if something put it there, and ``CORTEX_JOB_ID`` is not set.
+    """
+    env = {
+        "CORTEX_VERSION": CORTEX_VERSION,
+        "CORTEX_API_NAME": api.name,
+        "CORTEX_LOG_LEVEL": os.environ.get("CORTEX_LOG_LEVEL") or "info",
+        "CORTEX_SPEC_PATH": str(layout.spec_path),
+        "CORTEX_MNT_DIR": str(layout.mnt_dir),
+    }
+    if job_id is not None:
+        env["CORTEX_JOB_ID"] = job_id
+    return env
 
 
 class Pod:
@@ -76,7 +97,9 @@ class Pod:
         self.restarts: dict[str, int] = {c.name: 0 for c in api.pod.containers}
         self.owner: PortOwner | None = None
         self.generation = 0
-        self.state = "creating"
+        self.state = PodState.CREATING
+        self.ever_served = False  # a port conflict before this is a failure to start
+        self._readiness: dict[str, ProbeLoop] = {}  # gate key -> its loop, for `waiting_for`
         self._extra_env = {"CORTEX_PORT": str(self.port), **env}
         self._serving = False
         self._serving_changed = anyio.Event()
@@ -107,11 +130,37 @@ class Pod:
         child = self.children.get(self.owner.container)
         return child.stderr_tail(limit) if child is not None else ""
 
+    def waiting_for(self) -> list[str]:
+        """Why the pod is not serving: one phrase per gate that is not passing (none once the
+        pod has stopped or failed)."""
+        reasons: list[str] = []
+        if self.state in (PodState.STOPPED, PodState.FAILED, PodState.KILLED_OOM):
+            return reasons
+        for key, ok in self.gate.states().items():
+            if ok:
+                continue
+            loop = self._readiness.get(key)
+            last = loop.last if loop is not None else None
+            what = "readiness" if key == POD_PORT_GATE else f"`{key}` readiness"
+            detail = last.detail if last is not None else "no probe result yet"
+            reasons.append(f"{what}: {detail}")
+        if not reasons and not self._serving and self.gate.ready:
+            reasons.append(f"nobody listens on port {self.port} yet")
+        return reasons
+
+    def _set_state(self, new: PodState) -> None:
+        self.state = next_pod_state(self.state, new)
+
+    def kill_now(self) -> None:
+        """SIGKILL every container's process group now (a second Ctrl-C)."""
+        for child in self.children.values():
+            child.kill()
+
     def status(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "port": self.port,
-            "state": self.state,
+            "state": self.state.value,
             "serving": self._serving,
             "readiness": self.gate.states(),
             "containers": {
@@ -147,8 +196,7 @@ class Pod:
         finally:
             self._stopping = True
             self._set_serving(False)
-            if self.state not in ("failed", "killed_oom"):
-                self.state = "stopped"
+            self._set_state(PodState.STOPPED)
 
     def _set_serving(self, value: bool) -> None:
         if value != self._serving:
@@ -176,12 +224,14 @@ class Pod:
             port_shift=self.index,
             on_change=changed,
         )
+        self._readiness[POD_PORT_GATE] = loop
         # This probe is ours, not the user's: rather than wait a whole period after a refused
         # first try, look every 50 ms until the port first answers, then probe as configured.
         while True:  # nothing to wait on but the port itself: a bounded-cost poll
             result = await check(probe, port_shift=self.index)
             if result.success:
                 break
+            loop.last = result
             await anyio.sleep(_FIRST_BIND_POLL)
         loop.record(result)
         await loop.run()
@@ -189,7 +239,13 @@ class Pod:
     async def _check_owner(self) -> PortOwner | None:
         """Who holds pod.port now; raises PortOwnerError for a stranger or two containers."""
         roots = {name: c.pid for name, c in self.children.items() if c.returncode is None}
-        owner = await anyio.to_thread.run_sync(_find_owner, self.port, roots)
+        try:
+            owner = await anyio.to_thread.run_sync(_find_owner, self.port, roots)
+        except PortOwnerError as e:
+            if not self.ever_served:  # the pod never ran: not the job's failure
+                self._set_state(PodState.FAILED)
+                raise StartError(str(e)) from None
+            raise
         if owner is not None and self.owner != owner:
             self.owner = owner
             self.log.info(
@@ -208,7 +264,8 @@ class Pod:
                 # Probes pass but nobody listens yet (an exec-only gate): look again shortly.
                 await anyio.sleep(0.2)
                 continue
-            self.state = "ready"
+            self._set_state(PodState.READY)
+            self.ever_served = True
             self._set_serving(True)
             self.log.info("pod_ready", port=self.port)
             while self.gate.ready:
@@ -220,54 +277,65 @@ class Pod:
                     await self._check_owner()
             self._set_serving(False)
             if not self._stopping:
-                self.state = "not_ready"
+                self._set_state(PodState.NOT_READY)
                 self.log.warning("pod_not_ready", port=self.port, readiness=self.gate.states())
 
     async def _supervise(
         self, c: Container, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         backoff = _BACKOFF_START
-        started = False
         log = self.log.bind(container=c.name)
+        started: anyio.abc.TaskStatus[None] | None = task_status
         while True:
             env = build_env(c.env, self._extra_env)
             # Kubernetes expands $(VAR) in command/args from the container's env only.
             argv = expand_argv([*c.command, *c.args], build_env(c.env, self._extra_env, base={}))
-            relay = _relay(log)
-            async with open_child(
-                c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace
-            ) as child:
-                self.children[c.name] = child
-                self._changed()
-                log.info(
-                    "container_started", pid=child.pid, argv=argv, restarts=self.restarts[c.name]
-                )
-                if not started:
-                    started = True
-                    task_status.started()
-                outcome = await self._watch_container(c, child, log)
-                self.gate.set(c.name, False)
-                if outcome == "liveness":
-                    self.generation += 1
-                    log.warning(
-                        "container_restart", reason="liveness probe failed", grace=self.grace
-                    )
-                    exit_ = await child.terminate(self.grace)
-                    log.info("container_stopped", exit=exit_.describe())
-                else:
-                    exit_ = await child.wait()
-                    self.generation += 1
-                    oom = exit_.oom_killed
-                    self.state = "killed_oom" if oom else "failed"
-                    log.error("container_exited", exit=exit_.describe(), oom=oom)
-                    raise PodError(
-                        f"container `{c.name}` of pod {self.index} {exit_.describe()}",
-                        status="worker_oom" if oom else "worker_error",
-                    )
+            try:
+                await self._run_container(c, argv, env, log, started)
+            except StartError:  # it cannot be spawned (a command not found, ...)
+                self._set_state(PodState.FAILED)
+                raise
+            started = None
             self.restarts[c.name] += 1
             self._changed()
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _run_container(
+        self,
+        c: Container,
+        argv: list[str],
+        env: dict[str, str],
+        log: Logger,
+        task_status: anyio.abc.TaskStatus[None] | None,
+    ) -> None:
+        """One run of container ``c``: returns after a liveness restart, raises when it exits
+        on its own (``task_status`` is told once it has started, the first time)."""
+        async with open_child(
+            c.name, argv, env, cwd=self.cwd, on_line=_relay(log), grace=self.grace
+        ) as child:
+            self.children[c.name] = child
+            self._changed()
+            log.info("container_started", pid=child.pid, argv=argv, restarts=self.restarts[c.name])
+            if task_status is not None:
+                task_status.started()
+            outcome = await self._watch_container(c, child, log)
+            self.gate.set(c.name, False)
+            if outcome == "liveness":
+                self.generation += 1
+                log.warning("container_restart", reason="liveness probe failed", grace=self.grace)
+                exit_ = await child.terminate(self.grace)
+                log.info("container_stopped", exit=exit_.describe())
+                return
+            exit_ = await child.wait()
+            self.generation += 1
+            oom = exit_.oom_killed
+            self._set_state(PodState.KILLED_OOM if oom else PodState.FAILED)
+            log.error("container_exited", exit=exit_.describe(), oom=oom)
+            raise PodError(
+                f"container `{c.name}` of pod {self.index} {exit_.describe()}",
+                status="worker_oom" if oom else "worker_error",
+            )
 
     async def _watch_container(self, c: Container, child: Child, log: Logger) -> str:
         """Wait for the container to exit ("exit") or fail its liveness probe ("liveness")."""
@@ -284,7 +352,7 @@ class Pod:
                     dead.set()
 
             aimed = aims_at(probe, self.api.pod.port)  # shifted with the pod's port (§6)
-            return ProbeLoop(
+            made = ProbeLoop(
                 probe,
                 container=c.name,
                 kind=kind,
@@ -293,6 +361,9 @@ class Pod:
                 cwd=self.cwd,
                 on_change=changed,
             )
+            if kind == "readiness":
+                self._readiness[c.name] = made
+            return made
 
         async with anyio.create_task_group() as tg:
 
@@ -315,6 +386,18 @@ class Pod:
                 tg.start_soon(loop(c.liveness_probe, "liveness").run)
                 tg.start_soon(watch_liveness)
         return outcome
+
+
+def check_port_free(port: int) -> None:
+    """Before any container starts: raise :class:`StartError` naming whoever holds ``port``."""
+    try:
+        find_port_owner(port, {})
+    except PortOwnerError as e:
+        raise StartError(
+            f"{e}; it was taken before any container started: stop that program, or change pod.port"
+        ) from None
+    except OSError:
+        pass  # /proc unreadable: the pod's own checks will say so
 
 
 def _find_owner(port: int, roots: dict[str, int]) -> PortOwner | None:

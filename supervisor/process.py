@@ -41,7 +41,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from supervisor.errors import PodError
+from supervisor.errors import StartError
 
 __all__ = [
     "Child",
@@ -390,6 +390,10 @@ class Child:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def kill(self) -> None:
+        """SIGKILL the process group now (whoever is waiting in :meth:`terminate` returns)."""
+        self._kill()
+
     def _kill(self) -> None:
         self._killed_by_us = True
         self.send_signal_group(signal.SIGKILL)
@@ -482,18 +486,18 @@ def _check_command(command: str, env: Mapping[str, str], cwd: Path | None) -> No
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
 
 
-def _spawn_error(name: str, argv: Sequence[str], cwd: Path | None, exc: OSError) -> PodError:
+def _spawn_error(name: str, argv: Sequence[str], cwd: Path | None, exc: OSError) -> StartError:
     command = argv[0]
     if isinstance(exc, FileNotFoundError):
         if cwd is not None and exc.filename is not None and str(exc.filename) == str(cwd):
-            return PodError(f"container `{name}`: working directory `{cwd}` does not exist")
-        return PodError(f"container `{name}`: command `{command}` not found")
+            return StartError(f"container `{name}`: working directory `{cwd}` does not exist")
+        return StartError(f"container `{name}`: command `{command}` not found")
     if isinstance(exc, PermissionError):
-        return PodError(
+        return StartError(
             f"container `{name}`: command `{command}` is not executable (permission denied)"
         )
     reason = exc.strerror or str(exc)
-    return PodError(f"container `{name}`: cannot start command `{command}`: {reason}")
+    return StartError(f"container `{name}`: cannot start command `{command}`: {reason}")
 
 
 @asynccontextmanager
@@ -512,7 +516,7 @@ async def open_child(
     terminated (SIGTERM, ``grace``, SIGKILL); nothing it started in its process group survives.
     """
     if not argv:
-        raise PodError(f"container `{name}`: the command is empty")
+        raise StartError(f"container `{name}`: the command is empty")
     oom_path = memory_events_path()
     oom_before = oom_kill_count(oom_path)
     _registry.spawning += 1

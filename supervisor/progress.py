@@ -28,18 +28,20 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def format_bar(p: Progress, rate: float, width: int = 30) -> str:
-    """``[#####.....] 1200/5000 done, 3 failed  410.2/s  ETA 00:09``."""
+def format_bar(p: Progress, rate: float, width: int = 30, waiting: str | None = None) -> str:
+    """``[#####.....] 1200/5000 done, 3 failed  410.2/s  ETA 00:09``, and ``  waiting: <why>``
+    while no pod is ready."""
     total = p.total or 0
     finished = p.succeeded + p.dead
     frac = min(finished / total, 1.0) if total else 1.0
     fill = int(frac * width)
     remaining = max(total - finished, 0)
     eta = remaining / rate if rate > 0 else None
-    return (
+    line = (
         f"[{'#' * fill}{'.' * (width - fill)}] {p.succeeded}/{total} done, "
         f"{p.dead} failed  {rate:,.1f}/s  ETA {format_duration(eta)}"
     )
+    return line if waiting is None else f"{line}  waiting: {waiting}"
 
 
 class ProgressReporter:
@@ -53,8 +55,10 @@ class ProgressReporter:
         tty: bool,
         log: Logger,
         interval: float | None = None,
+        waiting: Callable[[], str | None] | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self._waiting = waiting
         self._stream = stream
         self._tty = tty
         self._log = log
@@ -77,9 +81,10 @@ class ProgressReporter:
         p = self._snapshot()
         now = time.monotonic()
         rate = self._rate(now, p.succeeded + p.dead)
+        waiting = self._waiting() if self._waiting is not None else None
         if self._tty:
             try:
-                self._stream.write("\r\x1b[K" + format_bar(p, rate))
+                self._stream.write("\r\x1b[K" + format_bar(p, rate, waiting=waiting))
                 self._stream.flush()
             except (OSError, ValueError):
                 pass
@@ -95,6 +100,7 @@ class ProgressReporter:
                 in_flight=p.in_flight,
                 rate=round(rate, 2),
                 eta_seconds=round(remaining / rate, 1) if rate > 0 else None,
+                **({} if waiting is None else {"waiting": waiting}),
             )
 
     def final(self) -> None:

@@ -19,7 +19,7 @@ from supervisor.http.proxy import ProxyApp
 from supervisor.http.server import serve
 from supervisor.layout import Layout
 from supervisor.logs import Logger
-from supervisor.pod import CORTEX_VERSION, Pod
+from supervisor.pod import Pod, pod_env
 from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
 
 __all__ = ["run_proxy"]
@@ -39,12 +39,7 @@ async def run_proxy(
     layout.prepare()
     for path in api.ignored_fields():
         log.info("ignored_field", field=path, reason="no local effect")
-    env = {
-        "CORTEX_VERSION": CORTEX_VERSION,
-        "CORTEX_API_NAME": api.name,
-        "CORTEX_SPEC_PATH": str(layout.spec_path),
-        "CORTEX_MNT_DIR": str(layout.mnt_dir),
-    }
+    env = pod_env(api, layout, job_id=None)
     pod = Pod(api, index=0, env=env, log=log, grace=grace, cwd=cwd or Path.cwd())
     app = ProxyApp(
         target_host="127.0.0.1",

@@ -14,6 +14,7 @@ import pytest
 
 from supervisor.config import BatchAPI
 from supervisor.errors import PodError
+from supervisor.lifecycle import PodState
 from supervisor.logs import Logger
 from supervisor.pod import Pod
 from tests.helpers import RECORDER, free_ports
@@ -73,7 +74,7 @@ async def test_readiness_lost_pauses_and_returns(tmp_path: Path) -> None:
             ready.touch()
             await pod.wait_serving()
             tg.cancel_scope.cancel()
-    assert pod.state == "stopped"
+    assert pod.state is PodState.STOPPED
 
 
 async def test_liveness_failure_restarts_container(tmp_path: Path) -> None:

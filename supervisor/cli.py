@@ -11,7 +11,8 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,10 +23,11 @@ import msgspec
 from supervisor import __version__
 from supervisor.allocator import tune_allocator
 from supervisor.config import BatchAPI, load_api
-from supervisor.errors import BadInput, PodError
+from supervisor.errors import BadInput, JobError, PodError
 from supervisor.jobs import load_submission
 from supervisor.layout import Layout
 from supervisor.logs import Logger
+from supervisor.rootlock import claim_root
 
 __all__ = ["main"]
 
@@ -161,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--job", metavar="JOB", help="also check this job submission, splitting it fully"
     )
-    validate.add_argument("--max-batch-bytes", type=_positive_int, default=256 * 1024, metavar="N")
+    validate.add_argument(
+        "--max-batch-bytes",
+        type=_positive_int,
+        default=256 * 1024,
+        metavar="N",
+        help="largest batch body (default 262144), as for `run`",
+    )
 
     proxy = sub.add_parser("proxy", help="run the pod and forward POST / from outside to it")
     common(proxy)
@@ -172,8 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="default 127.0.0.1:8888",
     )
-    proxy.add_argument("--root", metavar="DIR")
-    proxy.add_argument("--grace", type=_non_negative_float, default=30.0, metavar="S")
+    proxy.add_argument(
+        "--root",
+        metavar="DIR",
+        help="where cortex/ and mnt/ live (default ./.supervisor unless PID 1 of a pod)",
+    )
+    proxy.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds the containers get to exit before SIGKILL (default 30)",
+    )
     return parser
 
 
@@ -217,7 +235,10 @@ def _validate(args: argparse.Namespace) -> int:
     msg = f"{args.api}: BatchAPI `{api.name}` is valid ({len(api.pod.containers)} container(s), port {api.pod.port})"
     if args.job:
         sub, _ = load_submission(args.job)
-        count = validate_submission(sub, max_batch_bytes=args.max_batch_bytes, allowed_roots=None)
+        with _naming(args.job):
+            count = validate_submission(
+                sub, max_batch_bytes=args.max_batch_bytes, allowed_roots=None
+            )
         msg += f"; {args.job}: job is valid ({count} batch(es))"
     print(msg)
     return EXIT_OK
@@ -240,8 +261,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     log = Logger(sys.stderr)
     try:
-        result = _run_async(args.backend, partial(run_job, api, sub, raw, opts, log))
-    except PodError as e:  # failed before the job could run (e.g. a missing command)
+        with _naming(args.job):
+            result = _run_async(args.backend, partial(run_job, api, sub, raw, opts, log))
+    except PodError as e:  # the pods could not start (a port taken, a missing command)
         sys.stderr.write(f"supervisor: {e}\n")
         return EXIT_FAILED
     try:
@@ -258,19 +280,23 @@ def _proxy(args: argparse.Namespace) -> int:
     api: BatchAPI = load_api(args.api, args.api_name)
     host, port = args.listen
     log = Logger(sys.stdout, api_name=api.name)
+    layout = Layout.at(args.root)
+    serve = partial(run_proxy, api, host=host, port=port, layout=layout, grace=args.grace, log=log)
     try:
-        return _run_async(
-            args.backend,
-            partial(
-                run_proxy,
-                api,
-                host=host,
-                port=port,
-                layout=Layout.at(args.root),
-                grace=args.grace,
-                log=log,
-            ),
-        )
+        with claim_root(layout):
+            return _run_async(args.backend, serve)
     except PodError as e:
         sys.stderr.write(f"supervisor: {e}\n")
         return EXIT_FAILED
+
+
+@contextmanager
+def _naming(job_file: str) -> Iterator[None]:
+    """Bad input found in the job's data (a path, an item) names the job file first."""
+    try:
+        yield
+    except JobError as e:
+        text = str(e)
+        if text.startswith(f"{job_file}:"):
+            raise
+        raise JobError(f"{job_file}: {text}") from None

@@ -8,6 +8,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -165,3 +166,60 @@ async def read_raw_request(sock: socket.socket) -> tuple[bytes, dict[bytes, byte
             fields[name.strip().lower()] = value.strip()
         if len(body) >= int(fields.get(b"content-length", b"0")):
             return head, fields, body
+
+
+# -- driving `supervisor run` ------------------------------------------------------------
+
+HEALTHZ_PROBE = {"http_get": {"port": 0, "path": "/healthz"}, "period_seconds": 1}
+
+
+def probe_on(port: int) -> dict[str, Any]:
+    return {**HEALTHZ_PROBE, "http_get": {"port": port, "path": "/healthz"}}
+
+
+def recorder_api(tmp_path: Path, **env: str) -> tuple[Path, Path, int]:
+    """An API of one recording worker gated by /healthz: (api file, record dir, pod.port)."""
+    port = free_ports()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    container = {
+        **recorder_container(RECORD_DIR=str(rec), **env),
+        "readiness_probe": probe_on(port),
+    }
+    return write_api(tmp_path / "api.yaml", [container], port=port), rec, port
+
+
+def batches_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["path"] == "/"]
+
+
+def raw_job(items: list[bytes], batch_size: int, extra: bytes = b"") -> bytes:
+    return (
+        b'{"workers": 1, '
+        + extra
+        + b'"item_list": {"batch_size": %d, "items": [' % batch_size
+        + b", ".join(items)
+        + b']}, "config": {"k": "v"}}'
+    )
+
+
+def start_supervisor(args: list[str], backend: str = "asyncio") -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        supervisor_cmd(*args, backend=backend),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for_batches(rec: Path, n: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while len(batches_of(read_records(rec))) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"supervisor exited early: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for batches")
+        time.sleep(0.05)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,45 +14,21 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
-    child_env,
+    batches_of,
     free_ports,
     header,
     pid_alive,
+    probe_on,
+    raw_job,
     read_records,
+    recorder_api,
     recorder_container,
     run_supervisor,
-    supervisor_cmd,
+    start_supervisor,
+    wait_for_batches,
     write_api,
     write_job,
 )
-
-HEALTHZ_PROBE = {"http_get": {"port": 0, "path": "/healthz"}, "period_seconds": 1}
-
-
-@pytest.fixture(params=["asyncio", "trio"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-def probe_on(port: int) -> dict[str, Any]:
-    return {**HEALTHZ_PROBE, "http_get": {"port": port, "path": "/healthz"}}
-
-
-def recorder_api(tmp_path: Path, **env: str) -> tuple[Path, Path, int]:
-    """An API of one recording worker gated by /healthz: (api file, record dir, pod.port)."""
-    port = free_ports()
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    container = {
-        **recorder_container(RECORD_DIR=str(rec), **env),
-        "readiness_probe": probe_on(port),
-    }
-    return write_api(tmp_path / "api.yaml", [container], port=port), rec, port
-
-
-def batches_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in records if r["path"] == "/"]
-
 
 # Items chosen to catch any re-encoding: odd spacing, escapes, unicode, big numbers, nesting.
 RAW_ITEMS = [
@@ -66,16 +41,6 @@ RAW_ITEMS = [
     b"[ ]",
     b"true",
 ] + [b'{"i": %d}' % i for i in range(40)]
-
-
-def raw_job(items: list[bytes], batch_size: int, extra: bytes = b"") -> bytes:
-    return (
-        b'{"workers": 1, '
-        + extra
-        + b'"item_list": {"batch_size": %d, "items": [' % batch_size
-        + b", ".join(items)
-        + b']}, "config": {"k": "v"}}'
-    )
 
 
 def test_contract_byte_for_byte(tmp_path: Path, backend: str) -> None:
@@ -387,28 +352,6 @@ def test_container_crash_mid_job_is_worker_error(tmp_path: Path, backend: str) -
     assert pids and not any(pid_alive(p) for p in pids)
 
 
-def _start(args: list[str], backend: str = "asyncio") -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        supervisor_cmd(*args, backend=backend),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env(),
-        start_new_session=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def _wait_for_batches(rec: Path, n: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while len(batches_of(read_records(rec))) < n:
-        if proc.poll() is not None:
-            raise AssertionError(f"supervisor exited early: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for batches")
-        time.sleep(0.05)
-
-
 def test_sigterm_mid_job_leaves_nothing_behind(tmp_path: Path, backend: str) -> None:
     port = free_ports()
     rec = tmp_path / "rec"
@@ -434,12 +377,12 @@ def test_sigterm_mid_job_leaves_nothing_behind(tmp_path: Path, backend: str) -> 
     )
     items = [json.dumps({"i": i}).encode() for i in range(2000)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
-    proc = _start(
+    proc = start_supervisor(
         ["run", str(api), "--job", str(job), "--root", str(tmp_path / "root"), "--grace", "2"],
         backend,
     )
     try:
-        _wait_for_batches(rec, 5, proc)
+        wait_for_batches(rec, 5, proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -460,9 +403,9 @@ def test_sigkill_whole_pod_then_resume(tmp_path: Path, backend: str) -> None:
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     root = tmp_path / "root"
     args = ["run", str(api), "--job", str(job), "--root", str(root), "--concurrency", "4"]
-    proc = _start(args, backend)
+    proc = start_supervisor(args, backend)
     try:
-        _wait_for_batches(rec, 100, proc)
+        wait_for_batches(rec, 100, proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole pod: supervisor and containers
         proc.communicate(timeout=30)
@@ -577,9 +520,9 @@ def test_fresh_starts_a_new_job(tmp_path: Path, sig: signal.Signals) -> None:
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
     root = tmp_path / "root"
     args = ["run", str(api), "--job", str(job), "--root", str(root), "--grace", "1"]
-    proc = _start(args)
+    proc = start_supervisor(args)
     try:
-        _wait_for_batches(rec, 3, proc)
+        wait_for_batches(rec, 3, proc)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -601,9 +544,9 @@ def test_supervisor_killed_alone_takes_its_containers_along(tmp_path: Path) -> N
     api, rec, _port = recorder_api(tmp_path, SLEEP_PER_BATCH="0.05")
     items = [json.dumps({"i": i}).encode() for i in range(500)]
     job = write_job(tmp_path / "job.json", raw_job(items, 1))
-    proc = _start(["run", str(api), "--job", str(job), "--root", str(tmp_path / "root")])
+    proc = start_supervisor(["run", str(api), "--job", str(job), "--root", str(tmp_path / "root")])
     try:
-        _wait_for_batches(rec, 3, proc)
+        wait_for_batches(rec, 3, proc)
         os.kill(proc.pid, signal.SIGKILL)  # the supervisor only, not its process group
         proc.communicate(timeout=30)
         pids = {b["pid"] for b in read_records(rec)}

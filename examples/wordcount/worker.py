@@ -3,6 +3,10 @@
 It counts words in the text items it receives. Like a real model server it takes a moment to
 "load" (so the readiness probe matters), reads the job's config from the job spec, writes one
 result line per batch under the shared mnt folder, and writes a summary on /on-job-complete.
+
+Under `supervisor run` the job spec exists before the worker starts. Under `supervisor proxy`
+batches come from outside and there may be no job spec: the worker then uses no config and
+takes the job id from each request's X-Cortex-Job-ID header.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 PORT = int(os.environ.get("CORTEX_PORT", "8080"))
-SPEC = json.loads(Path(os.environ.get("CORTEX_SPEC_PATH", "/cortex/spec/job.json")).read_text())
+SPEC_PATH = Path(os.environ.get("CORTEX_SPEC_PATH", "/cortex/spec/job.json"))
+SPEC = json.loads(SPEC_PATH.read_text()) if SPEC_PATH.exists() else {}
 CONFIG = SPEC.get("config") or {}
-OUT = Path(os.environ.get("CORTEX_MNT_DIR", "/mnt")) / "wordcount" / SPEC["job_id"]
-OUT.mkdir(parents=True, exist_ok=True)
+MNT = Path(os.environ.get("CORTEX_MNT_DIR", "/mnt"))
 LOCK = threading.Lock()
 READY = threading.Event()
 TOTALS = {"batches": 0, "items": 0, "words": 0}
@@ -28,7 +32,16 @@ TOTALS = {"batches": 0, "items": 0, "words": 0}
 def load_model() -> None:
     time.sleep(float(CONFIG.get("load_seconds", 0.5)))  # pretend to load weights
     READY.set()
-    print(f"model loaded; serving job {SPEC['job_id']} on port {PORT}", flush=True)
+    print(
+        f"model loaded; serving job {SPEC.get('job_id', '(from requests)')} on port {PORT}",
+        flush=True,
+    )
+
+
+def out_dir(job_id: str | None) -> Path:
+    out = MNT / "wordcount" / (job_id or SPEC.get("job_id") or "unknown-job")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -50,13 +63,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        out = out_dir(self.headers.get("X-Cortex-Job-ID"))
         if self.path == "/on-job-complete":
             summary = {
                 **TOTALS,
                 "succeeded": self.headers.get("X-Cortex-Batches-Succeeded"),
                 "failed": self.headers.get("X-Cortex-Batches-Failed"),
             }
-            (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(f"job complete: {json.dumps(summary)}", flush=True)
             self._reply(200)
             return
@@ -75,7 +89,7 @@ class Handler(BaseHTTPRequestHandler):
             TOTALS["batches"] += 1
             TOTALS["items"] += len(items)
             TOTALS["words"] += sum(counts.values())
-            with open(OUT / "results.ndjson", "a") as f:
+            with open(out / "results.ndjson", "a") as f:
                 f.write(json.dumps({"items": len(items), "counts": counts}) + "\n")
         self._reply(200, json.dumps({"words": sum(counts.values())}).encode())
 

@@ -15,6 +15,8 @@ Environment (all optional):
   REUSE_PORT        bind with SO_REUSEPORT (to provoke two owners of one port)
   HANG_ONCE_FILE    if this file does not exist: create it, then hang on the first batch and
                     fail /live from then on (a wedged worker that liveness must restart)
+  HEALTHZ_DELAY     seconds /healthz takes to answer (a probe slower than its timeout)
+  ENV_FILE          write this process's environment there as JSON at start
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ spec_path = os.environ.get("CORTEX_SPEC_PATH")
 SPEC = json.loads(Path(spec_path).read_text()) if spec_path and Path(spec_path).exists() else None
 
 
+HEALTHZ_DELAY = float(os.environ.get("HEALTHZ_DELAY", "0"))
+if os.environ.get("ENV_FILE"):
+    Path(os.environ["ENV_FILE"]).write_text(json.dumps(dict(os.environ)))
 READY_FILE = os.environ.get("READY_FILE")
 DEAD_FILE = os.environ.get("DEAD_FILE")
 HANG_ONCE_FILE = os.environ.get("HANG_ONCE_FILE")
@@ -77,6 +82,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
+            time.sleep(HEALTHZ_DELAY)
             self._reply(200 if ready() else 503)
         elif self.path == "/live":
             dead = WEDGED.is_set() or bool(DEAD_FILE and Path(DEAD_FILE).exists())

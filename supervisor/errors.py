@@ -21,6 +21,7 @@ __all__ = [
     "StartError",
     "SupervisorError",
     "first_leaf",
+    "printable",
 ]
 
 E = TypeVar("E", bound=BaseException)
@@ -70,3 +71,11 @@ def first_leaf(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E:
         if isinstance(exc, kind):
             return exc
     raise LookupError(kind.__name__)
+
+
+def printable(text: str) -> str:
+    """``text`` for an error message: control characters and undecodable bytes (the surrogates
+    of :func:`os.fsdecode`) escaped, ``\\x00``-style, so the message stays one readable line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -10,6 +10,8 @@ refuses a value that is not an array, or an empty one, with msgspec's own messag
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import os
 import sys
 import time
@@ -40,7 +42,9 @@ __all__ = [
     "rfc3339",
 ]
 
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# Cortex decodes these into Go ints: bigger numbers are refused there too.
+PositiveInt = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
 # Status codes as Cortex's code writes them.
 PENDING: Final = "pending"
@@ -92,7 +96,7 @@ class FilePathLister(_Strict):
 
 
 class DeadLetterQueue(_Strict):
-    arn: str
+    arn: NonEmptyStr
     max_receive_count: PositiveInt
 
 
@@ -196,6 +200,7 @@ def rfc3339(ts: float | None = None) -> str:
 _decoder = msgspec.json.Decoder(JobSubmission)
 _items_decoder = msgspec.json.Decoder(Annotated[list[msgspec.Raw], msgspec.Meta(min_length=1)])
 _JSON_WS: Final = b" \t\r\n"
+_ITEM_CHUNK: Final = 1 << 20
 
 
 def _check_items(items: msgspec.Raw, where: str) -> None:
@@ -213,14 +218,61 @@ def _check_items(items: msgspec.Raw, where: str) -> None:
     raise JobError(f"{where}: expected a non-empty array - at `item_list.items`")  # not reached
 
 
+class _ConfigValues(msgspec.Struct):
+    """Only ``config``, its values left as text: to name the key of a value msgspec refused."""
+
+    config: dict[str, msgspec.Raw] | None = None
+
+
+def _json_check(raw: msgspec.Raw, tp: Any) -> object:
+    return msgspec.json.decode(raw, type=tp)
+
+
+def _check_utf8(data: bytes, where: str) -> None:
+    """Refuse bytes that are not UTF-8: msgspec checks the strings it decodes, not the ones it
+    skips (``item_list.items`` is kept as text, and is sent on as it is)."""
+    if data.isascii():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    for start in range(0, len(view), _ITEM_CHUNK):
+        try:
+            decoder.decode(
+                view[start : start + _ITEM_CHUNK], final=start + _ITEM_CHUNK >= len(view)
+            )
+        except UnicodeDecodeError as e:
+            at = start + e.start
+            raise JobError(
+                f"{where}: not valid JSON (byte {at}, 0x{data[at]:02x}, is not UTF-8)"
+            ) from None
+
+
 def decode_submission(data: bytes, where: str = "job") -> JobSubmission:
     """Decode and validate a JSON job submission; errors name the field path."""
+    if not data or data.isspace():
+        raise JobError(f"{where}: the job is empty; expected a JSON object")
     try:
         sub = _decoder.decode(data)
     except msgspec.ValidationError as e:
-        raise JobError(format_validation_error(e, where)) from None
+        config = None
+        if "`$.config[...]" in str(e):
+            with contextlib.suppress(msgspec.DecodeError):
+                config = msgspec.json.decode(data, type=_ConfigValues).config
+        message = format_validation_error(
+            e, where, data={"config": config}, tp=JobSubmission, check=_json_check
+        )
+        raise JobError(message) from None
     except msgspec.DecodeError as e:
+        _check_utf8(data, where)  # says where, if that is what is wrong
+        if data.startswith(b"\xef\xbb\xbf"):
+            raise JobError(
+                f"{where}: not valid JSON (it starts with a byte order mark; "
+                "save it as UTF-8 without one)"
+            ) from None
         raise JobError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise JobError(f"{where}: not valid JSON (nested too deeply to be read)") from None
+    _check_utf8(data, where)
     if sub.item_list is not None:
         _check_items(sub.item_list.items, where)
     return sub

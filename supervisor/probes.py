@@ -49,7 +49,9 @@ __all__ = [
 DETAIL_BYTES = 200
 #: How much of an HTTP response body is read (and discarded) before the connection is closed.
 MAX_BODY_BYTES = 10 * 1024
-_USER_AGENT = "supervisor-probe"
+#: What the kubelet sends: ``kube-probe/<major>.<minor>`` of its Kubernetes version (some apps
+#: tell probes from users by it).
+_USER_AGENT = "kube-probe/1.29"
 
 
 class ProbeResult(msgspec.Struct, frozen=True):

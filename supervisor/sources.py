@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
-from supervisor.errors import JobError
+from supervisor.errors import JobError, printable
 
 __all__ = ["Source", "compile_glob", "list_files", "list_sources"]
 
@@ -87,10 +87,10 @@ def compile_glob(pattern: str, where: str = "pattern") -> re.Pattern[str]:
                 k += 1
             end = pattern.find("]", k)
             if end < 0:
-                raise JobError(f"`{where}`: the glob `{pattern}` has a `[` without its `]`")
+                raise JobError(f"the glob `{pattern}` has a `[` without its `]` - at `{where}`")
             body = pattern[k:end]
             if not body:
-                raise JobError(f"`{where}`: the glob `{pattern}` has an empty `[]` class")
+                raise JobError(f"the glob `{pattern}` has an empty `[]` class - at `{where}`")
             chars = "".join(ch if ch == "-" else re.escape(ch) for ch in body)
             out.append(f"[^/{chars}]" if negate else f"[{chars}]")
             i = end
@@ -104,36 +104,38 @@ def compile_glob(pattern: str, where: str = "pattern") -> re.Pattern[str]:
             out.append("|")
         elif c == "\\":
             if i + 1 == n:
-                raise JobError(f"`{where}`: the glob `{pattern}` ends with a lone `\\`")
+                raise JobError(f"the glob `{pattern}` ends with a lone `\\` - at `{where}`")
             i += 1
             out.append(re.escape(pattern[i]))
         else:
             out.append(re.escape(c))
         i += 1
     if depth:
-        raise JobError(f"`{where}`: the glob `{pattern}` has a `{{` without its `}}`")
+        raise JobError(f"the glob `{pattern}` has a `{{` without its `}}` - at `{where}`")
     try:
         return re.compile("".join(out), re.DOTALL)
     except re.error as e:
-        raise JobError(f"`{where}`: the glob `{pattern}` is malformed ({e})") from None
+        raise JobError(f"the glob `{pattern}` is malformed ({e}) - at `{where}`") from None
 
 
 def _local_path(entry: str, where: str) -> tuple[str, bool]:
     """The local path an ``s3_paths`` entry names, and whether it was a ``file://`` URL."""
     if not entry:
-        raise JobError(f"`{where}` is empty; expected a local path or a file:// URL")
+        raise JobError(f"the path is empty; expected a local path or a file:// URL - at `{where}`")
     m = _SCHEME.match(entry)
     if m is None:
         return entry, False
     if m.group(1).lower() != "file":
         raise JobError(
-            f"`{where}`: `{entry}` is in an object store; object stores are not supported in "
-            "this build (use a local path or a file:// URL)"
+            f"`{entry}` is in an object store; object stores are not supported in this build "
+            f"(use a local path or a file:// URL) - at `{where}`"
         )
     rest = entry[m.end() :]
     host, slash, tail = rest.partition("/")
     if host not in ("", "localhost"):
-        raise JobError(f"`{where}`: `{entry}` names the host `{host}`; file:// URLs must be local")
+        raise JobError(
+            f"`{entry}` names the host `{host}`; file:// URLs must be local - at `{where}`"
+        )
     return unquote(slash + tail) or "/", True
 
 
@@ -207,25 +209,28 @@ def list_sources(
 
     result: list[Source] = []
     seen: set[str] = set()
+    listed = included = 0  # files the paths select, and those the includes keep
     for i, entry in enumerate(paths):
         field = f"{pre}s3_paths[{i}]"
         local, is_url = _local_path(entry, field)
         if roots is not None:
             if not roots:
                 raise JobError(
-                    f"`{field}`: local paths are not allowed in jobs submitted over HTTP "
-                    "until the server is given a data folder (--data-dir)"
+                    "local paths are not allowed in jobs submitted over HTTP until the server "
+                    f"is given a data folder (--data-dir) - at `{field}`"
                 )
             if not _inside(local, roots):
-                raise JobError(f"`{field}`: `{entry}` is outside the allowed data folders")
+                raise JobError(f"`{entry}` is outside the allowed data folders - at `{field}`")
         try:
             found = _expand(local)
         except OSError as e:
             raise JobError(
-                f"`{field}`: cannot list `{entry}` ({e.strerror or e}: {e.filename})"
+                f"cannot list `{entry}` ({e.strerror or e}: {printable(str(e.filename))}) "
+                f"- at `{field}`"
             ) from None
         if not found:
-            raise JobError(f"`{field}`: no file found at or under `{entry}`")
+            raise JobError(f"{_why_nothing(local, entry)} - at `{field}`")
+        listed += len(found)
         shown_found = [
             Source(entry + (quote(suffix, safe="/") if is_url else suffix), path)
             for suffix, path in found
@@ -234,6 +239,7 @@ def list_sources(
         for src in shown_found:
             if inc and not any(p.fullmatch(src.shown) for p in inc):
                 continue
+            included += 1
             if any(p.fullmatch(src.shown) for p in exc):
                 continue
             real = os.path.realpath(src.path)
@@ -241,16 +247,53 @@ def list_sources(
                 continue
             seen.add(real)
             if roots is not None and not _inside(src.path, roots):
-                raise JobError(f"`{field}`: `{src.shown}` is outside the allowed data folders")
+                raise JobError(
+                    f"`{printable(src.shown)}` is outside the allowed data folders - at `{field}`"
+                )
             if not os.access(src.path, os.R_OK):
-                raise JobError(f"`{field}`: `{src.shown}` is not readable")
+                raise JobError(f"`{printable(src.shown)}` is not readable - at `{field}`")
             result.append(src)
     if not result:
-        raise JobError(
-            f"`{pre}includes`/`{pre}excludes` leave no file out of the {len(paths)} "
-            f"path(s) in `{pre}s3_paths`"
-        )
+        raise JobError(_none_left(paths, includes, excludes, listed, included, pre))
     return result
+
+
+def _why_nothing(local: str, entry: str) -> str:
+    """Why the ``s3_paths`` entry ``entry`` (the local path ``local``) selects no file."""
+    shown = f"`{printable(entry)}`"
+    if os.path.isdir(local):
+        return f"the folder {shown} holds no file"
+    if os.path.lexists(local):
+        return f"{shown} is not a regular file or a folder"
+    parent, name = os.path.split(local)
+    if not name and os.path.lexists(parent):
+        return f"{shown} does not exist (not a folder)"
+    if not name or not os.path.isdir(parent or "."):
+        return f"{shown} does not exist"
+    return f"{shown} does not exist (nor any name starting with it)"
+
+
+def _listing(items: Sequence[str], most: int = 3) -> str:
+    named = ", ".join(f"`{printable(x)}`" for x in items[:most])
+    return named if len(items) <= most else f"{named} and {len(items) - most} more"
+
+
+def _none_left(
+    paths: Sequence[str],
+    includes: Sequence[str],
+    excludes: Sequence[str],
+    listed: int,
+    included: int,
+    pre: str,
+) -> str:
+    """Why ``includes``/``excludes`` left no file, naming the globs and the paths."""
+    files = f"{listed} file(s) under {_listing(paths)}"
+    if includes and not included:
+        return f"no file matches the includes {_listing(includes)} (of the {files}) - at `{pre}includes`"
+    matched = f"the {included} file(s) the includes match" if includes else f"the {files}"
+    if includes:
+        matched += f" (of the {files})"
+    return f"the excludes {_listing(excludes)} leave out {matched} - at `{pre}excludes`"
 
 
 def list_files(

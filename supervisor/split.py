@@ -58,7 +58,7 @@ from typing import Final
 
 import msgspec
 
-from supervisor.errors import JobError
+from supervisor.errors import JobError, printable
 from supervisor.jobs import JobSubmission
 from supervisor.sources import Source, list_files, list_sources
 
@@ -298,7 +298,7 @@ def _path_items(sources: list[Source], limit: int) -> list[bytes]:
         try:
             item = msgspec.json.encode(s.shown)
         except UnicodeEncodeError:
-            raise JobError(f"the file name `{s.shown!r}` is not valid UTF-8") from None
+            raise JobError(f"the file name `{printable(s.shown)}` is not valid UTF-8") from None
         if len(item) + 2 > limit:
             raise _too_big(f"the path `{s.shown}`", len(item), limit)
         items.append(item)
@@ -314,6 +314,16 @@ def _open(src: Source) -> io.BufferedIOBase:
         raise JobError(f"cannot open `{src.shown}` ({e.strerror or e})") from None
 
 
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _bad_line(src: Source, first_line: int, lines: list[bytes], limit: int) -> JobError:
     """The error for the first oversized or invalid line of ``lines`` (the slow path)."""
     for k, line in enumerate(lines):
@@ -327,6 +337,10 @@ def _bad_line(src: Source, first_line: int, lines: list[bytes], limit: int) -> J
             _one_raw.decode(item)
         except msgspec.DecodeError as e:
             return JobError(f"{where} is not valid JSON ({e})")
+        except RecursionError:
+            return JobError(f"{where} is not valid JSON (nested too deeply to be read)")
+        if not _is_utf8(item):
+            return JobError(f"{where} is not valid JSON (not UTF-8 text)")
     return JobError(f"`{src.shown}` near line {first_line} is not valid NDJSON")  # not reached
 
 
@@ -362,10 +376,11 @@ def _ndjson_file(src: Source, packer: _Packer) -> Iterator[bytes]:
                 sizes = list(map(len, items))
                 if max(sizes) + 2 > limit:
                     raise _bad_line(src, lineno + 1, lines, limit)
+                body = b"[" + b",".join(items) + b"]"
                 try:
-                    raws = _raw_list.decode(b"[" + b",".join(items) + b"]")
-                    ok = list(map(len, raws)) == sizes
-                except msgspec.DecodeError:
+                    raws = _raw_list.decode(body)  # skips strings: their UTF-8 is checked apart
+                    ok = list(map(len, raws)) == sizes and _is_utf8(body)
+                except (msgspec.DecodeError, RecursionError):
                     ok = False
                 if not ok:
                     raise _bad_line(src, lineno + 1, lines, limit)

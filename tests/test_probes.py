@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -224,7 +225,7 @@ async def test_http_request_shape_and_port_shift() -> None:
     assert request_line == "GET /ready?x=1 HTTP/1.1"
     headers = {k.lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines)}
     assert headers["host"] == f"127.0.0.1:{port}"
-    assert headers["user-agent"] == "supervisor-probe"
+    assert re.fullmatch(r"kube-probe/1\.\d+", headers["user-agent"])  # as the kubelet sends it
     assert headers["connection"] == "close"
 
 

@@ -425,6 +425,23 @@ def test_ndjson_bad_line_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b'"caf\xe9"', "not UTF-8 text"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply to be read"),
+    ],
+    ids=["latin-1", "deep"],
+)
+def test_ndjson_lines_msgspec_skips_are_checked(tmp_path: Path, line: bytes, why: str) -> None:
+    """Items are kept as text, not decoded: their UTF-8 and depth are checked all the same."""
+    write(tmp_path / "x.ndjson", b'"ok"\n' + line + b"\n")
+    job = files_job("delimited_files", [f"{tmp_path}/x.ndjson"], 1)
+    with pytest.raises(JobError) as e:
+        list(iter_batches(job))
+    assert str(e.value) == f"`{tmp_path}/x.ndjson:2` is not valid JSON ({why})"
+
+
+@pytest.mark.parametrize(
     "line",
     [b"1, 2", b"[1", b"2]", b'"a', b"{}{}", b"1 2", b"nul"],
     ids=["two-values", "open", "close", "open-string", "two-objects", "space", "truncated"],
@@ -531,15 +548,51 @@ def test_includes_and_excludes(
     tree: Path, includes: list[str], excludes: list[str], expected: list[str]
 ) -> None:
     if not expected:
-        with pytest.raises(JobError, match="leave no file"):
+        with pytest.raises(JobError, match="no file matches"):
             list_files(["data/"], includes, excludes)
     else:
         assert list_files(["data/"], includes, excludes) == [f"data/{e}" for e in expected]
 
 
-def test_nothing_left_after_globs(tree: Path) -> None:
-    with pytest.raises(JobError, match="leave no file"):
-        list_files(["data/"], ["**.csv"], [])
+@pytest.mark.parametrize(
+    ("includes", "excludes", "message"),
+    [
+        (
+            ["*.csv"],
+            [],
+            "no file matches the includes `*.csv` (of the 6 file(s) under `data/`, "
+            "`datafile.ndjson`) - at `delimited_files.includes`",
+        ),
+        (
+            ["**.csv", "**.tsv", "a", "b"],
+            ["**.json"],
+            "no file matches the includes `**.csv`, `**.tsv`, `a` and 1 more (of the 6 file(s) "
+            "under `data/`, `datafile.ndjson`) - at `delimited_files.includes`",
+        ),
+        (
+            ["**.ndjson"],
+            ["**"],
+            "the excludes `**` leave out the 5 file(s) the includes match (of the 6 file(s) "
+            "under `data/`, `datafile.ndjson`) - at `delimited_files.excludes`",
+        ),
+        (
+            [],
+            ["**.*"],
+            "the excludes `**.*` leave out the 6 file(s) under `data/`, `datafile.ndjson` "
+            "- at `delimited_files.excludes`",
+        ),
+    ],
+)
+def test_nothing_left_after_globs(
+    tree: Path, includes: list[str], excludes: list[str], message: str
+) -> None:
+    """The message says what matched nothing, naming the globs and the paths."""
+    job = files_job(
+        "delimited_files", ["data/", "datafile.ndjson"], includes=includes, excludes=excludes
+    )
+    with pytest.raises(JobError) as e:
+        iter_batches(job)
+    assert str(e.value) == message
 
 
 def test_file_urls(tree: Path) -> None:
@@ -573,23 +626,31 @@ def test_file_path_lister_local_paths(tree: Path) -> None:
         ("s3://bucket/key/", "object stores are not supported"),
         ("gs://bucket/key", "object stores are not supported"),
         ("file://otherhost/data", "must be local"),
-        ("missing/", "no file found at or under `missing/`"),
-        ("data/nope-", "no file found"),
-        ("data/b.json/", "no file found"),
-        ("", "is empty"),
+        ("missing/", "`missing/` does not exist"),
+        ("missing/x.ndjson", "`missing/x.ndjson` does not exist"),
+        ("data/nope-", "`data/nope-` does not exist (nor any name starting with it)"),
+        ("data/b.json/", "`data/b.json/` does not exist (not a folder)"),
+        ("data/empty", "the folder `data/empty` holds no file"),
+        ("data/fifo", "`data/fifo` is not a regular file or a folder"),
+        ("data/\x00", "`data/\\x00` does not exist (nor any name starting with it)"),
+        ("", "the path is empty; expected a local path or a file:// URL"),
     ],
 )
 def test_bad_paths(tree: Path, path: str, message: str) -> None:
-    with pytest.raises(JobError, match=message) as e:
+    """One sentence naming the path, then the field, as msgspec's messages end."""
+    (tree / "data" / "empty").mkdir()
+    os.mkfifo(tree / "data" / "fifo")
+    with pytest.raises(JobError) as e:
         iter_batches(files_job("delimited_files", ["data/a.ndjson", path]))  # raises eagerly
-    assert "`delimited_files.s3_paths[1]`" in str(e.value)
+    assert message in str(e.value)
+    assert str(e.value).endswith(" - at `delimited_files.s3_paths[1]`")
 
 
 def test_bad_globs(tree: Path) -> None:
     for pattern, what in [("data/[ab", "`\\[`"), ("{a,b", "`{`"), ("a\\", "lone"), ("[]", "empty")]:
-        with pytest.raises(JobError, match=f"`file_path_lister.includes\\[0\\]`.*{what}"):
+        with pytest.raises(JobError, match=f"{what}.* - at `file_path_lister.includes\\[0\\]`"):
             iter_batches(files_job("file_path_lister", ["data/"], includes=[pattern]))
-    with pytest.raises(JobError, match=r"`excludes\[0\]`.*malformed"):
+    with pytest.raises(JobError, match=r"malformed.* - at `excludes\[0\]`"):
         list_files(["data/"], [], ["[z-a]"])
 
 

@@ -30,6 +30,7 @@ import anyio.abc
 
 from supervisor.config import BatchAPI, Container, Probe
 from supervisor.errors import PodError, PortOwnerError
+from supervisor.leftovers import Ledger
 from supervisor.logs import Logger
 from supervisor.ports import PortOwner, find_port_owner
 from supervisor.probes import (
@@ -64,12 +65,14 @@ class Pod:
         log: Logger,
         grace: float = 30.0,
         cwd: Path | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.api = api
         self.index = index
         self.port = api.pod.port + index
         self.grace = grace
         self.cwd = cwd
+        self.ledger = ledger
         self.log = log.bind(pod=index)
         self.gate = ReadinessGate()
         self.children: dict[str, Child] = {}
@@ -235,7 +238,7 @@ class Pod:
             argv = expand_argv([*c.command, *c.args], build_env(c.env, self._extra_env, base={}))
             relay = _relay(log)
             async with open_child(
-                c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace
+                c.name, argv, env, cwd=self.cwd, on_line=relay, grace=self.grace, ledger=self.ledger
             ) as child:
                 self.children[c.name] = child
                 self._changed()

@@ -44,6 +44,7 @@ from supervisor.jobs import (
     WorkerCounts,
 )
 from supervisor.layout import Layout
+from supervisor.leftovers import Ledger, end_leftovers
 from supervisor.logs import Logger
 from supervisor.pod import CORTEX_VERSION, Pod
 from supervisor.progress import ProgressReporter
@@ -118,6 +119,7 @@ async def run_job(
     """Run (or resume) the job; raises JobError for bad input before anything starts."""
     layout = opts.layout
     layout.prepare()
+    await end_leftovers(layout.state_dir, log)
     for path in api.ignored_fields():
         log.info("ignored_field", field=path, reason="no local effect")
     digest = submission_digest(api, raw_job, opts.max_batch_bytes)
@@ -223,8 +225,9 @@ async def _run_pods(
 ) -> tuple[_Outcome, Progress, list[Pod]]:
     outcome = _Outcome()
     env = _pod_env(api, spec, opts.layout)
+    ledger = Ledger(opts.layout.state_dir)
     pods = [
-        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd)
+        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd, ledger=ledger)
         for i in range(spec.workers)
     ]
     tty = opts.progress_tty if opts.progress_tty is not None else _isatty(opts.progress_stream)

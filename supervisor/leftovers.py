@@ -67,12 +67,14 @@ from supervisor.ports import PROC, ProcStat, describe_pid, read_stat, scan_stats
 __all__ = [
     "OWNER_ENV",
     "Ledger",
+    "Owner",
     "Record",
     "Sweep",
     "Verdict",
     "end_leftovers",
     "judge",
     "plan_sweep",
+    "read_records",
 ]
 
 OWNER_ENV = "SUPERVISOR_OWNER"
@@ -259,8 +261,11 @@ def root_id(state_dir: Path) -> str:
         os.link(tmp, path)  # the first writer wins; a racing second one reads its token
     except FileExistsError:
         token = path.read_text().strip()
+    except OSError:  # no hard links on this file system: the last writer wins instead
+        os.replace(tmp, path)
     finally:
-        tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return token
 
 

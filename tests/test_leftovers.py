@@ -202,7 +202,14 @@ def test_ledger_records_and_forgets(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path)
     assert ledger.env()[OWNER_ENV].startswith((tmp_path / "root-id").read_text().strip() + ":")
     # A container whose member left the process group (but not the session).
-    code = "import os,time\nif os.fork()==0:\n os.setpgid(0,0)\n print(os.getpid(),flush=True)\n time.sleep(60)\ntime.sleep(60)"
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setpgid(0, 0)\n"
+        "    print(os.getpid(), flush=True)\n"
+        "    time.sleep(60)\n"
+        "time.sleep(60)\n"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE, text=True
     )

@@ -32,6 +32,7 @@ import anyio.abc
 from supervisor.config import BatchAPI, Container, Probe
 from supervisor.errors import PodError, PortOwnerError, StartError
 from supervisor.layout import Layout
+from supervisor.leftovers import Ledger
 from supervisor.lifecycle import PodState, next_pod_state
 from supervisor.logs import Logger
 from supervisor.ports import PortOwner, find_port_owner
@@ -85,12 +86,14 @@ class Pod:
         log: Logger,
         grace: float = 30.0,
         cwd: Path | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.api = api
         self.index = index
         self.port = api.pod.port + index
         self.grace = grace
         self.cwd = cwd
+        self.ledger = ledger
         self.log = log.bind(pod=index)
         self.gate = ReadinessGate()
         self.children: dict[str, Child] = {}
@@ -312,7 +315,13 @@ class Pod:
         """One run of container ``c``: returns after a liveness restart, raises when it exits
         on its own (``task_status`` is told once it has started, the first time)."""
         async with open_child(
-            c.name, argv, env, cwd=self.cwd, on_line=_relay(log), grace=self.grace
+            c.name,
+            argv,
+            env,
+            cwd=self.cwd,
+            on_line=_relay(log),
+            grace=self.grace,
+            ledger=self.ledger,
         ) as child:
             self.children[c.name] = child
             self._changed()

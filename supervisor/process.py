@@ -42,6 +42,7 @@ import anyio.abc
 import msgspec
 
 from supervisor.errors import StartError
+from supervisor.leftovers import Ledger
 
 __all__ = [
     "Child",
@@ -509,11 +510,14 @@ async def open_child(
     cwd: Path | None = None,
     on_line: OnLine | None = None,
     grace: float = 10.0,
+    ledger: Ledger | None = None,
 ) -> AsyncIterator[Child]:
     """Run ``argv`` (no shell) as container ``name`` for the duration of the ``async with``.
 
-    Raises :class:`PodError` if it cannot be started. On leaving, a child still running is
+    Raises :class:`StartError` if it cannot be started. On leaving, a child still running is
     terminated (SIGTERM, ``grace``, SIGKILL); nothing it started in its process group survives.
+    With a ``ledger`` the container is marked and recorded, so that what it leaves behind if
+    this process dies uncleanly can be found by the next run (:mod:`supervisor.leftovers`).
     """
     if not argv:
         raise StartError(f"container `{name}`: the command is empty")
@@ -540,9 +544,11 @@ async def open_child(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=cwd,
-                env=dict(env),
+                env={**env, **ledger.env()} if ledger is not None else dict(env),
                 start_new_session=True,
             )
+            if ledger is not None:
+                ledger.add(process.pid)
     except OSError as exc:
         raise _spawn_error(name, argv, cwd, exc) from None
     else:
@@ -572,6 +578,8 @@ async def open_child(
     finally:
         with anyio.CancelScope(shield=True):
             await child._close()
+            if ledger is not None:
+                await anyio.to_thread.run_sync(ledger.discard, child.pid)
     if body_error is not None:
         try:
             raise body_error

@@ -18,6 +18,7 @@ from supervisor.errors import PodError, first_leaf
 from supervisor.http.proxy import ProxyApp
 from supervisor.http.server import serve
 from supervisor.layout import Layout
+from supervisor.leftovers import Ledger, end_leftovers
 from supervisor.logs import Logger
 from supervisor.pod import Pod, pod_env
 from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
@@ -37,10 +38,12 @@ async def run_proxy(
 ) -> int:
     """Serve until a signal arrives (exit 128+N) or the pod fails (exit 1)."""
     layout.prepare()
+    await end_leftovers(layout.state_dir, log)
     for path in api.ignored_fields():
         log.info("ignored_field", field=path, reason="no local effect")
     env = pod_env(api, layout, job_id=None)
-    pod = Pod(api, index=0, env=env, log=log, grace=grace, cwd=cwd or Path.cwd())
+    ledger = Ledger(layout.state_dir)
+    pod = Pod(api, index=0, env=env, log=log, grace=grace, cwd=cwd or Path.cwd(), ledger=ledger)
     app = ProxyApp(
         target_host="127.0.0.1",
         target_port=pod.port,

@@ -50,6 +50,7 @@ from supervisor.jobs import (
     WorkerCounts,
 )
 from supervisor.layout import Layout
+from supervisor.leftovers import Ledger, end_leftovers
 from supervisor.lifecycle import (
     Admission,
     Cause,
@@ -136,6 +137,7 @@ async def run_job(
         # A new job for sure: paths and globs are checked before anything is created.
         batches = iter_batches(sub, max_batch_bytes=opts.max_batch_bytes)
     with claim_root(layout) as claim:
+        await end_leftovers(layout.state_dir, log)  # what a killed supervisor left running
         async with await _open_queue(layout) as queue:
             latest = await queue.find_latest(api.name, digest)
             admission = admit(latest, fresh=opts.fresh)
@@ -307,8 +309,9 @@ async def _run_pods(
 ) -> tuple[Outcome, Progress, list[Pod]]:
     outcome = Outcome()
     env = pod_env(api, opts.layout, job_id=spec.job_id)
+    ledger = Ledger(opts.layout.state_dir)
     pods = [
-        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd)
+        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd, ledger=ledger)
         for i in range(spec.workers)
     ]
     tty = opts.progress_tty if opts.progress_tty is not None else _isatty(opts.progress_stream)

@@ -352,7 +352,14 @@ def test_run_with_a_late_oversized_item_stores_nothing(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     assert r.stdout == ""
     assert not marker.exists()
+    assert not root.exists()  # the job was created, then removed, and the root with it
+
+    # On a root that is already in use, only the bad job goes: the queue file stays.
     db = root / "cortex" / "supervisor" / "queue.sqlite3"
+    db.parent.mkdir(parents=True)
+    db.touch()
+    r = run_supervisor("run", str(api), "--job", str(job), "--root", str(root))
+    assert r.returncode == 2, r.stderr
     assert db.exists()  # the job was created, then removed with its batches
     with contextlib.closing(sqlite3.connect(db)) as conn:
         for table in ("jobs", "batches"):

@@ -165,3 +165,29 @@ async def read_raw_request(sock: socket.socket) -> tuple[bytes, dict[bytes, byte
             fields[name.strip().lower()] = value.strip()
         if len(body) >= int(fields.get(b"content-length", b"0")):
             return head, fields, body
+
+
+class FakePod:
+    """The part of a Pod that dispatch uses; the tests flip it."""
+
+    def __init__(self, port: int, *, serving: bool = True) -> None:
+        self.port = port
+        self.generation = 0
+        self._serving = serving
+        self._changed = anyio.Event()
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def set_serving(self, value: bool) -> None:
+        self._serving = value
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_serving(self, value: bool = True) -> None:
+        while self._serving != value:
+            await self._changed.wait()
+
+    def owner_stderr_tail(self, limit: int = 2048) -> str:
+        return "worker said: boom\n"

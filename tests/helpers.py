@@ -223,3 +223,29 @@ def wait_for_batches(rec: Path, n: int, proc: subprocess.Popen[str], timeout: fl
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for batches")
         time.sleep(0.05)
+
+
+class FakePod:
+    """The part of a Pod that dispatch uses; the tests flip it."""
+
+    def __init__(self, port: int, *, serving: bool = True) -> None:
+        self.port = port
+        self.generation = 0
+        self._serving = serving
+        self._changed = anyio.Event()
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def set_serving(self, value: bool) -> None:
+        self._serving = value
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_serving(self, value: bool = True) -> None:
+        while self._serving != value:
+            await self._changed.wait()
+
+    def owner_stderr_tail(self, limit: int = 2048) -> str:
+        return "worker said: boom\n"

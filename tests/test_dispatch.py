@@ -23,7 +23,7 @@ from supervisor.dispatch import ENGINES, Engine, dispatch_pod
 from supervisor.logs import Logger
 from supervisor.queues.base import Progress
 from supervisor.queues.embedded import EmbeddedQueue
-from tests.helpers import read_raw_request, serve_raw
+from tests.helpers import FakePod, read_raw_request, serve_raw
 
 pytestmark = pytest.mark.anyio
 
@@ -101,32 +101,6 @@ class Server:
                 if close or conn.our_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
-
-
-class FakePod:
-    """The part of a Pod that dispatch uses; the tests flip it."""
-
-    def __init__(self, port: int, *, serving: bool = True) -> None:
-        self.port = port
-        self.generation = 0
-        self._serving = serving
-        self._changed = anyio.Event()
-
-    @property
-    def serving(self) -> bool:
-        return self._serving
-
-    def set_serving(self, value: bool) -> None:
-        self._serving = value
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_serving(self, value: bool = True) -> None:
-        while self._serving != value:
-            await self._changed.wait()
-
-    def owner_stderr_tail(self, limit: int = 2048) -> str:
-        return "worker said: boom\n"
 
 
 def bodies(n: int, size: int = 0) -> list[bytes]:

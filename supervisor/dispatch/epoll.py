@@ -55,6 +55,8 @@ _HOST = "127.0.0.1"
 _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _IN = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+# The peer closed (or broke) its side: the bytes already queued are all that will come.
+_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _RECV = 65536
 _JOIN = 16 * 1024  # bodies up to this size are joined to their head in one buffer
 
@@ -311,11 +313,12 @@ class _Engine:
                 if events & _IN:
                     self._drop(slot)
                 continue
+            sock = slot.sock
             if slot.connecting:
                 if not events & _OUT:
                     continue
-                assert slot.sock is not None
-                code = slot.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                assert sock is not None
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if code:
                     self._drop(slot)
                     self._failed(slot, self._connect_error(code))
@@ -324,8 +327,10 @@ class _Engine:
                 self._write(slot)
             elif slot.out and events & _OUT:
                 self._write(slot)
-            if events & _IN and slot.delivery is not None and slot.sock is not None:
-                self._read(slot)
+            # (A failed write may have moved the request to a new connection: these events
+            # are the old one's.)
+            if events & _IN and slot.delivery is not None and slot.sock is sock:
+                self._read(slot, events & _ENDED)
 
     def _write(self, slot: _Slot) -> None:
         sock = slot.sock
@@ -358,7 +363,17 @@ class _Engine:
                 break
         # Whatever is left goes out on the next EPOLLOUT edge.
 
-    def _read(self, slot: _Slot) -> None:
+    def _read(self, slot: _Slot, ended: int) -> None:
+        """Read what the wake-up announced and parse it.
+
+        Edge-triggered epoll reports news once: a short ``recv`` has emptied the socket, and
+        bytes that arrive later raise a new edge -- but a close that came with (or before) the
+        bytes of this wake-up raises none. So when the wake-up reports the peer's side ended
+        (``ended``), read on to the end of the stream: that is what completes a close-delimited
+        body (HTTP/1.0 without ``Content-Length``), and it keeps a connection the server
+        closed from being reused. Otherwise a short read ends the loop, so a keep-alive
+        answer costs one ``recv``.
+        """
         sock = slot.sock
         assert sock is not None
         parser = slot.parser
@@ -379,9 +394,9 @@ class _Engine:
                 self._failed(slot, str(exc))
                 return
             if response is not None:
-                self._complete(slot, response)
+                self._complete(slot, response, reusable=not ended)
                 return
-            if len(data) < _RECV:
+            if not data or (len(data) < _RECV and not ended):
                 return
 
     def _expire(self) -> None:
@@ -393,12 +408,14 @@ class _Engine:
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def _complete(self, slot: _Slot, response: Response) -> None:
+    def _complete(self, slot: _Slot, response: Response, *, reusable: bool) -> None:
+        """``response`` ended the exchange on ``slot``; ``reusable`` is false when the server
+        closed its side (whatever the response says, the connection is not reused)."""
         d = slot.delivery
         assert d is not None
         slot.delivery = None
         self._busy -= 1
-        if response.keep_alive and not slot.parser.unprocessed and not slot.out:
+        if reusable and response.keep_alive and not slot.parser.unprocessed and not slot.out:
             slot.reused = True
         else:
             self._drop(slot)

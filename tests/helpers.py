@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -32,10 +31,15 @@ def port_is_free(port: int) -> bool:
 
 
 def free_ports(n: int = 1) -> int:
-    """A base port such that base..base+n-1 are free right now (racy, but rarely matters)."""
+    """A base port such that base..base+n-1 are free right now: the kernel picks the base
+    (bind port 0), so two tests never guess the same one; the block is checked after it.
+    A pod's port is written into its API file before anything listens, hence a number and not
+    a bound socket (racy only against other programs, and only until the pod binds it)."""
     for _ in range(200):
-        base = random.randint(20000, 60000)
-        if all(port_is_free(base + i) for i in range(n)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base: int = s.getsockname()[1]
+        if base + n - 1 <= 65535 and all(port_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block found")
 

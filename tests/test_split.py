@@ -7,8 +7,10 @@ import gzip
 import itertools
 import json
 import os
+import shutil
 import sqlite3
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -724,12 +726,38 @@ def test_allowed_roots(tmp_path: Path) -> None:
         iter_batches(job, allowed_roots=[tmp_path / "elsewhere"])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_unreadable_file(tmp_path: Path) -> None:
-    f = write(tmp_path / "x.ndjson", ndjson(1))
-    f.chmod(0)
+def test_unreadable_file() -> None:
+    """Also as root (CI): the check runs in a forked child that dropped its privileges."""
+    folder = Path(tempfile.mkdtemp())
     try:
-        with pytest.raises(JobError, match="is not readable"):
-            list_files([str(f)])
+        folder.chmod(0o755)  # anyone may look in, nobody but the owner may read the file
+        f = write(folder / "x.ndjson", ndjson(1))
+        f.chmod(0)
+        read, write_end = os.pipe()
+        with warnings.catch_warnings():  # 3.12+ warns of fork with threads: the child only
+            warnings.simplefilter("ignore", DeprecationWarning)  # calls list_files and exits
+            pid = os.fork()
+        if pid == 0:  # the child: become `nobody` if root, then ask
+            code = 1
+            try:
+                os.close(read)
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    list_files([str(f)])
+                    message = "no error"
+                except JobError as e:
+                    message = str(e)
+                os.write(write_end, message.encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read, "rb") as pipe:
+            message = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert "is not readable" in message, message
     finally:
-        f.chmod(0o600)
+        shutil.rmtree(folder)

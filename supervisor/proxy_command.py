@@ -3,7 +3,8 @@
 The pod is the same as under ``run`` (containers, probes, port owner); the front answers 503
 with ``Retry-After`` until the pod is serving and forwards ``POST /`` and
 ``POST /on-job-complete`` to the port owner once it is. SIGTERM/SIGINT stop the listener,
-then the containers (grace, SIGKILL); the exit code is 128+signal.
+then the containers (grace, SIGKILL; a second signal kills them at once); the exit code is
+128+signal. The pods are hosted as under ``run`` (:class:`~supervisor.host.PodHost`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import anyio
 
 from supervisor.config import BatchAPI
 from supervisor.errors import PodError, first_leaf
+from supervisor.host import PodHost
 from supervisor.http.proxy import ProxyApp
 from supervisor.http.server import serve
 from supervisor.layout import Layout
-from supervisor.leftovers import Ledger, end_leftovers
+from supervisor.leftovers import end_leftovers
 from supervisor.logs import Logger
-from supervisor.pod import Pod, pod_env
-from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
 
 __all__ = ["run_proxy"]
 
@@ -37,51 +37,49 @@ async def run_proxy(
     cwd: Path | None = None,
 ) -> int:
     """Serve until a signal arrives (exit 128+N) or the pod fails (exit 1)."""
-    layout.prepare()
-    await end_leftovers(layout.state_dir, log)
+    await end_leftovers(layout.state_dir, log)  # the root is claimed (cli): after the lock
     for path in api.ignored_fields():
         log.info("ignored_field", field=path, reason="no local effect")
-    env = pod_env(api, layout, job_id=None)
-    ledger = Ledger(layout.state_dir)
-    pod = Pod(api, index=0, env=env, log=log, grace=grace, cwd=cwd or Path.cwd(), ledger=ledger)
+    pods = PodHost(api, layout, job_id=None, workers=1, grace=grace, cwd=cwd or Path.cwd(), log=log)
+    (pod,) = pods.pods
     app = ProxyApp(
         target_host="127.0.0.1",
         target_port=pod.port,
         is_ready=lambda: pod.serving,
         status=pod.status,
     )
-    subreaper = become_subreaper()
     code = 0
     try:
-        async with anyio.create_task_group() as tg:
+        async with pods.running(), anyio.create_task_group() as services:
             listener = await anyio.create_tcp_listener(
                 local_host=host, local_port=port, reuse_port=False
             )
             bound = listener.extra(anyio.abc.SocketAttribute.local_port)
             log.info("listening", host=host, port=bound, target_port=pod.port)
+            serving = anyio.CancelScope()
 
-            async def watch_signals() -> None:
+            def on_stop(sig: signal.Signals) -> None:
                 nonlocal code
-                with anyio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                ) as signals:
-                    async for signum in signals:
-                        log.warning("signal", signal=signal.Signals(signum).name, action="stop")
-                        code = 128 + signum
-                        tg.cancel_scope.cancel()
-                        return
+                log.warning(
+                    "signal",
+                    signal=sig.name,
+                    action="stop listening, then stop the containers",
+                    waiting_for=f"the containers to exit, up to {grace:g}s",
+                    again="a second signal stops at once",
+                )
+                code = 128 + sig
+                serving.cancel()
 
-            tg.start_soon(watch_signals)
-            if subreaper:
-                tg.start_soon(reap_orphans, None)
-            tg.start_soon(serve, listener, app.handle)
-            await tg.start(pod.run)
+            services.start_soon(pods.watch_signals, on_stop)
+            with serving:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(serve, listener, app.handle)
+                    await tg.start(pod.run)
+            services.cancel_scope.cancel()
     except* PodError as group:
         err = first_leaf(group, PodError)
         log.error("pod_failed", error=str(err))
         code = 1
     finally:
         await app.aclose()
-        if subreaper:
-            kill_descendants()
     return code

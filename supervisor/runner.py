@@ -41,6 +41,7 @@ from supervisor import jobs
 from supervisor.config import BatchAPI
 from supervisor.dispatch import dispatch_pod, send_job_complete
 from supervisor.errors import BadInput, PodError, StartError, first_leaf
+from supervisor.host import PodHost
 from supervisor.jobs import (
     JobMetrics,
     JobSpec,
@@ -50,7 +51,7 @@ from supervisor.jobs import (
     WorkerCounts,
 )
 from supervisor.layout import Layout
-from supervisor.leftovers import Ledger, end_leftovers
+from supervisor.leftovers import end_leftovers
 from supervisor.lifecycle import (
     Admission,
     Cause,
@@ -61,11 +62,10 @@ from supervisor.lifecycle import (
     worker_counts,
 )
 from supervisor.logs import Logger
-from supervisor.pod import Pod, check_port_free, pod_env
+from supervisor.pod import Pod, check_port_free
 from supervisor.progress import ProgressReporter
 from supervisor.queues.base import Feed, JobRecord, Progress, QueueError
 from supervisor.queues.embedded import EmbeddedQueue
-from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
 from supervisor.rootlock import RootError, claim_root
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches
 
@@ -308,17 +308,17 @@ async def _run_pods(
     log: Logger,
 ) -> tuple[Outcome, Progress, list[Pod]]:
     outcome = Outcome()
-    env = pod_env(api, opts.layout, job_id=spec.job_id)
-    ledger = Ledger(opts.layout.state_dir)
-    pods = [
-        Pod(api, index=i, env=env, log=log, grace=opts.grace, cwd=opts.cwd, ledger=ledger)
-        for i in range(spec.workers)
-    ]
+    host = PodHost(
+        api,
+        opts.layout,
+        job_id=spec.job_id,
+        workers=spec.workers,
+        grace=opts.grace,
+        cwd=opts.cwd,
+        log=log,
+    )
+    pods = host.pods
     tty = opts.progress_tty if opts.progress_tty is not None else _isatty(opts.progress_stream)
-    subreaper = become_subreaper()
-
-    def is_known(pid: int) -> bool:
-        return any(c.pid == pid for p in pods for c in p.children.values())
 
     def waiting() -> str | None:
         if any(p.serving for p in pods):
@@ -326,7 +326,7 @@ async def _run_pods(
         reasons = [r for p in pods for r in p.waiting_for()]
         return "; ".join(dict.fromkeys(reasons)) or None
 
-    async with queue.open_feed(spec.job_id, max_attempts=sub.max_attempts) as feed:
+    async with host.running(), queue.open_feed(spec.job_id, max_attempts=sub.max_attempts) as feed:
         reporter = ProgressReporter(
             feed.progress, stream=opts.progress_stream, tty=tty, log=log, waiting=waiting
         )
@@ -334,14 +334,14 @@ async def _run_pods(
         try:
             async with anyio.create_task_group() as services:
                 if opts.handle_signals:
-                    services.start_soon(run.watch_signals)
+                    services.start_soon(
+                        host.watch_signals, run.on_signal, run.dispatch_scope.cancel
+                    )
                 if spec.timeout is not None:
                     deadline = _parse_time(spec.created_time) + spec.timeout
                     services.start_soon(run.watch_timeout, deadline)
                 services.start_soon(reporter.run)
                 services.start_soon(run.report_not_serving)
-                if subreaper:
-                    services.start_soon(reap_orphans, is_known)
                 await _pods_and_dispatch(pods, feed, spec, opts, run)
                 services.cancel_scope.cancel()
         finally:
@@ -349,10 +349,6 @@ async def _run_pods(
                 await feed.flush()
                 reporter.final()
         progress = feed.progress()
-    if subreaper:
-        stray = kill_descendants()
-        if stray:
-            log.warning("killed_strays", pids=stray)
     return outcome, progress, pods
 
 
@@ -387,26 +383,19 @@ class _Run:
         self.ended.set()
         return True
 
-    async def watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if self.end(Cause.SIGNAL, f"received {name}", sig=signum):
-                    in_flight = self.feed.progress().in_flight
-                    self.log.warning(
-                        "signal",
-                        signal=name,
-                        action="stop taking batches, then stop the containers",
-                        waiting_for=f"{in_flight} batch(es) in flight, up to {self.grace:g}s"
-                        if in_flight
-                        else f"the containers to exit, up to {self.grace:g}s",
-                        again="a second signal stops at once",
-                    )
-                else:
-                    self.log.warning("signal", signal=name, action="stop now")
-                    self.dispatch_scope.cancel()
-                    for pod in self.pods:
-                        pod.kill_now()
+    def on_signal(self, sig: signal.Signals) -> None:
+        """The first stop signal: end the run, and say what is being waited for."""
+        self.end(Cause.SIGNAL, f"received {sig.name}", sig=sig)
+        in_flight = self.feed.progress().in_flight
+        self.log.warning(
+            "signal",
+            signal=sig.name,
+            action="stop taking batches, then stop the containers",
+            waiting_for=f"{in_flight} batch(es) in flight, up to {self.grace:g}s"
+            if in_flight
+            else f"the containers to exit, up to {self.grace:g}s",
+            again="a second signal stops at once",
+        )
 
     async def watch_timeout(self, deadline: float) -> None:
         await anyio.sleep(max(deadline - time.time(), 0))

@@ -1,4 +1,4 @@
-"""The benchmark of `supervisor` (SPEC §9, issue 3): ``python -m bench`` from the repository root.
+"""The benchmark of `supervisor` (docs/benchmarks.md): ``python -m bench`` from the repository root.
 
 Every figure of ours is printed beside a baseline measured in the same run, on the same
 machine, against the same worker program, and the table shows the ratio. See bench/README.md.

@@ -1,4 +1,4 @@
-"""The ``supervisor`` command (SPEC §6): parse arguments, load files, run on the chosen backend.
+"""The ``supervisor`` command (docs/commands.md): parse arguments, load files, run on the chosen backend.
 
 Exit codes: 0 success (``run``: the job ``succeeded``), 1 the job ended in another state or
 the pod failed, 2 bad input (one sentence on stderr, no traceback, nothing started),

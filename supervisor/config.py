@@ -1,4 +1,4 @@
-"""The BatchAPI configuration file (SPEC §4), as msgspec Structs.
+"""The BatchAPI configuration file (docs/api-file.md), as msgspec Structs.
 
 Cortex users write a YAML list holding one API (or several, for ``serve``); a mapping or JSON
 works too. Validation is msgspec's: every error names the path inside the API

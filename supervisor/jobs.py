@@ -1,4 +1,4 @@
-"""Job submission, job spec and job status (SPEC §5), as msgspec Structs.
+"""Job submission, job spec and job status (docs/job-file.md), as msgspec Structs.
 
 Field names are the ones Cortex's code emits, so existing clients keep working. The items of an
 ``item_list`` are kept as ONE :class:`msgspec.Raw`: the text of the whole ``[...]`` array, a

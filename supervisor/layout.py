@@ -1,4 +1,4 @@
-"""Where things live on disk (SPEC §2 Roots).
+"""Where things live on disk (docs/operations.md).
 
 As a pod's entry point the Cortex paths are used as they are (``/cortex/spec/job.json``,
 ``/mnt``). Anywhere else -- a laptop, a CI job, a shell inside a dev container -- the default

@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line (SPEC §8).
+"""Structured logs: one JSON object per line (docs/operations.md).
 
 ``Logger`` is deliberately tiny: a stream, a set of base fields (``api_name``, ``job_id``, ...)
 and ``info``/``warning``/``error``. Writes are synchronous and unbuffered so a crash loses

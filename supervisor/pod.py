@@ -1,4 +1,4 @@
-"""One pod: its containers as child processes, their probes, and the port owner (SPEC §2, §3).
+"""One pod: its containers as child processes, their probes, and the port owner (docs/container-contract.md).
 
 Theory of operation
 -------------------
@@ -75,7 +75,7 @@ def pod_env(api: BatchAPI, layout: Layout, *, job_id: str | None) -> dict[str, s
 
 
 class Pod:
-    """Pod ``index`` of a local set: listens on ``api.pod.port + index`` (SPEC §6)."""
+    """Pod ``index`` of a local set: listens on ``api.pod.port + index`` (docs/commands.md)."""
 
     def __init__(
         self,
@@ -360,7 +360,7 @@ class Pod:
                 elif not ok:
                     dead.set()
 
-            aimed = aims_at(probe, self.api.pod.port)  # shifted with the pod's port (§6)
+            aimed = aims_at(probe, self.api.pod.port)  # shifted with the pod's port
             made = ProbeLoop(
                 probe,
                 container=c.name,

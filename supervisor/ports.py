@@ -1,4 +1,4 @@
-"""Which container owns the pod's port, read from Linux ``/proc`` (SPEC §3 "Port owner").
+"""Which container owns the pod's port, read from Linux ``/proc`` (docs/container-contract.md).
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""How ``supervisor run`` shows progress: a bar on a TTY, JSON lines otherwise (SPEC §6).
+"""How ``supervisor run`` shows progress: a bar on a TTY, JSON lines otherwise (docs/operations.md).
 
 Both go to stderr; stdout is reserved for the final status JSON. The rendering is a pure
 function of a :class:`~supervisor.queues.base.Progress` snapshot and the elapsed time, so it is

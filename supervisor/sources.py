@@ -1,4 +1,4 @@
-"""Which local files a ``delimited_files`` / ``file_path_lister`` submission names (SPEC §5).
+"""Which local files a ``delimited_files`` / ``file_path_lister`` submission names (docs/job-file.md).
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""Turn a job submission into batch bodies (SPEC §5), without re-encoding a single item.
+"""Turn a job submission into batch bodies (docs/job-file.md), without re-encoding a single item.
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""The scenarios (SPEC §9): each is ``run(ctx) -> list[Row]``, never raising for a failed figure.
+"""The scenarios (docs/benchmarks.md): each is ``run(ctx) -> list[Row]``, never raising for a failed figure.
 
 A figure that cannot be measured (a tool missing, a supervisor command failing) becomes
 ``n/a (error: ...)`` in its cell; the other figures of the run are still measured.

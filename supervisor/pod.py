@@ -29,6 +29,7 @@ from typing import Any, Literal
 import anyio
 import anyio.abc
 
+from supervisor.clock import REAL, Clock
 from supervisor.config import BatchAPI, Container, Probe
 from supervisor.errors import PodError, PortOwnerError, StartError
 from supervisor.layout import Layout
@@ -54,6 +55,7 @@ _BACKOFF_START = 1.0
 _BACKOFF_MAX = 60.0
 _OWNER_RECHECK = 5.0  # seconds between port-owner checks while serving
 _FIRST_BIND_POLL = 0.05  # seconds between tries of the default TCP probe before it first passes
+_OWNER_POLL = 0.2  # seconds between looks for a listener when the probes pass before it binds
 
 
 def pod_env(api: BatchAPI, layout: Layout, *, job_id: str | None) -> dict[str, str]:
@@ -87,6 +89,7 @@ class Pod:
         grace: float = 30.0,
         cwd: Path | None = None,
         ledger: Ledger | None = None,
+        clock: Clock = REAL,
     ) -> None:
         self.api = api
         self.index = index
@@ -94,6 +97,7 @@ class Pod:
         self.grace = grace
         self.cwd = cwd
         self.ledger = ledger
+        self.clock = clock  # probes' periods and restart backoff (a ManualClock in tests)
         self.log = log.bind(pod=index)
         self.gate = ReadinessGate()
         self.children: dict[str, Child] = {}
@@ -150,6 +154,9 @@ class Pod:
         if not reasons and not self._serving and self.gate.ready:
             reasons.append(f"nobody listens on port {self.port} yet")
         return reasons
+
+    async def _sleep(self, seconds: float) -> None:
+        await self.clock.sleep_until(self.clock.now() + seconds)
 
     def _set_state(self, new: PodState) -> None:
         self.state = next_pod_state(self.state, new)
@@ -226,6 +233,7 @@ class Pod:
             kind="readiness",
             port_shift=self.index,
             on_change=changed,
+            clock=self.clock,
         )
         self._readiness[POD_PORT_GATE] = loop
         # This probe is ours, not the user's: rather than wait a whole period after a refused
@@ -235,7 +243,7 @@ class Pod:
             if result.success:
                 break
             loop.last = result
-            await anyio.sleep(_FIRST_BIND_POLL)
+            await self._sleep(_FIRST_BIND_POLL)
         loop.record(result)
         await loop.run()
 
@@ -264,8 +272,9 @@ class Pod:
         while True:
             await self.gate.wait_ready()
             if await self._check_owner() is None:
-                # Probes pass but nobody listens yet (an exec-only gate): look again shortly.
-                await anyio.sleep(0.2)
+                # Probes pass but nobody listens yet (an exec-only gate): look again shortly
+                # (another process binding a port sends us no event: a bounded poll of /proc).
+                await self._sleep(_OWNER_POLL)
                 continue
             self._set_state(PodState.READY)
             self.ever_served = True
@@ -301,7 +310,7 @@ class Pod:
             started = None
             self.restarts[c.name] += 1
             self._changed()
-            await anyio.sleep(backoff)
+            await self._sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
     async def _run_container(
@@ -369,6 +378,7 @@ class Pod:
                 env=env,
                 cwd=self.cwd,
                 on_change=changed,
+                clock=self.clock,
             )
             if kind == "readiness":
                 self._readiness[c.name] = made

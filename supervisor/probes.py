@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +33,7 @@ import anyio.lowlevel
 import h11
 import msgspec
 
+from supervisor.clock import REAL, Clock
 from supervisor.config import Probe, TCPSocketAction
 
 __all__ = [
@@ -356,8 +357,14 @@ class ProbeLoop:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         on_change: Callable[[bool, ProbeResult], None] | None = None,
+        clock: Clock = REAL,
+        checker: Callable[[], Awaitable[ProbeResult]] | None = None,
     ) -> None:
+        """``clock`` and ``checker`` (one probe run; default :func:`check` of ``probe``) are
+        for tests that replay a history without sockets or wall time."""
         self.probe = probe
+        self._clock = clock
+        self._checker = checker
         self.container = container
         self.kind: Literal["readiness", "liveness"] = kind
         self._port_shift = port_shift
@@ -408,18 +415,22 @@ class ProbeLoop:
 
     async def run(self) -> None:
         """Probe forever: after ``initial_delay_seconds``, every ``period_seconds``."""
-        await anyio.sleep(self.probe.initial_delay_seconds)
+        clock = self._clock
+        await clock.sleep_until(clock.now() + self.probe.initial_delay_seconds)
         while True:
-            started = anyio.current_time()
-            result = await check(
-                self.probe,
-                host=self._host,
-                port_shift=self._port_shift,
-                env=self._env,
-                cwd=self._cwd,
-            )
+            started = clock.now()
+            if self._checker is not None:
+                result = await self._checker()
+            else:
+                result = await check(
+                    self.probe,
+                    host=self._host,
+                    port_shift=self._port_shift,
+                    env=self._env,
+                    cwd=self._cwd,
+                )
             self.record(result)
-            await anyio.sleep_until(started + self.probe.period_seconds)
+            await clock.sleep_until(started + self.probe.period_seconds)
 
     def __repr__(self) -> str:
         return f"ProbeLoop({self.container!r}, {self.kind}, ok={self.ok}, last={self.last!r})"

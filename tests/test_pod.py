@@ -12,6 +12,7 @@ import anyio
 import msgspec
 import pytest
 
+from supervisor.clock import ManualClock
 from supervisor.config import BatchAPI
 from supervisor.errors import PodError
 from supervisor.lifecycle import PodState
@@ -138,3 +139,44 @@ async def test_two_containers_on_one_port_is_refused(tmp_path: Path) -> None:
     with anyio.fail_after(30), pod_error("claimed by 2 containers"):
         async with anyio.create_task_group() as tg:
             await tg.start(pod.run)
+
+
+async def test_restart_backoff_on_a_manual_clock(tmp_path: Path) -> None:
+    """A container failing liveness is restarted after 1 s, then 2 s, ...: replayed on a
+    manual clock, so the test never waits for them (and a respawn can only come from the
+    clock moving)."""
+    clock = ManualClock()
+    api = make_api(
+        free_ports(),
+        [
+            {
+                "name": "w",
+                "command": [sys.executable, "-c", "import time; time.sleep(3600)"],
+                "liveness_probe": {"exec": {"command": ["false"]}, "failure_threshold": 1},
+            }
+        ],
+    )
+    pod = Pod(api, env={}, log=Logger(io.StringIO()), grace=2, cwd=tmp_path, clock=clock)
+
+    async def restarted(n: int) -> None:
+        while pod.restarts["w"] < n:
+            await pod.wait_changed()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(pod.run)
+            first = pod.children["w"].pid
+            await restarted(1)  # liveness failed (a real exec probe) and the container stopped
+            await clock.advance(0.99)
+            assert pod.children["w"].pid == first  # still backing off
+            await clock.advance(0.01)
+            while pod.children["w"].pid == first:
+                await pod.wait_changed()
+            await restarted(2)
+            await clock.advance(1.99)  # the second backoff is 2 s
+            second = pod.children["w"].pid
+            assert pod.restarts["w"] == 2 and second != first
+            await clock.advance(0.01)
+            while pod.children["w"].pid == second:
+                await pod.wait_changed()
+            tg.cancel_scope.cancel()

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from supervisor.clock import ManualClock
 from supervisor.config import ExecAction, HTTPGetAction, Probe, TCPSocketAction
 from supervisor.probes import (
     ProbeLoop,
@@ -544,3 +545,43 @@ async def test_readiness_gate_transitions() -> None:
         assert not gate.ready
         gate.set("c", True)
         await gate.wait_ready()
+
+
+@pytest.mark.anyio
+async def test_loop_history_on_a_manual_clock() -> None:
+    """initial_delay, period and both thresholds, replayed without sockets or wall time:
+    each check runs at its virtual time and the flips land on the right checks."""
+    clock = ManualClock()
+    script = [False, True, True, False, False, False, True, True]
+    ran: list[float] = []
+    flips: list[tuple[float, bool]] = []
+
+    async def checker() -> ProbeResult:
+        ran.append(clock.now())
+        ok = script[len(ran) - 1]
+        return ProbeResult(ok, "ok" if ok else "no")
+
+    probe = Probe(
+        exec=ExecAction(command=["true"]),
+        initial_delay_seconds=5,
+        period_seconds=10,
+        success_threshold=2,
+        failure_threshold=3,
+    )
+    loop = ProbeLoop(
+        probe,
+        container="c",
+        kind="readiness",
+        clock=clock,
+        checker=checker,
+        on_change=lambda ok, _: flips.append((clock.now(), ok)),
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(loop.run)
+            await clock.advance(4.9)
+            assert ran == []  # still in the initial delay
+            await clock.advance(70.1)
+            tg.cancel_scope.cancel()
+    assert ran == [5, 15, 25, 35, 45, 55, 65, 75]
+    assert flips == [(25, True), (55, False), (75, True)]

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A supervisor that is SIGKILLed (the OOM killer, ``kill -9``) cleans nothing up. Its
-containers' main processes die with it (``PR_SET_PDEATHSIG`` in :mod:`supervisor.process`),
+containers' main processes die with it (``PR_SET_PDEATHSIG`` in :mod:`supervisor.linux`),
 but what they started does not: the workers of ``uvicorn --workers 2`` are re-parented and
 keep listening on pod.port, and the next run on the root would find a stranger on its port.
 This module makes sure nothing a container started survives into the next run.

@@ -1,4 +1,4 @@
-"""Which container owns the pod's port, read from Linux ``/proc`` (SPEC §3 "Port owner").
+"""Which container owns the pod's port, read from Linux ``/proc``.
 
 Theory of operation
 -------------------
@@ -14,7 +14,8 @@ Theory of operation
 Exactly one container may hold the port. A holder that belongs to no container -- another
 program, or the supervisor itself -- or holders from two containers raise
 :class:`~supervisor.errors.PortOwnerError`. The scan reads all of ``/proc``; it runs once per
-readiness change, not per batch.
+readiness change, not per batch. What users see of it: docs/container-contract.md, "Readiness,
+liveness and the port owner".
 """
 
 from __future__ import annotations

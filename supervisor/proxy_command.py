@@ -19,9 +19,10 @@ from supervisor.http.proxy import ProxyApp
 from supervisor.http.server import serve
 from supervisor.layout import Layout
 from supervisor.leftovers import Ledger, end_leftovers
+from supervisor.linux import become_subreaper
 from supervisor.logs import Logger
 from supervisor.pod import Pod, pod_env
-from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
+from supervisor.reaper import kill_descendants, reap_orphans
 
 __all__ = ["run_proxy"]
 

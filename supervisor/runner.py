@@ -60,12 +60,13 @@ from supervisor.lifecycle import (
     exit_code_for,
     worker_counts,
 )
+from supervisor.linux import become_subreaper
 from supervisor.logs import Logger
 from supervisor.pod import Pod, check_port_free, pod_env
 from supervisor.progress import ProgressReporter
 from supervisor.queues.base import Feed, JobRecord, Progress, QueueError
 from supervisor.queues.embedded import EmbeddedQueue
-from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
+from supervisor.reaper import kill_descendants, reap_orphans
 from supervisor.rootlock import RootError, claim_root
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches
 

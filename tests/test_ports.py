@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from supervisor.errors import PortOwnerError
+from supervisor.linux import become_subreaper
 from supervisor.ports import (
     PortOwner,
     describe_pid,
@@ -24,7 +25,6 @@ from supervisor.ports import (
     scan_stats,
 )
 from supervisor.process import open_child
-from supervisor.reaper import become_subreaper
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -62,7 +62,7 @@ import anyio
 import msgspec
 
 from supervisor.logs import Logger
-from supervisor.ports import PROC, ProcStat, describe_pid, read_stat, scan_stats
+from supervisor.proctable import PROC, ProcStat, describe_pid, read_stat, scan_stats
 
 __all__ = [
     "OWNER_ENV",

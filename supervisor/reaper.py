@@ -34,8 +34,8 @@ from collections.abc import Callable
 
 import anyio
 
-from supervisor.ports import ProcStat, process_tree, scan_stats
 from supervisor.process import is_direct_child
+from supervisor.proctable import ProcStat, process_tree, scan_stats
 
 __all__ = ["kill_descendants", "reap_orphans", "reap_zombies"]
 

@@ -15,8 +15,8 @@ import pytest
 from supervisor.env import build_env
 from supervisor.errors import PodError
 from supervisor.linux import become_subreaper, is_subreaper
-from supervisor.ports import read_stat, scan_stats
 from supervisor.process import MAX_LINE, Exit, LineSplitter, is_direct_child, open_child
+from supervisor.proctable import read_stat, scan_stats
 from supervisor.reaper import kill_descendants, reap_orphans
 
 pytestmark = pytest.mark.timeout(60)

@@ -26,9 +26,10 @@ import anyio.abc
 from supervisor.config import BatchAPI
 from supervisor.layout import Layout
 from supervisor.leftovers import Ledger
+from supervisor.linux import become_subreaper
 from supervisor.logs import Logger
 from supervisor.pod import Pod, pod_env
-from supervisor.reaper import become_subreaper, kill_descendants, reap_orphans
+from supervisor.reaper import kill_descendants, reap_orphans
 
 __all__ = ["STOP_SIGNALS", "PodHost"]
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A supervisor that is SIGKILLed (the OOM killer, ``kill -9``) cleans nothing up. Its
-containers' main processes die with it (``PR_SET_PDEATHSIG`` in :mod:`supervisor.process`),
+containers' main processes die with it (``PR_SET_PDEATHSIG`` in :mod:`supervisor.linux`),
 but what they started does not: the workers of ``uvicorn --workers 2`` are re-parented and
 keep listening on pod.port, and the next run on the root would find a stranger on its port.
 This module makes sure nothing a container started survives into the next run.
@@ -62,7 +62,7 @@ import anyio
 import msgspec
 
 from supervisor.logs import Logger
-from supervisor.ports import PROC, ProcStat, describe_pid, read_stat, scan_stats
+from supervisor.proctable import PROC, ProcStat, describe_pid, read_stat, scan_stats
 
 __all__ = [
     "OWNER_ENV",

@@ -31,6 +31,7 @@ import anyio.abc
 
 from supervisor.clock import REAL, Clock
 from supervisor.config import BatchAPI, Container, Probe
+from supervisor.env import build_env, expand_argv
 from supervisor.errors import PodError, PortOwnerError, StartError
 from supervisor.layout import Layout
 from supervisor.leftovers import Ledger
@@ -45,7 +46,7 @@ from supervisor.probes import (
     check,
     default_readiness_probe,
 )
-from supervisor.process import Child, build_env, expand_argv, open_child
+from supervisor.process import Child, open_child
 
 __all__ = ["CORTEX_VERSION", "Pod", "check_port_free", "pod_env"]
 

@@ -1,11 +1,13 @@
-"""Containers as child processes: env expansion, spawning, output relay, stopping (SPEC §2, §3).
+"""Containers as child processes: spawning, output relay, stopping, how they ended.
 
 Theory of operation
 -------------------
-:func:`open_child` is the only way a container runs. It spawns the command with
-``start_new_session=True``, so every container is the leader of its own session and process
-group: a signal sent to the group (``os.killpg(pid, ...)``) reaches the whole container, the
-way a signal to a Kubernetes container reaches its processes. Two relay tasks, owned by the
+:func:`open_child` is the only way a container runs (docs/container-contract.md, "How the
+command runs"). It spawns the command with ``start_new_session=True``, so every container is
+the leader of its own session and process group: a signal sent to the group
+(``os.killpg(pid, ...)``) reaches the whole container, the way a signal to a Kubernetes
+container reaches its processes. On Linux the command runs behind a trampoline that ties its
+life to ours (:func:`supervisor.linux.die_with_parent`). Two relay tasks, owned by the
 context manager, read stdout and stderr, cut them into lines (:class:`LineSplitter`: a partial
 last line is flushed at EOF, an endless line is cut into 64 KiB pieces) and hand each line to
 ``on_line``; the last 8 KiB of stderr are kept for error reports (:meth:`Child.stderr_tail`).
@@ -17,8 +19,8 @@ container's main process has ended, whatever is left in its process group is SIG
 once, as Kubernetes does when a container's main process exits. Processes that left the group
 (``setsid`` daemons) are the reaper's business (:mod:`supervisor.reaper`).
 
-Whether a SIGKILL came from the OOM killer is read from the cgroup's ``oom_kill`` counter
-(v2 ``memory.events``, v1 ``memory.oom_control``), sampled at spawn and at exit. A SIGKILL we
+A SIGKILL counts as the OOM killer's (:attr:`Exit.oom_killed`) when the cgroup's OOM-kill
+counter rose between spawn and exit (:func:`supervisor.linux.oom_evidence`). A SIGKILL we
 sent ourselves never counts.
 
 The pids this module spawned are kept in a registry (:func:`is_direct_child`) so the orphan
@@ -27,13 +29,10 @@ reaper never steals the exit status of a process anyio is waiting for.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import signal
 import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -43,18 +42,13 @@ import msgspec
 
 from supervisor.errors import StartError
 from supervisor.leftovers import Ledger
+from supervisor.linux import die_with_parent, memory_events_path, oom_evidence, oom_kill_count
 
 __all__ = [
     "Child",
     "Exit",
     "LineSplitter",
-    "build_env",
-    "expand",
-    "expand_argv",
     "is_direct_child",
-    "memory_events_path",
-    "oom_evidence",
-    "oom_kill_count",
     "open_child",
 ]
 
@@ -67,79 +61,6 @@ STDERR_TAIL = 8 * 1024
 DRAIN_TIMEOUT = 2.0
 """After the child is gone, how long the relays may take to empty the pipes (a daemon that
 left the process group may hold them open forever)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Kubernetes $(VAR) expansion
-
-
-def expand(template: str, env: Mapping[str, str]) -> str:
-    """Expand ``$(NAME)`` references the way Kubernetes does for env, command and args.
-
-    ``$(NAME)`` becomes ``env[NAME]`` when NAME is defined and stays as written when it is not;
-    ``$$`` is an escaped ``$`` (so ``$$(X)`` yields the literal ``$(X)``); an unterminated
-    ``$(`` and any other ``$`` are kept. The scan is a single left-to-right pass: values that
-    are inserted are not expanded again.
-    """
-    if "$" not in template:
-        return template
-    out: list[str] = []
-    n = len(template)
-    checkpoint = 0
-    i = 0
-    while i < n:
-        if template[i] != "$" or i + 1 >= n:
-            i += 1
-            continue
-        out.append(template[checkpoint:i])
-        nxt = template[i + 1]
-        if nxt == "$":  # escaped operator
-            out.append("$")
-            i += 2
-        elif nxt == "(":
-            close = template.find(")", i + 2)
-            if close < 0:  # unterminated: keep "$(" and go on scanning after it
-                out.append("$(")
-                i += 2
-            else:
-                name = template[i + 2 : close]
-                value = env.get(name)
-                out.append(value if value is not None else f"$({name})")
-                i = close + 1
-        else:  # a lone "$" followed by anything else
-            out.append("$" + nxt)
-            i += 2
-        checkpoint = i
-    out.append(template[checkpoint:])
-    return "".join(out)
-
-
-def expand_argv(argv: Iterable[str], env: Mapping[str, str]) -> list[str]:
-    """Expand every word of a container's ``command`` + ``args`` (no shell, no splitting)."""
-    return [expand(word, env) for word in argv]
-
-
-def build_env(
-    container_env: Mapping[str, str],
-    extra: Mapping[str, str],
-    base: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The environment of one container.
-
-    ``base`` (default: this process's environment), then ``extra`` (the ``CORTEX_*`` variables,
-    taken literally), then the container's own ``env`` in order, each value expanded against
-    ``extra`` and the container entries before it. As in Kubernetes, a reference to an entry
-    further down, or to a variable only in ``base``, stays literal. Pass ``base={}`` to get
-    only the declared variables (what Kubernetes expands ``command``/``args`` against).
-    """
-    result = dict(os.environ if base is None else base)
-    result.update(extra)
-    context = dict(extra)
-    for name, value in container_env.items():
-        expanded = expand(value, context)
-        context[name] = expanded
-        result[name] = expanded
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,70 +100,6 @@ class Exit(msgspec.Struct, frozen=True):
         if self.returncode is not None:
             return f"exited with code {self.returncode}"
         return "is still running"
-
-
-# --------------------------------------------------------------------------------------------
-# OOM evidence (cgroup counters)
-
-_CGROUP_ROOT = Path("/sys/fs/cgroup")
-_PROC_SELF_CGROUP = Path("/proc/self/cgroup")
-
-
-def memory_events_path(
-    proc_cgroup: Path = _PROC_SELF_CGROUP, cgroup_root: Path = _CGROUP_ROOT
-) -> Path | None:
-    """The file holding this process's cgroup ``oom_kill`` counter, or None if there is none.
-
-    cgroup v2: ``<root>/<path>/memory.events``; v1: ``<root>/memory/<path>/memory.oom_control``.
-    Inside a container the cgroup is usually mounted at the root itself, so the root's file is
-    tried as well. Children inherit our cgroup, so its counter covers them.
-    """
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        lines = []
-    candidates: list[Path] = []
-    for line in lines:
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        rel = path.strip().lstrip("/")
-        if hierarchy == "0" and controllers == "":
-            for root in (cgroup_root, cgroup_root / "unified"):
-                if rel:
-                    candidates.append(root / rel / "memory.events")
-                candidates.append(root / "memory.events")
-        elif "memory" in controllers.split(","):
-            if rel:
-                candidates.append(cgroup_root / "memory" / rel / "memory.oom_control")
-            candidates.append(cgroup_root / "memory" / "memory.oom_control")
-    candidates.append(cgroup_root / "memory.events")
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def oom_kill_count(path: Path | None) -> int | None:
-    """The ``oom_kill N`` counter in a cgroup ``memory.events``/``memory.oom_control`` file."""
-    if path is None:
-        return None
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "oom_kill":
-            try:
-                return int(value.strip())
-            except ValueError:
-                return None
-    return None
-
-
-def oom_evidence(before: int | None, after: int | None) -> bool:
-    """True when the OOM-kill counter rose; False when it did not or could not be read."""
-    return before is not None and after is not None and after > before
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,33 +317,6 @@ class Child:
             self._finish(returncode)
 
 
-# Linux: the container's main process gets SIGKILL if the supervisor dies without cleaning
-# up (SIGKILL, OOM killer), so it cannot outlive us and keep pod.port. prctl(PR_SET_PDEATHSIG)
-# must run in the child before exec; anyio has no preexec hook, hence this tiny trampoline.
-_PDEATHSIG_SHIM = (
-    "import ctypes,os,sys\n"
-    "ctypes.CDLL(None).prctl(1,9)\n"  # PR_SET_PDEATHSIG, SIGKILL
-    "if os.getppid()!=int(sys.argv[1]):os._exit(137)\n"  # we died before prctl took effect
-    "try:os.execvp(sys.argv[2],sys.argv[2:])\n"
-    "except OSError as e:sys.stderr.write(f'cannot start {sys.argv[2]!r}: {e.strerror}\\n');os._exit(127)\n"
-)
-_USE_SHIM = sys.platform.startswith("linux") and bool(sys.executable)
-
-
-def _check_command(command: str, env: Mapping[str, str], cwd: Path | None) -> None:
-    """Raise what exec would (FileNotFoundError/PermissionError), before the trampoline runs."""
-    if cwd is not None and not Path(cwd).is_dir():
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(cwd))
-    if "/" in command:
-        path = Path(command) if os.path.isabs(command) else (cwd or Path.cwd()) / command
-        if not path.exists():
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
-        if path.is_dir() or not os.access(path, os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), command)
-    elif shutil.which(command, path=env.get("PATH", os.defpath)) is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), command)
-
-
 def _spawn_error(name: str, argv: Sequence[str], cwd: Path | None, exc: OSError) -> StartError:
     command = argv[0]
     if isinstance(exc, FileNotFoundError):
@@ -525,18 +355,7 @@ async def open_child(
     oom_before = oom_kill_count(oom_path)
     _registry.spawning += 1
     try:
-        command = list(argv)
-        if _USE_SHIM:
-            _check_command(command[0], env, cwd)
-            command = [
-                sys.executable,
-                "-I",
-                "-S",
-                "-c",
-                _PDEATHSIG_SHIM,
-                str(os.getpid()),
-                *command,
-            ]
+        command = die_with_parent(argv, env, cwd)
         with anyio.CancelScope(shield=True):  # a half-spawned child could not be cleaned up
             process = await anyio.open_process(
                 command,

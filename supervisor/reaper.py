@@ -1,11 +1,11 @@
-"""Orphans and zombies: what a supervisor that may be PID 1 owes its process tree (SPEC §3).
+"""Orphans and zombies: what a supervisor that may be PID 1 owes its process tree.
 
 Theory of operation
 -------------------
 When a container's process double-forks and its parent exits, the grandchild is reparented to
-the nearest *subreaper* -- us, after :func:`become_subreaper` (or to us anyway when we are PID
-1, as ``tini`` is). When such an orphan exits, nobody but us can collect its exit status, and
-until somebody does it stays a zombie holding a pid.
+the nearest *subreaper* -- us, after :func:`supervisor.linux.become_subreaper` (or to us anyway
+when we are PID 1, as ``tini`` is). When such an orphan exits, nobody but us can collect its
+exit status, and until somebody does it stays a zombie holding a pid.
 
 :func:`reap_orphans` therefore scans ``/proc`` for zombies whose parent is this process and
 collects them with ``waitpid(pid, WNOHANG)``. It must never collect a child that anyio is
@@ -22,53 +22,22 @@ SIGCHLD is not used: backends handle it differently, other code may own the hand
 zombie costs only a pid slot for a second or two.
 
 :func:`kill_descendants` is the last-resort sweep at shutdown: every live process below us in
-the ``ppid`` tree gets a signal.
+the ``ppid`` tree gets a signal, so that what the containers started outside their process
+groups is stopped too (docs/operations.md, "Stopping: signals").
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
-import sys
 from collections.abc import Callable
 
 import anyio
 
-from supervisor.ports import ProcStat, process_tree, scan_stats
 from supervisor.process import is_direct_child
+from supervisor.proctable import ProcStat, process_tree, scan_stats
 
-__all__ = ["become_subreaper", "is_subreaper", "kill_descendants", "reap_orphans", "reap_zombies"]
-
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
-
-
-def _prctl(option: int, arg2: int | ctypes.c_int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return False
-    arg: object = ctypes.byref(arg2) if isinstance(arg2, ctypes.c_int) else ctypes.c_ulong(arg2)
-    zero = ctypes.c_ulong(0)
-    return bool(prctl(ctypes.c_int(option), arg, zero, zero, zero) == 0)
-
-
-def become_subreaper(enable: bool = True) -> bool:
-    """Make orphaned descendants reparent to this process (Linux ``PR_SET_CHILD_SUBREAPER``).
-
-    Returns False where unsupported or refused. ``enable=False`` turns it off again.
-    """
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1 if enable else 0)
-
-
-def is_subreaper() -> bool:
-    """Whether this process is currently a child subreaper (always True-ish as PID 1)."""
-    value = ctypes.c_int(0)
-    return _prctl(PR_GET_CHILD_SUBREAPER, value) and value.value != 0
+__all__ = ["kill_descendants", "reap_orphans", "reap_zombies"]
 
 
 def _our_zombies(stats: dict[int, ProcStat]) -> set[tuple[int, int]]:

@@ -26,7 +26,7 @@ from supervisor.leftovers import (
     plan_sweep,
     read_records,
 )
-from supervisor.ports import ProcStat, read_stat
+from supervisor.proctable import ProcStat, read_stat
 from tests.helpers import (
     RECORDER,
     child_env,

@@ -11,25 +11,13 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
+from supervisor.env import build_env
 from supervisor.errors import PodError
-from supervisor.ports import read_stat, scan_stats
-from supervisor.process import (
-    MAX_LINE,
-    Exit,
-    LineSplitter,
-    build_env,
-    expand,
-    expand_argv,
-    is_direct_child,
-    memory_events_path,
-    oom_evidence,
-    oom_kill_count,
-    open_child,
-)
-from supervisor.reaper import become_subreaper, is_subreaper, kill_descendants, reap_orphans
+from supervisor.linux import become_subreaper, is_subreaper
+from supervisor.process import MAX_LINE, Exit, LineSplitter, is_direct_child, open_child
+from supervisor.proctable import read_stat, scan_stats
+from supervisor.reaper import kill_descendants, reap_orphans
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,111 +81,7 @@ def kill_quietly(pid: int) -> None:
         pass
 
 
-# -- expand / build_env ----------------------------------------------------------------------
-
-K8S_ENV = {"VAR_A": "A", "VAR_B": "B", "VAR_C": "C", "VAR_REF": "$(VAR_A)", "VAR_EMPTY": ""}
-
-
-@pytest.mark.parametrize(
-    ("template", "expected"),
-    [
-        ("$(VAR_A)", "A"),
-        ("$(VAR_A)-$(VAR_A)", "A-A"),
-        ("___$(VAR_B)___", "___B___"),
-        ("$(VAR_A)_$(VAR_B)_$(VAR_C)", "A_B_C"),
-        ("$$(VAR_B)_$(VAR_A)", "$(VAR_B)_A"),
-        ("$$(VAR_A)_$$(VAR_B)", "$(VAR_A)_$(VAR_B)"),
-        ("f000-$$VAR_A", "f000-$VAR_A"),
-        ("foo\\$(VAR_C)bar", "foo\\Cbar"),
-        ("$(VAR_A$(VAR_B))", "$(VAR_A$(VAR_B))"),
-        ("$(VAR_A$(VAR_B)", "$(VAR_A$(VAR_B)"),
-        ("$(VAR_REF)", "$(VAR_A)"),  # values are not expanded again
-        ("foo$(VAR_EMPTY)bar", "foobar"),
-        ("foo$(VAR_Awhoops!", "foo$(VAR_Awhoops!"),
-        ("f00__(VAR_A)__", "f00__(VAR_A)__"),
-        ("$?_boo_$!", "$?_boo_$!"),
-        ("$VAR_A", "$VAR_A"),
-        ("$(VAR_DNE)", "$(VAR_DNE)"),
-        ("$$$$$$(BIG_MONEY)", "$$$(BIG_MONEY)"),
-        ("$$$$$$(VAR_A)", "$$$(VAR_A)"),
-        ("$$$$$$$(GOOD_ODDS)", "$$$$(GOOD_ODDS)"),
-        ("$$$$$$$(VAR_A)", "$$$A"),
-        ("$VAR_A)", "$VAR_A)"),
-        ("${VAR_A}", "${VAR_A}"),
-        ("$(VAR_B)_______$(A", "B_______$(A"),
-        ("$(VAR_C)_______$(", "C_______$("),
-        ("$(VAR_A)foobarzab$", "Afoobarzab$"),
-        ("--$($($($($--", "--$($($($($--"),
-        ("$($($($($--foo$(", "$($($($($--foo$("),
-        ("$(foo$$var)", "$(foo$$var)"),
-        ("$()", "$()"),
-        ("$", "$"),
-        ("", ""),
-        ("\n", "\n"),
-        ("héllo $(VAR_A) $é", "héllo A $é"),
-    ],
-)
-def test_expand_matches_kubernetes(template: str, expected: str) -> None:
-    assert expand(template, K8S_ENV) == expected
-
-
-_names = st.text(alphabet="ABCXYZ_$()", max_size=4)
-
-
-@given(st.text().filter(lambda s: "$" not in s), st.dictionaries(_names, st.text(max_size=5)))
-def test_expand_without_dollar_is_identity(text: str, env: dict[str, str]) -> None:
-    assert expand(text, env) == text
-
-
-@given(st.text(alphabet=st.sampled_from("$()AB x")), st.dictionaries(_names, st.text(max_size=5)))
-def test_doubling_every_dollar_escapes_everything(text: str, env: dict[str, str]) -> None:
-    assert expand(text.replace("$", "$$"), env) == text
-
-
-def test_expand_argv() -> None:
-    assert expand_argv(["serve", "--port=$(PORT)", "$$(PORT)"], {"PORT": "9"}) == [
-        "serve",
-        "--port=9",
-        "$(PORT)",
-    ]
-
-
-def test_build_env_kubernetes_order() -> None:
-    env = build_env(
-        {
-            "URL": "http://127.0.0.1:$(CORTEX_PORT)/$(LATER)",
-            "LATER": "x",
-            "SELF": "$(SELF)",
-            "HOME_REF": "$(HOME)",
-            "CHAIN": "$(URL)!",
-            "ESC": "$$(URL)",
-            "CORTEX_API_NAME": "mine",
-        },
-        {"CORTEX_PORT": "8081", "CORTEX_API_NAME": "api", "CORTEX_RAW": "$(CORTEX_PORT)"},
-        base={"HOME": "/root", "PATH": "/bin", "CORTEX_PORT": "1"},
-    )
-    assert env == {
-        "HOME": "/root",
-        "PATH": "/bin",
-        "CORTEX_PORT": "8081",  # extra beats base
-        "CORTEX_RAW": "$(CORTEX_PORT)",  # extra is taken literally
-        "URL": "http://127.0.0.1:8081/$(LATER)",  # later entries stay literal
-        "LATER": "x",
-        "SELF": "$(SELF)",
-        "HOME_REF": "$(HOME)",  # base is not an expansion source
-        "CHAIN": "http://127.0.0.1:8081/$(LATER)!",
-        "ESC": "$(URL)",
-        "CORTEX_API_NAME": "mine",  # the container's own entry wins
-    }
-
-
-def test_build_env_defaults_to_os_environ() -> None:
-    env = build_env({"A": "$(B)"}, {"B": "b"})
-    assert env["A"] == "b"
-    assert env["PATH"] == os.environ["PATH"]
-
-
-# -- line splitting, exits, OOM evidence ------------------------------------------------------
+# -- line splitting, exits ------------------------------------------------------------------
 
 
 def _feed_all(splitter: LineSplitter, chunks: list[bytes]) -> list[str]:
@@ -237,48 +121,6 @@ def test_exit_describe() -> None:
     assert oom.describe() == "killed by SIGKILL (OOM killer)"
     assert Exit.from_returncode(-signal.SIGTERM, oom_killed=True).oom_killed is False
     assert Exit(None, 200).describe() == "killed by signal 200"
-
-
-def test_oom_kill_counter(tmp_path: Path) -> None:
-    events = tmp_path / "memory.events"
-    assert oom_kill_count(events) is None  # missing file
-    events.write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 2\noom_group_kill 0\n")
-    before = oom_kill_count(events)
-    assert before == 2
-    events.write_text("low 0\nhigh 0\nmax 4\noom 3\noom_kill 3\noom_group_kill 0\n")
-    assert oom_evidence(before, oom_kill_count(events)) is True
-    assert oom_evidence(3, oom_kill_count(events)) is False
-    assert oom_evidence(None, 3) is False
-    events.write_text("oom_kill x\n")
-    assert oom_kill_count(events) is None
-    assert oom_kill_count(None) is None
-
-
-def test_memory_events_path(tmp_path: Path) -> None:
-    proc = tmp_path / "cgroup"
-    root = tmp_path / "sys"
-    # cgroup v2, with the cgroup's own directory visible
-    proc.write_text("0::/kubepods/pod1/c1\n")
-    own = root / "kubepods" / "pod1" / "c1" / "memory.events"
-    own.parent.mkdir(parents=True)
-    own.write_text("oom_kill 0\n")
-    assert memory_events_path(proc, root) == own
-    # cgroup v2 in a cgroup namespace: the container's cgroup is the mount root
-    proc.write_text("0::/\n")
-    (root / "memory.events").write_text("oom_kill 1\n")
-    assert memory_events_path(proc, root) == root / "memory.events"
-    # cgroup v1
-    proc.write_text("5:cpu:/\n4:memory:/docker/abc\n0::/\n")
-    (root / "memory.events").unlink()
-    v1 = root / "memory" / "memory.oom_control"
-    v1.parent.mkdir()
-    v1.write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 7\n")
-    assert memory_events_path(proc, root) == v1
-    assert oom_kill_count(v1) == 7
-    # nothing
-    v1.unlink()
-    assert memory_events_path(proc, root) is None
-    assert memory_events_path(tmp_path / "missing", tmp_path / "nowhere") is None
 
 
 # -- children ---------------------------------------------------------------------------------

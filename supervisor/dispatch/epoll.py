@@ -38,7 +38,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from supervisor.dispatch.settle import Target, settle_failure
+from supervisor.dispatch.settle import Fate, Target, attempt_fate, settle_failure
 from supervisor.http.client import post_head_prefix
 from supervisor.http.connection import ClientConnection, idle_socket_alive
 from supervisor.http.errors import RemoteProtocolError
@@ -421,7 +421,10 @@ class _Engine:
         if not conn.reusable:
             self._drop(slot)
         slot.out = []
-        if response.status == 200:
+        fate = attempt_fate(
+            response.status, generation=slot.generation, generation_now=self._target.generation
+        )
+        if fate is Fate.ACK:
             self._feed.ack(d, time.perf_counter() - slot.t0)
             if slot.conn is not None:
                 slot.conn.idle_since = self._tick

@@ -22,7 +22,6 @@ from bench import tools
 from bench.procs import Procs
 from bench.scenarios import SCENARIOS, Context, dispatch, footprint, proxy, split
 from bench.table import Row, format_table
-from supervisor.dispatch import ENGINES
 
 RUNNERS = {
     "dispatch": dispatch.run,
@@ -144,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", wrk/peers {ctx.seconds:g} s each" if {"dispatch", "proxy"} & set(chosen) else ""),
         *tools.machine(),
         f"supervisor: --backend {args.backend}"
-        + (" (uvloop when installed)" if args.backend == "asyncio" else "")
-        + f", dispatch engine {ENGINES[0]}",
+        + (" (uvloop when installed)" if args.backend == "asyncio" else ""),
         "cells: median [min-max] over repeats; -> ratio ours/baseline of the medians; "
         "every baseline measured in this run",
     ]

@@ -30,11 +30,14 @@ from typing import Literal
 import anyio
 import anyio.abc
 import anyio.lowlevel
-import h11
 import msgspec
 
 from supervisor.clock import REAL, Clock
 from supervisor.config import Probe, TCPSocketAction
+from supervisor.http._rawsock import RawSocket
+from supervisor.http.client import exchange, open_connection, request_head
+from supervisor.http.connection import ClientConnection
+from supervisor.http.errors import HTTPError, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "ProbeLoop",
@@ -176,98 +179,55 @@ async def _check_tcp(host: str, port: int, seconds: float) -> ProbeResult:
     return _timed_out(seconds)
 
 
-def _host_header(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _snippet(data: bytes | bytearray) -> str:
     return bytes(data[:DETAIL_BYTES]).decode("utf-8", "replace").strip()
 
 
-async def _receive_event(stream: anyio.abc.ByteStream, conn: h11.Connection) -> object:
-    """The next h11 event, reading from ``stream`` as needed (EOF is fed to h11)."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await stream.receive(65536)
-        except anyio.EndOfStream:
-            if conn.their_http_version is None:  # no status line and headers yet
-                raise _NoResponse from None
-            data = b""
-        conn.receive_data(data)
-
-
-class _NoResponse(Exception):
-    """The server closed the connection before sending a complete response head."""
-
-
 async def _check_http(host: str, port: int, path: str, seconds: float) -> ProbeResult:
+    """GET ``path``: the status decides as soon as the response head is in; the body is read
+    (at most :data:`MAX_BODY_BYTES`, within the deadline) only to close the connection
+    politely and to quote the start of an error page."""
     target = path if path.startswith("/") else "/" + path
-    deadline = anyio.current_time() + seconds
-    stream: anyio.abc.ByteStream | None = None
-    conn = h11.Connection(h11.CLIENT)
-    status: int | None = None
+    headers = [("User-Agent", _USER_AGENT), ("Accept", "*/*"), ("Connection", "close")]
     try:
-        with anyio.CancelScope(deadline=deadline):
-            stream = await anyio.connect_tcp(host, port)
-            request = h11.Request(
-                method="GET",
-                target=target,
-                headers=[
-                    ("Host", _host_header(host, port)),
-                    ("User-Agent", _USER_AGENT),
-                    ("Accept", "*/*"),
-                    ("Connection", "close"),
-                ],
-            )
-            await stream.send(conn.send(request) + conn.send(h11.EndOfMessage()))
-            while status is None:
-                event = await _receive_event(stream, conn)
-                if isinstance(event, h11.Response):
-                    status = event.status_code
-                # h11.InformationalResponse (1xx): keep waiting for the final response
-        if status is None or stream is None:
-            return _timed_out(seconds)
-        # The status decides; the body is read (bounded, within the deadline) only to close
-        # the connection politely and to quote the start of an error page.
-        body = bytearray()
-        with anyio.CancelScope(deadline=deadline):
-            try:
-                await _drain_body(stream, conn, body)
-            except (OSError, anyio.BrokenResourceError, h11.ProtocolError, _NoResponse):
-                pass
-    except h11.LocalProtocolError as exc:
+        head = request_head("GET", host, port, target, headers) + b"\r\n"
+    except LocalProtocolError as exc:
         return ProbeResult(False, f"cannot send the request for {target!r}: {exc}")
-    except _NoResponse:
-        return ProbeResult(False, "connection closed without a response")
-    except h11.RemoteProtocolError as exc:
-        return ProbeResult(False, f"invalid HTTP response: {exc}")
-    except anyio.BrokenResourceError as exc:
-        return ProbeResult(False, _describe_oserror(exc))
-    except OSError as exc:
-        return ProbeResult(False, _describe_oserror(exc))
+    conn = ClientConnection(keep_body=DETAIL_BYTES)
+    out = conn.start(head)
+    sock: RawSocket | None = None
+    response = None
+    try:
+        with anyio.move_on_after(seconds):
+            sock = await open_connection(host, port)
+            response = await exchange(sock, conn, out, max_body=MAX_BODY_BYTES)
+    except HTTPError as exc:
+        # Past the head, a broken or oversized body does not change the answer.
+        response = conn.partial_response()
+        if response is None:
+            return _http_failure(exc)
     finally:
-        if stream is not None:
-            await anyio.aclose_forcefully(stream)
+        if sock is not None:
+            sock.close()
+    if response is None:
+        response = conn.partial_response()
+        if response is None:
+            return _timed_out(seconds)
+    status = response.status
     success = 200 <= status < 400
     detail = f"HTTP {status}"
-    if not success and (text := _snippet(body)):
+    if not success and (text := _snippet(response.body_head)):
         detail = f"{detail}: {text}"
     return ProbeResult(success, detail)
 
 
-async def _drain_body(stream: anyio.abc.ByteStream, conn: h11.Connection, keep: bytearray) -> None:
-    read = 0
-    while read < MAX_BODY_BYTES:
-        event = await _receive_event(stream, conn)
-        if isinstance(event, h11.Data):
-            read += len(event.data)
-            if len(keep) < DETAIL_BYTES:
-                keep += event.data[: DETAIL_BYTES - len(keep)]
-        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-            return
+def _http_failure(exc: HTTPError) -> ProbeResult:
+    """The result of an HTTP probe that got no response head."""
+    if isinstance(exc, RemoteProtocolError):
+        if "disconnected" in str(exc):
+            return ProbeResult(False, "connection closed without a response")
+        return ProbeResult(False, f"invalid HTTP response: {exc}")
+    return ProbeResult(False, _describe_oserror(exc))
 
 
 def _kill_group(pid: int) -> None:

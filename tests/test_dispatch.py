@@ -1,4 +1,4 @@
-"""Both dispatch engines against a real (misbehaving on demand) HTTP server and a real queue.
+"""The dispatch engine against a real (misbehaving on demand) HTTP server and a real queue.
 
 The server is h11 on a real loopback socket; each test decides how it answers. The target is
 a small stand-in for a Pod (port, serving, generation), the one thing dispatch asks of it.
@@ -19,7 +19,7 @@ import anyio.abc
 import h11
 import pytest
 
-from supervisor.dispatch import ENGINES, Engine, dispatch_pod
+from supervisor.dispatch import dispatch_pod
 from supervisor.logs import Logger
 from supervisor.queues.base import Progress
 from supervisor.queues.embedded import EmbeddedQueue
@@ -28,12 +28,6 @@ from tests.helpers import FakePod, read_raw_request, serve_raw
 pytestmark = pytest.mark.anyio
 
 JOB = "7e5c6d1f000000aa"
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Engine:
-    value: Engine = request.param
-    return value
 
 
 @dataclass
@@ -110,7 +104,6 @@ def bodies(n: int, size: int = 0) -> list[bytes]:
 
 async def run_job(
     tmp_path: Path,
-    engine: Engine,
     handler: Handler,
     batches: Iterable[bytes],
     *,
@@ -149,7 +142,6 @@ async def run_job(
                                 concurrency=concurrency,
                                 batch_timeout=batch_timeout,
                                 log=log,
-                                engine=engine,
                             )
                         )
                         if during is not None:
@@ -159,11 +151,9 @@ async def run_job(
     return server, progress, queue.dead_letter_dir(JOB)
 
 
-async def test_every_batch_once_in_order_over_reused_connections(
-    tmp_path: Path, engine: Engine
-) -> None:
+async def test_every_batch_once_in_order_over_reused_connections(tmp_path: Path) -> None:
     sent = bodies(300)
-    server, p, _ = await run_job(tmp_path, engine, ok, sent, concurrency=4)
+    server, p, _ = await run_job(tmp_path, ok, sent, concurrency=4)
     assert p.succeeded == 300 and p.failed_attempts == 0 and p.dead == 0
     assert sorted(s.body for s in server.seen) == sorted(sent)
     assert len(server.seen) == 300  # each exactly once
@@ -174,34 +164,30 @@ async def test_every_batch_once_in_order_over_reused_connections(
     assert first[b"host"] == f"127.0.0.1:{server.port}".encode()
 
 
-async def test_connection_close_answers_open_new_connections(
-    tmp_path: Path, engine: Engine
-) -> None:
+async def test_connection_close_answers_open_new_connections(tmp_path: Path) -> None:
     async def close(_: Seen) -> Answer:
         return 200, [(b"Connection", b"close")], b"ok", True
 
-    server, p, _ = await run_job(tmp_path, engine, close, bodies(20), concurrency=2)
+    server, p, _ = await run_job(tmp_path, close, bodies(20), concurrency=2)
     assert p.succeeded == 20 and p.failed_attempts == 0
     assert server.connections == 20
 
 
-async def test_big_bodies_to_a_slow_reader_arrive_whole(tmp_path: Path, engine: Engine) -> None:
+async def test_big_bodies_to_a_slow_reader_arrive_whole(tmp_path: Path) -> None:
     sent = bodies(6, size=256 * 1024 - 64)
     server = Server(ok, read_size=4096)  # the sender must wait for room again and again
-    server, p, _ = await run_job(tmp_path, engine, ok, sent, concurrency=2, server=server)
+    server, p, _ = await run_job(tmp_path, ok, sent, concurrency=2, server=server)
     assert p.succeeded == 6
     assert sorted(s.body for s in server.seen) == sorted(sent)
 
 
-async def test_non_200_is_a_failed_attempt_with_evidence_then_dead(
-    tmp_path: Path, engine: Engine
-) -> None:
+async def test_non_200_is_a_failed_attempt_with_evidence_then_dead(tmp_path: Path) -> None:
     async def picky(seen: Seen) -> Answer:
         if b'"i": 3' in seen.body:
             return 500, [], b"no thanks: " + b"z" * 5000, False
         return 200, [], b"ok", False
 
-    server, p, dead = await run_job(tmp_path, engine, picky, bodies(10), max_attempts=2)
+    server, p, dead = await run_job(tmp_path, picky, bodies(10), max_attempts=2)
     assert p.succeeded == 9 and p.dead == 1 and p.failed_attempts == 2
     assert sum(b'"i": 3' in s.body for s in server.seen) == 2
     letter = json.loads((dead / "batch-3.json").read_bytes())
@@ -211,7 +197,7 @@ async def test_non_200_is_a_failed_attempt_with_evidence_then_dead(
     assert letter["attempts"][0]["stderr_tail"] == "worker said: boom\n"
 
 
-async def test_hang_up_mid_exchange_is_a_failed_attempt(tmp_path: Path, engine: Engine) -> None:
+async def test_hang_up_mid_exchange_is_a_failed_attempt(tmp_path: Path) -> None:
     calls = 0
 
     async def rude(seen: Seen) -> Answer | None:
@@ -219,26 +205,24 @@ async def test_hang_up_mid_exchange_is_a_failed_attempt(tmp_path: Path, engine: 
         calls += 1
         return None if calls == 1 else (200, [], b"ok", False)
 
-    server, p, _ = await run_job(tmp_path, engine, rude, bodies(3))
+    server, p, _ = await run_job(tmp_path, rude, bodies(3))
     assert p.succeeded == 3 and p.failed_attempts == 1 and p.dead == 0
     assert server.connections == 2
 
 
-async def test_refused_connections_dead_letter_with_the_reason(
-    tmp_path: Path, engine: Engine
-) -> None:
+async def test_refused_connections_dead_letter_with_the_reason(tmp_path: Path) -> None:
     with anyio.fail_after(10):
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as closed:
             port = closed.extra(anyio.abc.SocketAttribute.local_port)
     # Nothing listens on `port` now; the server below listens elsewhere and sees nothing.
-    _, p, dead = await run_job(tmp_path, engine, ok, bodies(2), max_attempts=2, port=port)
+    _, p, dead = await run_job(tmp_path, ok, bodies(2), max_attempts=2, port=port)
     assert p.succeeded == 0 and p.dead == 2 and p.failed_attempts == 4
     letter = json.loads((dead / "batch-0.json").read_bytes())
     error = letter["attempts"][0]["error"]
     assert error == f"Could not connect to 127.0.0.1:{port}: Connection refused."
 
 
-async def test_batch_timeout_fails_only_the_slow_batch(tmp_path: Path, engine: Engine) -> None:
+async def test_batch_timeout_fails_only_the_slow_batch(tmp_path: Path) -> None:
     slow_once = True
 
     async def sleepy(seen: Seen) -> Answer:
@@ -248,26 +232,24 @@ async def test_batch_timeout_fails_only_the_slow_batch(tmp_path: Path, engine: E
             await anyio.sleep_forever()
         return 200, [], b"ok", False
 
-    server, p, _ = await run_job(
-        tmp_path, engine, sleepy, bodies(5), concurrency=2, batch_timeout=0.5
-    )
+    server, p, _ = await run_job(tmp_path, sleepy, bodies(5), concurrency=2, batch_timeout=0.5)
     assert p.succeeded == 5 and p.failed_attempts == 1
     assert sum(b'"i": 1' in s.body for s in server.seen) == 2
 
 
-async def test_nothing_is_sent_until_the_pod_serves(tmp_path: Path, engine: Engine) -> None:
+async def test_nothing_is_sent_until_the_pod_serves(tmp_path: Path) -> None:
     async def during(server: Server, pod: FakePod) -> None:
         await anyio.wait_all_tasks_blocked()
         assert server.seen == []
         pod.set_serving(True)
 
     server, p, _ = await run_job(
-        tmp_path, engine, ok, bodies(5), pod=FakePod(0, serving=False), during=during
+        tmp_path, ok, bodies(5), pod=FakePod(0, serving=False), during=during
     )
     assert p.succeeded == 5 and len(server.seen) == 5
 
 
-async def test_restart_under_a_batch_releases_it_uncounted(tmp_path: Path, engine: Engine) -> None:
+async def test_restart_under_a_batch_releases_it_uncounted(tmp_path: Path) -> None:
     pod = FakePod(0)
     got_it = anyio.Event()
     restarted = anyio.Event()
@@ -287,14 +269,12 @@ async def test_restart_under_a_batch_releases_it_uncounted(tmp_path: Path, engin
         pod.generation += 1
         restarted.set()
 
-    server, p, _ = await run_job(tmp_path, engine, handler, bodies(3), pod=pod, during=during)
+    server, p, _ = await run_job(tmp_path, handler, bodies(3), pod=pod, during=during)
     assert p.succeeded == 3 and p.failed_attempts == 0 and p.dead == 0
     assert len(server.seen) == 4
 
 
-async def test_idle_connection_closed_by_the_server_is_replaced_uncounted(
-    tmp_path: Path, engine: Engine
-) -> None:
+async def test_idle_connection_closed_by_the_server_is_replaced_uncounted(tmp_path: Path) -> None:
     pod = FakePod(0)
     got_first = anyio.Event()
     paused = anyio.Event()
@@ -317,7 +297,7 @@ async def test_idle_connection_closed_by_the_server_is_replaced_uncounted(
         await anyio.wait_all_tasks_blocked()  # answered, closed, and the close was seen
         pod.set_serving(True)
 
-    server, p, _ = await run_job(tmp_path, engine, handler, bodies(3), pod=pod, during=during)
+    server, p, _ = await run_job(tmp_path, handler, bodies(3), pod=pod, during=during)
     assert p.succeeded == 3 and p.failed_attempts == 0
     assert server.connections == 2
 
@@ -347,12 +327,12 @@ class ResettingServer(Server):
 
 
 async def test_reused_connection_reset_before_the_request_is_retried_uncounted(
-    tmp_path: Path, engine: Engine
+    tmp_path: Path,
 ) -> None:
     """The connection was reset after its last answer: the next batch goes out again, once,
     on a fresh connection, and no attempt is counted (nothing of it reached the server)."""
     sent = bodies(5)
-    server, p, _ = await run_job(tmp_path, engine, ok, sent, server=ResettingServer(ok))
+    server, p, _ = await run_job(tmp_path, ok, sent, server=ResettingServer(ok))
     assert p.succeeded == 5 and p.failed_attempts == 0 and p.dead == 0
     assert [s.body for s in server.seen] == sent
     assert server.connections == 5

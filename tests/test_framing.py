@@ -1,4 +1,4 @@
-"""Every way a worker may legally frame its answer ends the exchange: dispatch (both engines),
+"""Every way a worker may legally frame its answer ends the exchange: dispatch,
 ``/on-job-complete`` and the HTTP probe, against one real worker process with a port per
 framing (``tests/workers/framings.py``).
 
@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 from supervisor.config import HTTPGetAction, Probe
-from supervisor.dispatch import ENGINES, Engine, dispatch_pod, send_job_complete
+from supervisor.dispatch import dispatch_pod, send_job_complete
 from supervisor.http.client import request
 from supervisor.logs import Logger
 from supervisor.probes import ProbeResult, check
@@ -75,12 +75,6 @@ def ports() -> Iterator[dict[str, int]]:
         proc.stdout.close()
 
 
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Engine:
-    value: Engine = request.param
-    return value
-
-
 async def stats(port: int) -> dict[str, int]:
     """POSTs and the connections that carried them since the last call (then reset)."""
     r = await request("127.0.0.1", port, "GET", "/stats", timeout=10)
@@ -93,7 +87,6 @@ async def dispatch(
     tmp_path: Path,
     port: int,
     statuses: list[int],
-    engine: Engine,
     *,
     concurrency: int = 1,
 ) -> Progress:
@@ -111,18 +104,17 @@ async def dispatch(
                     job_id=JOB,
                     concurrency=concurrency,
                     log=Logger(io.StringIO()),
-                    engine=engine,
                 )
             return feed.progress()
 
 
 @pytest.mark.parametrize(("framing", "keep_alive"), FRAMINGS)
 async def test_every_framing_ends_every_batch(
-    tmp_path: Path, ports: dict[str, int], engine: Engine, framing: str, keep_alive: bool
+    tmp_path: Path, ports: dict[str, int], framing: str, keep_alive: bool
 ) -> None:
     port = ports[framing]
     await stats(port)  # forget what earlier tests sent
-    progress = await dispatch(tmp_path, port, STATUSES, engine)
+    progress = await dispatch(tmp_path, port, STATUSES)
     n = len(STATUSES)
     ok = 0 if framing == "no_content" else STATUSES.count(200)  # 204 is not 200
     assert (progress.succeeded, progress.dead, progress.failed_attempts) == (ok, n - ok, n - ok)
@@ -132,11 +124,11 @@ async def test_every_framing_ends_every_batch(
 
 @pytest.mark.parametrize("framing", ["close_delimited", "http10_stdlib", "length_then_close"])
 async def test_connection_ending_answers_under_concurrency(
-    tmp_path: Path, ports: dict[str, int], engine: Engine, framing: str
+    tmp_path: Path, ports: dict[str, int], framing: str
 ) -> None:
     port = ports[framing]
     await stats(port)
-    progress = await dispatch(tmp_path, port, [200] * 40, engine, concurrency=4)
+    progress = await dispatch(tmp_path, port, [200] * 40, concurrency=4)
     assert (progress.succeeded, progress.failed_attempts) == (40, 0)
     assert await stats(port) == {"posts": 40, "connections": 40}
 

@@ -1,4 +1,5 @@
-"""BatchClient, ConnectionPool and request() against real servers on 127.0.0.1.
+"""ConnectionPool and request() (both driving ClientConnection) against real servers on
+127.0.0.1.
 
 The servers here are raw anyio listeners scripted per test, so every byte the client writes
 is captured and every byte it reads (including resets and early closes) is chosen.
@@ -15,7 +16,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from supervisor.http.client import BatchClient, ConnectionPool, request
+from supervisor.http.client import ConnectionPool, post_head_prefix, request
 from supervisor.http.errors import (
     ConnectError,
     LocalProtocolError,
@@ -23,6 +24,8 @@ from supervisor.http.errors import (
     ReadTimeout,
     RemoteProtocolError,
 )
+from supervisor.http.response import KEEP_BODY
+from supervisor.http.response import Response as ClientResponse
 from supervisor.http.server import Request, Response, start_server
 
 pytestmark = pytest.mark.anyio
@@ -120,16 +123,32 @@ async def closed_port() -> int:
     return port
 
 
-# -- BatchClient ---------------------------------------------------------------------------
+class Poster(ConnectionPool):
+    """One keep-alive connection posting to ``path`` with ``headers`` (what dispatch does)."""
+
+    def __init__(
+        self, host: str, port: int, *, path: str = "/", headers: list[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(host, port, max_connections=1, keep_body=KEEP_BODY)
+        self._path = path.encode()
+        self._headers = [(k.encode(), v.encode()) for k, v in headers]
+
+    async def post(
+        self, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> ClientResponse:
+        return await self.request(b"POST", self._path, [*self._headers, *(extra or [])], body)
+
+
+# -- one keep-alive connection ---------------------------------------------------------------
 
 
 async def test_exact_bytes_on_the_wire() -> None:
     with anyio.fail_after(10):
         async with answering_server() as server:
             headers = [("Content-Type", "application/json"), ("X-Cortex-Job-ID", "job-1")]
-            async with BatchClient("127.0.0.1", server.port, headers=headers) as client:
+            async with Poster("127.0.0.1", server.port, headers=headers) as client:
                 response = await client.post(b'[{"a":1},2]')
-                await client.post(b"[3]", b"X-Attempt: 2\r\n")
+                await client.post(b"[3]", [(b"X-Attempt", b"2")])
             assert response.status == 200
             assert response.body_head == b"ok"
             assert response.headers == [(b"content-length", b"2"), (b"content-type", b"text/plain")]
@@ -147,7 +166,7 @@ async def test_path_host_and_big_body() -> None:
     body = b"[" + b"1," * 200_000 + b"1]"
     with anyio.fail_after(10):
         async with answering_server() as server:
-            client = BatchClient(
+            client = Poster(
                 "127.0.0.1", server.port, path="/on-job-complete", headers=[("Host", "api")]
             )
             async with client:
@@ -161,7 +180,7 @@ async def test_path_host_and_big_body() -> None:
 async def test_many_posts_reuse_one_connection() -> None:
     with anyio.fail_after(20):
         async with answering_server() as server:
-            async with BatchClient("127.0.0.1", server.port) as client:
+            async with Poster("127.0.0.1", server.port) as client:
                 for i in range(300):
                     response = await client.post(b"[%d]" % i)
                     assert response.status == 200
@@ -177,7 +196,7 @@ async def test_connection_close_response_reconnects() -> None:
             await peer.send(closing)
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             for _ in range(5):
                 response = await client.post(b"[]")
                 assert response.status == 200
@@ -199,7 +218,7 @@ async def test_idle_close_by_server_is_detected_before_reuse() -> None:
                 await peer.send(OK)
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             assert (await client.post(b"[1]")).keep_alive
             await closed.wait()
             assert (await client.post(b"[2]")).status == 200  # no error: fresh connection
@@ -216,7 +235,7 @@ async def test_reset_after_request_is_a_read_error_and_not_retried() -> None:
             await peer.reset()
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             with pytest.raises((ReadError, RemoteProtocolError)):
                 await client.post(b"[1]")
     assert requests == 1  # a POST the server may have processed is never re-sent
@@ -229,7 +248,7 @@ async def test_reset_mid_response() -> None:
             await peer.reset()
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             with pytest.raises((ReadError, RemoteProtocolError)):
                 await client.post(b"[1]")
 
@@ -244,7 +263,7 @@ async def test_close_mid_body_then_recovery() -> None:
             await peer.send(OK)
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             with pytest.raises(RemoteProtocolError, match="3 of 10 bytes"):
                 await client.post(b"[1]")
             assert (await client.post(b"[1]")).body_head == b"ok"
@@ -255,7 +274,7 @@ async def test_no_response_at_all() -> None:
         await peer.read_request()
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             with pytest.raises(RemoteProtocolError, match="without sending a response"):
                 await client.post(b"[1]")
 
@@ -266,7 +285,7 @@ async def test_garbage_response() -> None:
         await peer.send(b"SSH-2.0-OpenSSH\r\n\r\n")
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             with pytest.raises(RemoteProtocolError, match="status line"):
                 await client.post(b"[1]")
 
@@ -274,7 +293,7 @@ async def test_garbage_response() -> None:
 async def test_connect_refused() -> None:
     port = await closed_port()
     with anyio.fail_after(10):
-        async with BatchClient("127.0.0.1", port) as client:
+        async with Poster("127.0.0.1", port) as client:
             with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
                 await client.post(b"[1]")
 
@@ -284,7 +303,7 @@ async def test_error_body_is_kept_short_and_connection_reused() -> None:
     error = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: %d\r\n\r\n" % len(page) + page
     with anyio.fail_after(10):
         async with answering_server(error) as server:
-            async with BatchClient("127.0.0.1", server.port) as client:
+            async with Poster("127.0.0.1", server.port) as client:
                 for _ in range(3):
                     response = await client.post(b"[1]")
                     assert response.status == 500
@@ -301,7 +320,7 @@ async def test_chunked_and_informational_responses() -> None:
     )
     with anyio.fail_after(10):
         async with answering_server(chunked) as server:
-            async with BatchClient("127.0.0.1", server.port) as client:
+            async with Poster("127.0.0.1", server.port) as client:
                 for _ in range(2):
                     response = await client.post(b"[1]")
                     assert (response.status, response.body_head) == (200, b"abcde")
@@ -319,7 +338,7 @@ async def test_cancelled_post_discards_the_connection() -> None:
                 await peer.send(OK)
 
     with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
+        async with raw_server(script) as server, Poster("127.0.0.1", server.port) as client:
             async with anyio.create_task_group() as tg:
 
                 async def post_and_hang() -> None:
@@ -334,35 +353,17 @@ async def test_cancelled_post_discards_the_connection() -> None:
 
 async def test_misuse_is_a_local_protocol_error() -> None:
     with pytest.raises(LocalProtocolError):
-        BatchClient("127.0.0.1", 1, headers=[("Content-Length", "5")])
+        post_head_prefix("127.0.0.1", 1, headers=[("Content-Length", "5")])
     with pytest.raises(LocalProtocolError):
-        BatchClient("127.0.0.1", 1, headers=[("X-Bad", "a\r\nInjected: 1")])
+        post_head_prefix("127.0.0.1", 1, headers=[("X-Bad", "a\r\nInjected: 1")])
     with pytest.raises(LocalProtocolError):
-        BatchClient("127.0.0.1", 1, headers=[("Bad Name", "x")])
-    client = BatchClient("127.0.0.1", 1)
+        post_head_prefix("127.0.0.1", 1, headers=[("Bad Name", "x")])
     with pytest.raises(LocalProtocolError):
-        await client.post(b"[]", b"X-No-CRLF: 1")
+        post_head_prefix("127.0.0.1", 1, path="/a b")
+    client = Poster("127.0.0.1", 1)
     await client.aclose()
     with pytest.raises(LocalProtocolError):
         await client.post(b"[]")
-
-
-async def test_concurrent_posts_on_one_client_are_refused() -> None:
-    got_request = anyio.Event()
-
-    async def script(peer: Peer) -> None:
-        await peer.read_request()
-        got_request.set()
-        await anyio.sleep_forever()
-
-    with anyio.fail_after(10):
-        async with raw_server(script) as server, BatchClient("127.0.0.1", server.port) as client:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(client.post, b"[1]")
-                await got_request.wait()
-                with pytest.raises(LocalProtocolError, match="another post"):
-                    await client.post(b"[2]")
-                tg.cancel_scope.cancel()
 
 
 # -- ConnectionPool ------------------------------------------------------------------------

@@ -1,31 +1,27 @@
-"""The fast dispatch engine: every slot of a pod on one edge-triggered epoll set, one task.
+"""The dispatch engine: every slot of a pod on one edge-triggered epoll set, one task.
 
 Theory of operation
 -------------------
-The portable engine (:mod:`supervisor.dispatch.slots`) parks one task per slot and pays an
-event-loop round trip (register the socket, wait, unregister, switch tasks) for every batch
-of every slot. Here one task owns the pod's ``--concurrency`` non-blocking connections,
-registered once (``EPOLLIN | EPOLLOUT | EPOLLRDHUP``, edge-triggered) in a private epoll set,
-and waits for *the epoll fd itself* to become readable: :func:`anyio.wait_readable` works on
-it with asyncio, uvloop and trio alike. One wake handles every connection that has news --
-read, parse (the sans-IO :class:`~supervisor.http.response.ResponseParser`), ack, take the next
-batch with :meth:`Feed.receive_nowait` and send it -- so a busy pod costs one loop round trip
-per *wake*, not per batch, and nothing is spawned per batch. Bodies over 16 KiB go out with
-``sendmsg([head, body])``, never copied into one buffer.
+One task owns the pod's ``--concurrency`` non-blocking connections, registered once
+(``EPOLLIN | EPOLLOUT | EPOLLRDHUP``, edge-triggered) in a private epoll set, and waits for
+*the epoll fd itself* to become readable: :func:`anyio.wait_readable` works on it with asyncio,
+uvloop and trio alike. One wake handles every connection that has news -- read, hand the bytes
+to the connection's sans-IO :class:`~supervisor.http.connection.ClientConnection`, ack, take
+the next batch with :meth:`Feed.receive_nowait` and send it -- so a busy pod costs one loop
+round trip per *wake*, not per batch, and nothing is spawned per batch. Bodies over 16 KiB go
+out with ``sendmsg([head, body])``, never copied into one buffer.
 
-The connection rules are :class:`~supervisor.http.client.BatchClient`'s: one keep-alive
-connection per slot; a connection that sat idle across a wait is probed (``MSG_PEEK``) before
-reuse, and one the server closes while idle is dropped when epoll reports it; a request is
-retried once on a fresh connection only when a *reused* connection failed while the request
-was being written, never after; a connection whose exchange did not end cleanly (not
-keep-alive, stray bytes, an error, a timeout) is closed.
+The connection rules are :class:`ClientConnection`'s, this loop only carries them out: one
+keep-alive connection per slot; a connection that sat idle across a wait is checked
+(:func:`~supervisor.http.connection.idle_socket_alive`) before reuse, and one the server
+closes while idle is dropped when epoll reports it; a request is retried once on a fresh
+connection only when ``send_failed()`` says so; a connection that is not ``reusable`` after
+its exchange (not keep-alive, stray bytes, the server closed, an error, a timeout) is closed.
 
 Waiting for anything but sockets is rare (start, the job's tail, retries, a pod that stopped
 serving, a failed attempt being settled): only then the epoll fd is raced, in a small task
 group, against the feed, the pod's readiness or the settling failure. A failed attempt is
-settled (:mod:`supervisor.dispatch.settle`, which waits ~20 ms for the worker's stderr) in a
-task of its own while its slot sits out, so a worker that refuses everything is retried at
-the portable engine's pace, not in a tight loop.
+settled (:mod:`supervisor.dispatch.settle`) in a task of its own while its slot sits out.
 """
 
 from __future__ import annotations
@@ -42,10 +38,11 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from supervisor.dispatch.settle import Target, settle_failure
+from supervisor.dispatch.settle import Fate, Target, attempt_fate, settle_failure
 from supervisor.http.client import post_head_prefix
+from supervisor.http.connection import ClientConnection, idle_socket_alive
 from supervisor.http.errors import RemoteProtocolError
-from supervisor.http.response import KEEP_BODY, Response, ResponseParser
+from supervisor.http.response import KEEP_BODY, Response
 from supervisor.logs import Logger
 from supervisor.queues.base import Delivery, Feed
 
@@ -58,24 +55,20 @@ _OUT = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 # The peer closed (or broke) its side: the bytes already queued are all that will come.
 _ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _RECV = 65536
-_JOIN = 16 * 1024  # bodies up to this size are joined to their head in one buffer
 
 
 class _Slot:
-    """One in-flight slot: its connection and the batch it carries."""
+    """One slot: its socket, the connection's protocol state, and the batch it carries."""
 
     __slots__ = (
+        "conn",
         "connecting",
         "deadline",
         "delivery",
         "fd",
         "generation",
-        "head",
-        "idle_tick",
         "log",
         "out",
-        "parser",
-        "reused",
         "sock",
         "t0",
     )
@@ -84,16 +77,13 @@ class _Slot:
         self.log = log
         self.sock: socket.socket | None = None
         self.fd = -1
-        self.parser = ResponseParser(keep_body=KEEP_BODY)
-        self.reused = False  # the connection carried a response already
-        self.connecting = False
+        self.conn: ClientConnection | None = None  # with sock: None when there is no connection
+        self.connecting = False  # the TCP handshake is under way (a socket matter, not HTTP)
         self.delivery: Delivery | None = None
-        self.head = b""
         self.out: list[bytes | memoryview] = []
         self.generation = 0
         self.t0 = 0.0
         self.deadline = 0.0
-        self.idle_tick = -1  # the wait counter when the slot became idle
 
 
 async def dispatch_epoll(
@@ -252,19 +242,26 @@ class _Engine:
             self._start(idle.pop(), d)
 
     def _start(self, slot: _Slot, d: Delivery) -> None:
-        body = d.body
-        slot.head = head = b"%bContent-Length: %d\r\n\r\n" % (self._prefix, len(body))
         slot.delivery = d
         slot.generation = self._target.generation
         slot.t0 = time.perf_counter()
         if self._timeout is not None:
             slot.deadline = anyio.current_time() + self._timeout
         self._busy += 1
-        if slot.sock is not None and slot.idle_tick != self._tick and not _alive(slot.sock):
-            self._drop(slot)  # the server closed it (or sent stray bytes) while it was idle
-        slot.out = _request(head, body)
-        if slot.sock is None and not self._connect(slot):
+        conn = slot.conn
+        if conn is not None and conn.needs_check(self._tick):
+            assert slot.sock is not None
+            if not idle_socket_alive(slot.sock):
+                self._drop(slot)  # the server closed it (or sent stray bytes) while it was idle
+        self._send(slot)
+
+    def _send(self, slot: _Slot) -> None:
+        """Put the slot's batch on its connection (a new one if it has none)."""
+        if slot.conn is None and not self._connect(slot):
             return
+        conn = slot.conn
+        assert conn is not None and slot.delivery is not None
+        slot.out = list(conn.start_post(self._prefix, slot.delivery.body))
         if not slot.connecting:
             self._write(slot)
 
@@ -282,8 +279,7 @@ class _Engine:
         slot.sock = sock
         slot.fd = fd = sock.fileno()
         slot.connecting = code != 0
-        slot.reused = False
-        slot.parser = ResponseParser(keep_body=KEEP_BODY)
+        slot.conn = ClientConnection(keep_body=KEEP_BODY)
         self._by_fd[fd] = slot
         self._epoll.register(fd, _MASK)
         return True
@@ -298,8 +294,10 @@ class _Engine:
             del self._by_fd[slot.fd]
             slot.fd = -1
             sock.close()  # also leaves the epoll set
+        if slot.conn is not None:
+            slot.conn.close()
+            slot.conn = None
         slot.connecting = False
-        slot.reused = False
 
     # -- events ---------------------------------------------------------------------------
 
@@ -341,16 +339,15 @@ class _Engine:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            if slot.reused:
+            conn = slot.conn
+            assert conn is not None
+            retry = conn.send_failed()
+            self._drop(slot)
+            if retry:
                 # The server closed the reused connection before the request arrived: once,
                 # on a fresh connection (nothing of it was acted upon).
-                self._drop(slot)
-                assert slot.delivery is not None
-                slot.out = _request(slot.head, slot.delivery.body)
-                if self._connect(slot) and not slot.connecting:
-                    self._write(slot)
+                self._send(slot)
                 return
-            self._drop(slot)
             self._failed(slot, "The connection broke while sending the request.")
             return
         while sent:
@@ -361,6 +358,10 @@ class _Engine:
             else:
                 out[0] = memoryview(first)[sent:]
                 break
+        if not out:
+            conn = slot.conn
+            assert conn is not None
+            conn.request_sent()
         # Whatever is left goes out on the next EPOLLOUT edge.
 
     def _read(self, slot: _Slot, ended: int) -> None:
@@ -375,8 +376,10 @@ class _Engine:
         answer costs one ``recv``.
         """
         sock = slot.sock
-        assert sock is not None
-        parser = slot.parser
+        conn = slot.conn
+        assert sock is not None and conn is not None
+        if ended:
+            conn.peer_closing()
         while True:
             try:
                 data = sock.recv(_RECV)
@@ -386,15 +389,14 @@ class _Engine:
                 self._drop(slot)
                 self._failed(slot, "The connection broke while reading the response.")
                 return
-            parser.receive_data(data)
             try:
-                response = parser.next_response()
+                response = conn.receive(data)
             except RemoteProtocolError as exc:
                 self._drop(slot)
                 self._failed(slot, str(exc))
                 return
             if response is not None:
-                self._complete(slot, response, reusable=not ended)
+                self._complete(slot, response)
                 return
             if not data or (len(data) < _RECV and not ended):
                 return
@@ -408,21 +410,24 @@ class _Engine:
 
     # -- outcomes -------------------------------------------------------------------------
 
-    def _complete(self, slot: _Slot, response: Response, *, reusable: bool) -> None:
-        """``response`` ended the exchange on ``slot``; ``reusable`` is false when the server
-        closed its side (whatever the response says, the connection is not reused)."""
+    def _complete(self, slot: _Slot, response: Response) -> None:
+        """``response`` ended the exchange on ``slot``; its connection stays if reusable."""
         d = slot.delivery
         assert d is not None
         slot.delivery = None
         self._busy -= 1
-        if reusable and response.keep_alive and not slot.parser.unprocessed and not slot.out:
-            slot.reused = True
-        else:
+        conn = slot.conn
+        assert conn is not None
+        if not conn.reusable:
             self._drop(slot)
         slot.out = []
-        if response.status == 200:
+        fate = attempt_fate(
+            response.status, generation=slot.generation, generation_now=self._target.generation
+        )
+        if fate is Fate.ACK:
             self._feed.ack(d, time.perf_counter() - slot.t0)
-            slot.idle_tick = self._tick
+            if slot.conn is not None:
+                slot.conn.idle_since = self._tick
             self._idle.append(slot)
         else:
             self._settle(slot, d, response.status, None, response.body_head)
@@ -459,24 +464,9 @@ class _Engine:
             )
         finally:
             self._settling -= 1
-            slot.idle_tick = -1
+            if slot.conn is not None:
+                slot.conn.idle_since = -1
             self._idle.append(slot)
             wakeup, self._wakeup = self._wakeup, None
             if wakeup is not None:
                 wakeup.set()
-
-
-def _request(head: bytes, body: bytes) -> list[bytes | memoryview]:
-    """What to write: one buffer for a small request, head and body apart for a big one."""
-    return [head + body] if len(body) <= _JOIN else [head, body]
-
-
-def _alive(sock: socket.socket) -> bool:
-    """Whether an idle keep-alive connection is still open and silent."""
-    try:
-        sock.recv(1, socket.MSG_PEEK)
-    except (BlockingIOError, InterruptedError):
-        return True
-    except OSError:
-        return False
-    return False  # end of stream, or bytes nobody asked for

@@ -1,13 +1,15 @@
-"""What both dispatch engines do with a batch whose attempt did not end in ``200``.
+"""What becomes of a batch attempt: :func:`attempt_fate` decides, :func:`settle_failure` does.
 
-A failed attempt (any other status, a network error, the per-batch timeout) is recorded with
+An attempt that ended in ``200`` is acked. A failed attempt (any other status, a network error, the per-batch timeout) is recorded with
 the status, the head of the response body and the tail of the port owner's stderr, unless the
 container was restarted by its liveness probe while the batch was in flight: then the batch is
-released for another try without counting an attempt (SPEC §3 Liveness).
+released for another try without counting an attempt. Whether a failed attempt is retried or
+dead-lettered is the feed's decision (``Feed.fail``: ``max_attempts``).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Protocol
 
 import anyio
@@ -16,10 +18,32 @@ from supervisor.jobs import rfc3339
 from supervisor.logs import Logger
 from supervisor.queues.base import AttemptRecord, Delivery, Feed
 
-__all__ = ["BODY_HEAD", "Target", "settle_failure"]
+__all__ = ["BODY_HEAD", "Fate", "Target", "attempt_fate", "settle_failure"]
 
 BODY_HEAD = 1024  # bytes of a failed response's body kept in its attempt record
 _STDERR_SETTLE = 0.02  # seconds, on the failure path only
+
+
+class Fate(enum.Enum):
+    """What becomes of one attempt to deliver a batch."""
+
+    ACK = "ACK"  # the worker answered 200: the batch is done
+    FAIL = "FAIL"  # a failed attempt, counted: the feed retries it or dead-letters it
+    RELEASE = "RELEASE"  # the container restarted under it: another try, not counted
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+def attempt_fate(status: int | None, *, generation: int, generation_now: int) -> Fate:
+    """The fate of an attempt that ended with ``status`` (``None``: no response -- a network
+    error or the batch timeout), sent while the pod's containers were at ``generation`` and
+    settled at ``generation_now`` (a restart bumps it)."""
+    if status == 200:
+        return Fate.ACK
+    if generation_now != generation:
+        return Fate.RELEASE
+    return Fate.FAIL
 
 
 class Target(Protocol):
@@ -61,7 +85,9 @@ async def settle_failure(
     log: Logger,
 ) -> None:
     """Release ``d`` (its container restarted since ``generation``) or record a failed attempt."""
-    if target.generation != generation:
+    fate = attempt_fate(status, generation=generation, generation_now=target.generation)
+    assert fate is not Fate.ACK, "a 200 is acked, not settled"
+    if fate is Fate.RELEASE:
         log.info("batch_released", batch=d.seq, reason="container restarted")
         feed.release(d)
         return

@@ -1,7 +1,8 @@
 """HTTP/1.1 over anyio: sans-IO parsing apart from the I/O loops.
 
 * ``response`` -- the fast sans-IO response parser (``ResponseParser``, ``Response``);
-* ``client`` -- ``BatchClient`` (the dispatch hot path), ``ConnectionPool``, ``request()``;
+* ``connection`` -- ``ClientConnection``, one client connection's protocol state (sans-IO);
+* ``client`` -- ``exchange()`` (the anyio loop driving it), ``ConnectionPool``, ``request()``;
 * ``request`` -- the fast sans-IO request parser (``RequestParser``, ``Request``);
 * ``server`` -- the server (``serve``, ``start_server``, ``Request``, ``Response``);
 * ``_rawsock`` -- non-blocking sockets driven with ``anyio.wait_readable``/``wait_writable``;

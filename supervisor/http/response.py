@@ -250,6 +250,26 @@ class ResponseParser:
         """True once a response said the connection cannot be reused (or parsing failed)."""
         return self._state >= _CLOSED
 
+    @property
+    def body_received(self) -> int:
+        """Body bytes of the response being read received so far (0 between responses)."""
+        return self._body_length
+
+    def partial_response(self) -> Response | None:
+        """The response being read, with the body so far and ``keep_alive`` false, once its
+        head is parsed (``None`` before that, and between responses)."""
+        if self._state in (_HEAD, _CLOSED, _ERROR):
+            return None
+        return Response(
+            status=self._status,
+            headers=list(self._fields.headers),
+            body_head=bytes(self._body),
+            keep_alive=False,
+            reason=self._reason,
+            http_version=self._version,
+            body_length=self._body_length,
+        )
+
     # -- output --------------------------------------------------------------------------
 
     def next_response(self, *, head_request: bool = False) -> Response | None:

@@ -167,13 +167,13 @@ async def read_raw_request(sock: socket.socket) -> tuple[bytes, dict[bytes, byte
             return head, fields, body
 
 
-def server_sockets(port: int) -> int:
-    """How many connections this process holds open on its side of local port ``port``
+def server_sockets(port: int, pid: int | str = "self") -> int:
+    """How many connections process ``pid`` holds open on its side of local port ``port``
     (accepted sockets, the listener aside), from ``/proc``: no private attribute needed."""
     inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue  # closed meanwhile
         if link.startswith("socket:["):

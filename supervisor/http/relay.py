@@ -334,8 +334,6 @@ class Relay:
                 self._now = now = time.monotonic()
                 if deadlines:
                     self._expire(now)
-                if self._clients and now >= self._next_sweep:
-                    self._sweep(now)
                 for efd, events in ready:
                     obj = objects.get(efd)
                     try:
@@ -355,6 +353,9 @@ class Relay:
                             self._close_client(obj)
                         elif isinstance(obj, _Conn):
                             self._fail(obj, "internal error.")
+                # After the events: a client whose bytes just came is no longer idle.
+                if self._clients and now >= self._next_sweep:
+                    self._sweep(now)
         finally:
             for obj in list(objects.values()):
                 obj.sock.close()

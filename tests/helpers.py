@@ -253,3 +253,26 @@ class FakePod:
 
     def owner_stderr_tail(self, limit: int = 2048) -> str:
         return "worker said: boom\n"
+
+
+def server_sockets(port: int, pid: int | str = "self") -> int:
+    """How many connections process ``pid`` holds open on its side of local port ``port``
+    (accepted sockets, the listener aside), from ``/proc``: no private attribute needed."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if int(local.rsplit(":", 1)[1], 16) == port and state != "0A" and inode in inodes:
+                    count += 1
+    return count

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import threading
@@ -13,6 +14,7 @@ import anyio.abc
 import msgspec
 import pytest
 
+from supervisor.http._timeouts import Timeouts
 from supervisor.http.client import request
 from supervisor.http.proxy import ProxyApp
 from supervisor.http.response import Response as Parsed
@@ -124,6 +126,7 @@ async def proxy_in_front_of(
     status: Callable[[], object] | None = None,
     upstream_timeout: float | None = None,
     pool_size: int = 64,
+    timeouts: Timeouts | None = None,
 ) -> AsyncIterator[int]:
     """Start ``upstream`` (None: a port where nothing listens) and a proxy; yield its port."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
@@ -143,7 +146,8 @@ async def proxy_in_front_of(
     async with listener, anyio.create_task_group() as tg:
         if upstream is not None:
             tg.start_soon(upstream.serve, listener)
-        port = await tg.start(start_server, "127.0.0.1", 0, handler)
+        settings = {} if timeouts is None else {"timeouts": timeouts}
+        port = await tg.start(functools.partial(start_server, "127.0.0.1", 0, handler, **settings))
         try:
             yield port
         finally:

@@ -21,6 +21,7 @@ from tests.helpers import (
     pid_alive,
     read_records,
     recorder_container,
+    server_sockets,
     supervisor_cmd,
     write_api,
 )
@@ -165,6 +166,30 @@ def test_garbage_gets_400_and_the_next_request_works(proxy: Proxy) -> None:
     status, _, _ = proxy.request("POST", "/", b"[2]", {"Content-Type": "application/json"})
     assert status == 200
     assert proxy.proc.poll() is None
+
+
+def test_clients_that_go_away_leave_no_socket_behind(proxy: Proxy) -> None:
+    proxy.wait_healthy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(b"garbage")  # printf garbage | nc -q 1
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400")
+    for partial in (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Le",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+    ):
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+                s.sendall(partial)
+    deadline = time.monotonic() + 10
+    while server_sockets(proxy.port, proxy.proc.pid):  # nothing to wait on but /proc
+        assert time.monotonic() < deadline, "the proxy kept sockets of clients that left"
+        time.sleep(0.05)
+    status, _, _ = proxy.request("POST", "/", b"[2]", {"Content-Type": "application/json"})
+    assert status == 200
 
 
 def test_sigterm_stops_everything(proxy: Proxy) -> None:

@@ -5,6 +5,7 @@
 * ``client`` -- ``exchange()`` (the anyio loop driving it), ``ConnectionPool``, ``request()``;
 * ``request`` -- the fast sans-IO request parser (``RequestParser``, ``Request``);
 * ``server`` -- the server (``serve``, ``start_server``, ``Request``, ``Response``);
+* ``_timeouts`` -- when a client connection waited too long (``Timeouts``, ``overdue``);
 * ``_rawsock`` -- non-blocking sockets driven with ``anyio.wait_readable``/``wait_writable``;
 * ``proxy`` -- ``ProxyApp``, the front of ``supervisor proxy``;
 * ``errors`` -- the exception family (``HTTPError`` and its subclasses).

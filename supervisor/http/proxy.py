@@ -49,7 +49,17 @@ read that arrives whole on an idle connection and equals the last such read is g
 bytes built for it, unparsed (keep-alive clients only: the framing depends on the client).
 One request per client is in flight; pipelined requests wait in the parser's buffer and the
 client is not read while an answer is still unsent (bounded memory). Edge-triggered reads
-stop after a short ``recv`` (the kernel buffer was empty; the next byte brings an event).
+stop after a short ``recv`` (the kernel buffer was empty; the next byte brings an event),
+except once the client closed its side (``EPOLLRDHUP``): its FIN may have come with the last
+bytes and brings no further edge, so the client is read to its end, answered what it is owed
+(a whole request still gets its answer, a cut one 400) and closed.
+
+Client timeouts follow :mod:`~supervisor.http._timeouts` on both paths (the server's
+``timeouts`` setting, passed to ``serve_sockets``): a head or body that does not arrive within
+``read`` seconds gets 408 and a close, a keep-alive connection idle for ``idle`` seconds is
+closed. The relay stamps each client's phase with the clock it reads once per wake-up and
+looks for overdue clients at most every ``Timeouts.sweep`` seconds (its ``epoll_wait`` never
+sleeps past the next look while clients are connected): no syscall per request.
 
 Upstream reuse follows :mod:`~supervisor.http.client`'s rule: an idle connection that turns
 readable (closed by the server, or unsolicited bytes) is dropped at once; a request is retried
@@ -70,6 +80,7 @@ from collections.abc import Callable, Sequence
 import anyio
 import msgspec
 
+from supervisor.http._timeouts import DEFAULT_TIMEOUTS, Timeouts
 from supervisor.http.client import ConnectionPool
 from supervisor.http.errors import HTTPError, LocalProtocolError
 from supervisor.http.relay import (
@@ -224,6 +235,7 @@ class _ProxyHandler:
         max_body: int = MAX_BODY,
         max_head: int = MAX_HEAD,
         logger: Logger | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         """Serve the listening ``sockets``: the forwarding core, or the generic server."""
         app = self._app
@@ -235,10 +247,15 @@ class _ProxyHandler:
             literal = True
         if not literal or not hasattr(select, "epoll"):
             await serve_sockets(
-                sockets, app._handle, max_body=max_body, max_head=max_head, logger=logger
+                sockets,
+                app._handle,
+                max_body=max_body,
+                max_head=max_head,
+                logger=logger,
+                timeouts=timeouts,
             )
             return
-        relay = Relay(app, sockets, max_body, max_head, logger)
+        relay = Relay(app, sockets, max_body, max_head, logger, timeouts)
         await relay.run()
 
 

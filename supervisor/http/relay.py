@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import anyio
 import msgspec
 
+from supervisor.http._timeouts import Phase, Timeouts, Verdict, overdue
 from supervisor.http.errors import RemoteProtocolError
 from supervisor.http.request import RequestParser
 from supervisor.http.response import Response as Upstream
@@ -182,6 +183,7 @@ if hasattr(select, "epoll"):
     _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
     _LISTEN = select.EPOLLIN
     _READABLE = select.EPOLLIN | select.EPOLLOUT  # as reported for a socket with news to read
+    _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR  # the peer closed (or broke)
 _ANSWER_ONLY = Request("POST", "/", [])  # encodes internal answers (keep-alive, not HEAD)
 
 
@@ -194,24 +196,32 @@ class _Client:
         "closing",
         "continued",
         "drained",
+        "hup",
         "keep_alive",
         "linger",
         "lingering",
         "out",
         "parser",
         "pending",
+        "phase",
         "readable",
+        "since",
         "sock",
         "upstream_head",
         "upstream_port",
     )
 
-    def __init__(self, sock: socket.socket, parser: RequestParser) -> None:
+    def __init__(self, sock: socket.socket, parser: RequestParser, now: float) -> None:
         self.sock = sock
         self.parser = parser
         self.out = b""  # bytes accepted but not yet sent
         self.busy = False  # a forwarded request is in flight (or waits for a connection)
         self.readable = True
+        # The peer closed its side (or the socket broke): read to the end, even after a
+        # short read, since no further edge will come.
+        self.hup = False
+        self.phase = Phase.IDLE  # what the connection waits for, since when (see _timeouts)
+        self.since = now
         self.closed = False
         self.closing = False  # close once ``out`` is sent
         self.linger = False  # ... gently: shut down writing, then drain for a moment
@@ -251,8 +261,13 @@ class Relay:
         max_body: int,
         max_head: int,
         logger: Logger | None,
+        timeouts: Timeouts,
     ) -> None:
         self._app = app
+        self._timeouts = timeouts
+        self._clients = 0  # open client connections
+        self._now = time.monotonic()  # the clock at the loop's last wake-up
+        self._next_sweep = self._now
         self._epoll = select.epoll()
         self._listeners = {sock.fileno(): sock for sock in sockets}
         self._objects: dict[int, _Client | _Conn] = {}
@@ -309,10 +324,16 @@ class Relay:
             while True:
                 timeout = -1.0
                 if deadlines:
-                    timeout = max(min(deadlines.values()) - time.monotonic(), 0.0)
+                    nearest = min(deadlines.values())
+                    if self._clients:
+                        nearest = min(nearest, self._next_sweep)
+                    timeout = max(nearest - time.monotonic(), 0.0)
+                elif self._clients:
+                    timeout = max(self._next_sweep - self._now, 0.0)
                 ready = epoll.poll(timeout)
+                self._now = now = time.monotonic()
                 if deadlines:
-                    self._expire()
+                    self._expire(now)
                 for efd, events in ready:
                     obj = objects.get(efd)
                     try:
@@ -332,6 +353,9 @@ class Relay:
                             self._close_client(obj)
                         elif isinstance(obj, _Conn):
                             self._fail(obj, "internal error.")
+                # After the events: a client whose bytes just came is no longer idle.
+                if self._clients and now >= self._next_sweep:
+                    self._sweep(now)
         finally:
             for obj in list(objects.values()):
                 obj.sock.close()
@@ -346,8 +370,7 @@ class Relay:
 
     # -- timers and accepting ------------------------------------------------------------
 
-    def _expire(self) -> None:
-        now = time.monotonic()
+    def _expire(self, now: float) -> None:
         for key, deadline in list(self._deadlines.items()):
             if deadline > now:
                 continue
@@ -359,6 +382,23 @@ class Relay:
                 self._close_client(key)
             elif isinstance(key, int):
                 self._epoll.modify(key, _LISTEN)
+
+    def _sweep(self, now: float) -> None:
+        """Answer 408 to, or close, the client connections that waited too long."""
+        timeouts = self._timeouts
+        self._next_sweep = now + timeouts.sweep
+        clients = [
+            (obj, obj.phase, obj.since) for obj in self._objects.values() if type(obj) is _Client
+        ]
+        for client, action in overdue(clients, now, timeouts):
+            if client.closed:
+                continue
+            if action is Verdict.TIMED_OUT:
+                self._reject(
+                    client, 408, f"The request did not arrive within {timeouts.read:g} seconds."
+                )
+            else:
+                self._close_client(client)
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(_ACCEPT_BATCH):
@@ -374,8 +414,10 @@ class Relay:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = _Client(sock, RequestParser(max_head=self._max_head, max_body=self._max_body))
+            parser = RequestParser(max_head=self._max_head, max_body=self._max_body)
+            client = _Client(sock, parser, self._now)
             self._objects[sock.fileno()] = client
+            self._clients += 1
             self._epoll.register(sock.fileno(), _MASK)
 
     # -- client side ---------------------------------------------------------------------
@@ -385,6 +427,8 @@ class Relay:
             self._flush_client(client)
         if events & _IN:
             client.readable = True
+            if events & _HUP:
+                client.hup = True
         self._pump(client)
 
     def _pump(self, client: _Client) -> None:
@@ -412,18 +456,27 @@ class Relay:
                 self._send(client, _CONTINUE)
                 continue
             if not client.readable:
+                self._waiting_for(client)
                 return
             try:
                 data = client.sock.recv(_RECV)
             except (BlockingIOError, InterruptedError):
                 client.readable = False
+                self._waiting_for(client)
                 return
             except OSError:
                 self._close_client(client)
                 return
-            if len(data) < _RECV:
+            if len(data) < _RECV and not client.hup:
                 client.readable = False
             parser.receive_data(data)
+
+    def _waiting_for(self, client: _Client) -> None:
+        """The client is left waiting for bytes: stamp the phase it is in, when it changed."""
+        phase = client.parser.phase
+        if phase is not client.phase:
+            client.phase = phase
+            client.since = self._now
 
     def _dispatch(self, client: _Client, request: Request) -> None:
         if not client.parser.reused_head:
@@ -431,6 +484,7 @@ class Relay:
             client.upstream_head = b""
         client.continued = False
         client.keep_alive = request.keep_alive
+        client.phase = Phase.BUSY
         app = self._app
         port = app.forward_port(request)
         if port is None:  # answered here (the pod's status by the event loop's thread)
@@ -553,11 +607,14 @@ class Relay:
             + b"Connection: close\r\n\r\n"
         )
         client.closing = client.linger = True
+        client.phase = Phase.CLOSING
+        client.since = self._now
         self._send(client, head + body)
 
     def _close_client(self, client: _Client) -> None:
         if not client.closed:
             client.closed = True
+            self._clients -= 1
             self._deadlines.pop(client, None)
             self._objects.pop(client.sock.fileno(), None)
             client.sock.close()

@@ -49,6 +49,7 @@ from supervisor.http._framing import (
     split_head,
 )
 from supervisor.http._framing import find_blank_line as _find_blank_line
+from supervisor.http._timeouts import Phase
 from supervisor.http.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["MAX_BODY", "MAX_HEAD", "Request", "RequestParser"]
@@ -302,6 +303,16 @@ class RequestParser:
             and not self._buf
             and not self._body
         )
+
+    @property
+    def phase(self) -> Phase:
+        """What the connection waits for: ``IDLE`` (nothing of the next request yet), ``HEAD``
+        (part of a head), ``BODY`` (the rest of a body), or ``CLOSING`` (nothing more will
+        be read: after a request that was not keep-alive, or an error)."""
+        state = self._state
+        if state == _HEAD:
+            return Phase.HEAD if self._buf else Phase.IDLE
+        return Phase.BODY if state < _CLOSED else Phase.CLOSING
 
     @property
     def at_eof(self) -> bool:

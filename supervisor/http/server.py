@@ -15,7 +15,10 @@ Nothing a client sends can crash the server: malformed bytes get 400 (431 when t
 exceeds ``max_head``, 501 for a transfer coding other than chunked), a body over ``max_body``
 gets 413 (from ``Content-Length`` before reading the body, or as soon as a chunked body passes
 the limit), then the connection is closed after a short lingering drain so the client can
-read the answer. A handler that raises gets a 500 and the connection keeps serving; so does a
+read the answer. A head or body that does not arrive within ``timeouts.read`` gets 408 (then
+the same close); a keep-alive connection idle for ``timeouts.idle`` is closed (the rule is
+:mod:`~supervisor.http._timeouts`'s: one task sweeps the connections, and cancels the wait of
+the overdue ones). A handler that raises gets a 500 and the connection keeps serving; so does a
 handler returning an invalid response (bad status, header name or value). Cancellation is
 never swallowed.
 
@@ -30,6 +33,7 @@ against h11 in ``tests/test_http_request.py``).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 
@@ -40,6 +44,7 @@ from anyio.streams.stapled import MultiListener
 
 from supervisor.http._framing import TCHAR
 from supervisor.http._rawsock import RawSocket
+from supervisor.http._timeouts import DEFAULT_TIMEOUTS, Phase, Timeouts, Verdict, overdue
 from supervisor.http.errors import RemoteProtocolError
 from supervisor.http.request import MAX_BODY, MAX_HEAD, Request, RequestParser
 from supervisor.logs import Logger
@@ -48,6 +53,7 @@ __all__ = [
     "Handler",
     "Request",
     "Response",
+    "Timeouts",
     "encode_response",
     "json_response",
     "serve",
@@ -99,18 +105,21 @@ async def serve(
     max_body: int = MAX_BODY,
     max_head: int = MAX_HEAD,
     logger: Logger | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> None:
     """Serve HTTP/1.1 on every connection ``listener`` accepts, until cancelled.
 
-    A handler with a ``serve_sockets(sockets, *, max_body, max_head, logger)`` coroutine
-    method drives the listening sockets itself (the proxy's forwarding core does).
+    A handler with a ``serve_sockets(sockets, *, max_body, max_head, logger, timeouts)``
+    coroutine method drives the listening sockets itself (the proxy's forwarding core does).
     """
     sockets = _listening_sockets(listener)
     own = getattr(handler, "serve_sockets", None)
     if own is not None:
-        await own(sockets, max_body=max_body, max_head=max_head, logger=logger)
+        await own(sockets, max_body=max_body, max_head=max_head, logger=logger, timeouts=timeouts)
         return
-    await serve_sockets(sockets, handler, max_body=max_body, max_head=max_head, logger=logger)
+    await serve_sockets(
+        sockets, handler, max_body=max_body, max_head=max_head, logger=logger, timeouts=timeouts
+    )
 
 
 async def serve_sockets(
@@ -120,11 +129,61 @@ async def serve_sockets(
     max_body: int = MAX_BODY,
     max_head: int = MAX_HEAD,
     logger: Logger | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> None:
     """Serve HTTP/1.1 on non-blocking listening ``sockets`` (one task per connection)."""
+    settings = _Settings(handler, max_body, max_head, logger, timeouts)
     async with anyio.create_task_group() as tg:
+        tg.start_soon(_sweep, settings)
         for sock in sockets:
-            tg.start_soon(_accept_loop, sock, tg, handler, max_body, max_head, logger)
+            tg.start_soon(_accept_loop, sock, tg, settings)
+
+
+class _Settings:
+    """What every connection of one server shares, and the connections it watches."""
+
+    __slots__ = ("handler", "logger", "max_body", "max_head", "timeouts", "watched")
+
+    def __init__(
+        self,
+        handler: Handler,
+        max_body: int,
+        max_head: int,
+        logger: Logger | None,
+        timeouts: Timeouts,
+    ) -> None:
+        self.handler = handler
+        self.max_body = max_body
+        self.max_head = max_head
+        self.logger = logger
+        self.timeouts = timeouts
+        self.watched: set[_Watched] = set()
+
+
+class _Watched:
+    """One connection's phase, for :func:`_sweep`, and the scope that stops its waits."""
+
+    __slots__ = ("phase", "scope", "since", "verdict")
+
+    def __init__(self, now: float) -> None:
+        self.phase = Phase.IDLE
+        self.since = now
+        self.scope = anyio.CancelScope()
+        self.verdict = Verdict.KEEP
+
+
+async def _sweep(settings: _Settings) -> None:
+    """Every ``timeouts.sweep`` seconds, stop the waits of the overdue connections."""
+    timeouts = settings.timeouts
+    watched = settings.watched
+    while True:
+        await anyio.sleep(timeouts.sweep)
+        if not watched:
+            continue
+        now = time.monotonic()
+        for conn, action in overdue(((c, c.phase, c.since) for c in watched), now, timeouts):
+            conn.verdict = action
+            conn.scope.cancel()
 
 
 def _listening_sockets(
@@ -141,12 +200,10 @@ def _listening_sockets(
 async def _accept_loop(
     sock: socket.socket,
     tg: anyio.abc.TaskGroup,
-    handler: Handler,
-    max_body: int,
-    max_head: int,
-    logger: Logger | None,
+    settings: _Settings,
 ) -> None:
     """Accept connections on ``sock`` (non-blocking) and serve each in its own task."""
+    logger = settings.logger
     while True:
         try:
             client, _address = sock.accept()
@@ -160,7 +217,7 @@ async def _accept_loop(
             continue
         if client.family in (socket.AF_INET, socket.AF_INET6):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tg.start_soon(_serve_connection, RawSocket(client), handler, max_body, max_head, logger)
+        tg.start_soon(_serve_connection, RawSocket(client), settings)
 
 
 async def start_server(
@@ -171,6 +228,7 @@ async def start_server(
     max_body: int = MAX_BODY,
     max_head: int = MAX_HEAD,
     logger: Logger | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on ``host:port`` (0 picks a free port), report the bound port, serve forever.
@@ -180,57 +238,84 @@ async def start_server(
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener:
         task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
-        await serve(listener, handler, max_body=max_body, max_head=max_head, logger=logger)
+        await serve(
+            listener,
+            handler,
+            max_body=max_body,
+            max_head=max_head,
+            logger=logger,
+            timeouts=timeouts,
+        )
 
 
-async def _serve_connection(
-    stream: RawSocket,
-    handler: Handler,
-    max_body: int,
-    max_head: int,
-    logger: Logger | None,
-) -> None:
-    parser = RequestParser(max_head=max_head, max_body=max_body)
-    receive = stream.recv
-    send = stream.sendall
+async def _serve_connection(stream: RawSocket, settings: _Settings) -> None:
+    conn = _Watched(time.monotonic())
+    settings.watched.add(conn)
     try:
-        while True:
-            try:
-                request = parser.next_request()
-                continued = False
-                while request is None:
-                    if parser.at_eof:
-                        return  # the client closed cleanly between requests
-                    if parser.expects_continue and not continued:
-                        continued = True
-                        await send(_CONTINUE)
-                    parser.receive_data(await receive(_RECEIVE_SIZE))
-                    request = parser.next_request()
-            except RemoteProtocolError as exc:
-                await _send_error(stream, exc.error_status_hint, f"Invalid HTTP request: {exc}")
-                return
-            try:
-                response = await handler(request)
-            except Exception as exc:
-                if logger is not None:
-                    logger.error(
-                        "http_handler_failed",
-                        method=request.method,
-                        target=request.target,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
-                response = _INTERNAL_ERROR
-            data, keep_alive = encode_response(request, response)
-            await send(data)
-            if not keep_alive:
-                return
+        with conn.scope:
+            await _serve_requests(stream, settings, conn)
+        if conn.verdict is Verdict.TIMED_OUT:
+            read = settings.timeouts.read
+            with anyio.move_on_after(read):
+                await _send_error(
+                    stream, 408, f"The request did not arrive within {read:g} seconds."
+                )
     except _PEER_GONE:
         pass  # the client went away; nothing to answer
     except Exception as exc:  # pragma: no cover - a bug here must not stop the server
-        if logger is not None:
-            logger.error("http_connection_failed", error=f"{type(exc).__name__}: {exc}")
+        if settings.logger is not None:
+            settings.logger.error("http_connection_failed", error=f"{type(exc).__name__}: {exc}")
     finally:
+        settings.watched.discard(conn)
         stream.close()
+
+
+async def _serve_requests(stream: RawSocket, settings: _Settings, conn: _Watched) -> None:
+    """Answer the requests of one connection until it ends (or :func:`_sweep` stops it)."""
+    parser = RequestParser(max_head=settings.max_head, max_body=settings.max_body)
+    receive = stream.recv
+    send = stream.sendall
+    handler = settings.handler
+    while True:
+        try:
+            request = parser.next_request()
+            continued = False
+            while request is None:
+                if parser.at_eof:
+                    return  # the client closed cleanly between requests
+                phase = parser.phase
+                if phase is not conn.phase:
+                    conn.phase = phase
+                    conn.since = time.monotonic()
+                if parser.expects_continue and not continued:
+                    continued = True
+                    await send(_CONTINUE)
+                data = await receive(_RECEIVE_SIZE)
+                if conn.verdict is not Verdict.KEEP:
+                    return  # overdue while these bytes arrived
+                parser.receive_data(data)
+                request = parser.next_request()
+        except RemoteProtocolError as exc:
+            conn.phase = Phase.CLOSING
+            conn.since = time.monotonic()
+            await _send_error(stream, exc.error_status_hint, f"Invalid HTTP request: {exc}")
+            return
+        conn.phase = Phase.BUSY
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            if settings.logger is not None:
+                settings.logger.error(
+                    "http_handler_failed",
+                    method=request.method,
+                    target=request.target,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            response = _INTERNAL_ERROR
+        data, keep_alive = encode_response(request, response)
+        await send(data)
+        if not keep_alive:
+            return
 
 
 def status_line(status: int, reason: bytes) -> bytes:

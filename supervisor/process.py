@@ -7,10 +7,13 @@ command runs"). It spawns the command with ``start_new_session=True``, so every 
 the leader of its own session and process group: a signal sent to the group
 (``os.killpg(pid, ...)``) reaches the whole container, the way a signal to a Kubernetes
 container reaches its processes. On Linux the command runs behind a trampoline that ties its
-life to ours (:func:`supervisor.linux.die_with_parent`). Two relay tasks, owned by the
-context manager, read stdout and stderr, cut them into lines (:class:`LineSplitter`: a partial
-last line is flushed at EOF, an endless line is cut into 64 KiB pieces) and hand each line to
-``on_line``; the last 8 KiB of stderr are kept for error reports (:meth:`Child.stderr_tail`).
+life to ours (:func:`supervisor.linux.die_with_parent`). Its stdout and stderr are pipes of
+ours (non-blocking read ends): relay tasks, owned by the context manager, read them when they
+turn readable, cut them into lines (:class:`LineSplitter`: a partial last line is flushed at
+EOF, an endless line is cut into 64 KiB pieces) and hand each line to ``on_line``; the last
+8 KiB of stderr are kept for error reports. :meth:`Child.stderr_tail` first reads whatever the
+pipe holds, synchronously: a worker that logs why a batch failed and then answers has its
+line in the tail, with no wait for the relay task to be scheduled.
 
 Leaving the context, for whatever reason (normal exit, an exception, cancellation), runs a
 shielded cleanup: :meth:`Child.terminate` (SIGTERM to the group, ``grace`` seconds, SIGKILL to
@@ -57,6 +60,8 @@ MAX_LINE = 64 * 1024
 
 STDERR_TAIL = 8 * 1024
 """Bytes of stderr kept per child for error reports."""
+
+_READ_SIZE = 65536
 
 DRAIN_TIMEOUT = 2.0
 """After the child is gone, how long the relays may take to empty the pipes (a daemon that
@@ -181,6 +186,69 @@ def is_direct_child(pid: int) -> bool:
 OnLine = Callable[[str, str], None]
 
 
+class _Output:
+    """Our read end of a container's stdout or stderr pipe (non-blocking).
+
+    The relay task reads it whenever it turns readable; :meth:`drain` also runs synchronously
+    when someone needs everything the container wrote so far (the stderr tail of a failed
+    batch: the worker wrote its reason before it answered, so it is in the pipe now). Either
+    way each chunk is cut into lines for ``on_line`` and, for stderr, kept in the tail.
+    """
+
+    def __init__(self, name: str, on_line: OnLine | None, tail: bytearray | None) -> None:
+        self.name = name
+        self.fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.fd, False)  # ours only: the child's end stays blocking
+        self._on_line = on_line
+        self._tail = tail
+        self._splitter = LineSplitter()
+        self.done = False  # end of file seen (or the pipe closed)
+
+    def drain(self) -> None:
+        """Read what the pipe holds now, without waiting."""
+        while not self.done:
+            try:
+                data = os.read(self.fd, _READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:  # closed under us
+                data = b""
+            if not data:
+                self.done = True
+                self._emit(self._splitter.flush())
+                return
+            tail = self._tail
+            if tail is not None:
+                tail += data
+                if len(tail) > STDERR_TAIL:
+                    del tail[:-STDERR_TAIL]
+            self._emit(self._splitter.feed(data))
+
+    def _emit(self, lines: list[str]) -> None:
+        if self._on_line is not None:
+            for line in lines:
+                self._on_line(self.name, line)
+
+    async def relay(self) -> None:
+        """Relay until end of file (every writer, grandchildren included, closed it)."""
+        while not self.done:
+            await anyio.wait_readable(self.fd)
+            self.drain()
+
+    def close(self) -> None:
+        self.done = True
+        for fd in (self.fd, self.write_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.write_fd = -1
+
+    def close_write_end(self) -> None:
+        """After the spawn: only the child holds the write end, so its exit is our EOF."""
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+
 class Child:
     """A running container process; made by :func:`open_child`."""
 
@@ -189,6 +257,7 @@ class Child:
         name: str,
         process: anyio.abc.Process,
         *,
+        outputs: tuple[_Output, _Output],
         oom_path: Path | None = None,
         oom_before: int | None = None,
     ) -> None:
@@ -199,8 +268,8 @@ class Child:
         self._oom_before = oom_before
         self._killed_by_us = False
         self._exit: Exit | None = None
-        self._tail = bytearray()
-        self._relays_running = 0
+        self._stdout, self._stderr = outputs
+        self._tail = outputs[1]._tail if outputs[1]._tail is not None else bytearray()
         self._drained = anyio.Event()
 
     def __repr__(self) -> str:
@@ -239,7 +308,8 @@ class Child:
             pass  # nobody left (PermissionError: a group of zombies, on some systems)
 
     def stderr_tail(self, limit: int = 4096) -> str:
-        """The last ``limit`` bytes of stderr, decoded."""
+        """The last ``limit`` bytes of stderr, decoded, including what the pipe holds now."""
+        self._stderr.drain()
         data = bytes(self._tail[-limit:]) if limit > 0 else b""
         skip = 0
         while skip < min(3, len(data)) and data[skip] & 0xC0 == 0x80:
@@ -278,39 +348,21 @@ class Child:
             self.send_signal_group(signal.SIGKILL)
         return self._exit
 
-    async def _relay(
-        self, stream: anyio.abc.ByteReceiveStream | None, name: str, on_line: OnLine | None
-    ) -> None:
-        try:
-            if stream is None:
-                return
-            splitter = LineSplitter()
-            keep_tail = name == "stderr"
-            try:
-                async for data in stream:
-                    if keep_tail:
-                        self._tail += data
-                        if len(self._tail) > STDERR_TAIL:
-                            del self._tail[:-STDERR_TAIL]
-                    lines = splitter.feed(data)
-                    if on_line is not None:
-                        for line in lines:
-                            on_line(name, line)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
-            rest = splitter.flush()
-            if on_line is not None:
-                for line in rest:
-                    on_line(name, line)
-        finally:
-            self._relays_running -= 1
-            if self._relays_running == 0:
-                self._drained.set()
+    async def _relay_outputs(self) -> None:
+        """Relay stdout and stderr until both reach end of file, then say so."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._stdout.relay)
+            tg.start_soon(self._stderr.relay)
+        self._drained.set()
 
     async def _close(self) -> None:
         """Last resort and pipe cleanup: kill if still running, close pipes, reap."""
         if self._process.returncode is None:
             self._kill()
+        for output in (self._stdout, self._stderr):
+            if not output.done:
+                output.drain()  # what is left, if the relays were cut short
+            output.close()
         await self._process.aclose()
         returncode = self._process.returncode
         if returncode is not None:
@@ -353,6 +405,7 @@ async def open_child(
         raise StartError(f"container `{name}`: the command is empty")
     oom_path = memory_events_path()
     oom_before = oom_kill_count(oom_path)
+    outputs = (_Output("stdout", on_line, None), _Output("stderr", on_line, bytearray()))
     _registry.spawning += 1
     try:
         command = die_with_parent(argv, env, cwd)
@@ -360,8 +413,8 @@ async def open_child(
             process = await anyio.open_process(
                 command,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=outputs[0].write_fd,
+                stderr=outputs[1].write_fd,
                 cwd=cwd,
                 env={**env, **ledger.env()} if ledger is not None else dict(env),
                 start_new_session=True,
@@ -369,19 +422,21 @@ async def open_child(
             if ledger is not None:
                 ledger.add(process.pid)
     except OSError as exc:
+        for output in outputs:
+            output.close()
         raise _spawn_error(name, argv, cwd, exc) from None
     else:
         _registry.pids.add(process.pid)
     finally:
         _registry.spawning -= 1
+    for output in outputs:
+        output.close_write_end()
 
-    child = Child(name, process, oom_path=oom_path, oom_before=oom_before)
+    child = Child(name, process, outputs=outputs, oom_path=oom_path, oom_before=oom_before)
     body_error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
-            child._relays_running = 2
-            tg.start_soon(child._relay, process.stdout, "stdout", on_line)
-            tg.start_soon(child._relay, process.stderr, "stderr", on_line)
+            tg.start_soon(child._relay_outputs)
             try:
                 yield child
             except BaseException as exc:

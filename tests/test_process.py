@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -404,3 +405,25 @@ async def test_kill_descendants() -> None:
     finally:
         if grandchild:
             kill_quietly(grandchild)
+
+
+@pytest.mark.anyio
+async def test_stderr_tail_reads_the_pipe_now() -> None:
+    """What the child wrote before it told us (on another channel) is in the tail at once,
+    without waiting for the relay task to run."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        code = (
+            "import socket, sys, time\n"
+            "sys.stderr.write('the reason\\n'); sys.stderr.flush()\n"
+            f"socket.create_connection(('127.0.0.1', {port})); time.sleep(60)\n"
+        )
+        with anyio.fail_after(20):
+            async with open_child("c", [sys.executable, "-c", code], dict(os.environ)) as child:
+                await anyio.wait_readable(listener)
+                conn, _ = listener.accept()
+                conn.close()
+                assert child.stderr_tail() == "the reason\n"  # no await in between

@@ -218,6 +218,9 @@ def test_rerun_after_the_end_reports_and_sends_nothing(tmp_path: Path, backend: 
     first = run_supervisor(*args, backend=backend)
     assert first.returncode == 1, first.stderr  # one batch fails: completed_with_failures
     before = len(read_records(rec))
+    (letter,) = (root / "cortex" / "supervisor" / "dead-letters").glob("*/batch-3.json")
+    # the worker logged its reason just before answering 500: the tail holds it, no sleep
+    assert "failing batch with 500" in json.loads(letter.read_text())["attempts"][0]["stderr_tail"]
     again = run_supervisor(*args, backend=backend)
     assert again.returncode == 1, again.stderr
     assert len(read_records(rec)) == before  # nothing sent: no batch, no /on-job-complete

@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 from typing import Protocol
 
-import anyio
-
 from supervisor.jobs import rfc3339
 from supervisor.logs import Logger
 from supervisor.queues.base import AttemptRecord, Delivery, Feed
@@ -21,7 +19,6 @@ from supervisor.queues.base import AttemptRecord, Delivery, Feed
 __all__ = ["BODY_HEAD", "Fate", "Target", "attempt_fate", "settle_failure"]
 
 BODY_HEAD = 1024  # bytes of a failed response's body kept in its attempt record
-_STDERR_SETTLE = 0.02  # seconds, on the failure path only
 
 
 class Fate(enum.Enum):
@@ -91,9 +88,8 @@ async def settle_failure(
         log.info("batch_released", batch=d.seq, reason="container restarted")
         feed.release(d)
         return
-    # A worker usually logs the reason just before it answers; give our relay of its stderr
-    # pipe a moment to read that line so the tail we keep includes it.
-    await anyio.sleep(_STDERR_SETTLE)
+    # A worker usually logs the reason just before it answers: the line is in the stderr
+    # pipe by now, and owner_stderr_tail() reads what the pipe holds before it answers.
     record = AttemptRecord(
         attempt=d.attempt,
         status=status,

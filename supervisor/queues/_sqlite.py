@@ -175,8 +175,10 @@ def connect(path: Path) -> sqlite3.Connection:
 
 class Storage:
     """The one owner of a queue file's SQLite connection: its lock, the worker-thread calls
-    that use it, and its closing. :class:`~supervisor.queues.embedded.EmbeddedQueue` and its
-    feeds reach the file only through it.
+    that use it, storing a job's batches (:meth:`append`), and its closing.
+    :class:`~supervisor.queues.embedded.EmbeddedQueue` and its feeds reach the file only
+    through it. The caller's batch iterator never runs inside it: the queue reads a chunk
+    first, then hands it over.
 
     One worker thread at a time holds the connection (:meth:`call`); no sqlite call runs on
     the event loop's thread. Open with ``await Storage.open(path)``, close with
@@ -229,6 +231,31 @@ class Storage:
         the connection with :meth:`call` only for its rows."""
         return await anyio.to_thread.run_sync(fn, *args)
 
+    async def append(self, jid: int, fd: int, first: int, offset: int, bodies: list[bytes]) -> int:
+        """Store ``bodies`` as batches ``first``, ``first + 1``, ... of job ``jid``: append
+        them to its body file (open as ``fd``) at ``offset``, then commit their rows, so a
+        committed row always points at bytes already written. Returns the end offset."""
+        return await anyio.to_thread.run_sync(self._append, jid, fd, first, offset, bodies)
+
+    def _append(self, jid: int, fd: int, first: int, offset: int, bodies: list[bytes]) -> int:
+        rows: list[tuple[int, int, int]] = []
+        end = offset
+        seq = (jid << SEQ_BITS) + first
+        for body in bodies:
+            n = len(body)
+            rows.append((seq, end, n))
+            seq += 1
+            end += n
+        with writing(self.body_path(jid)):
+            write_all(fd, bodies)  # before the rows that point at them are committed
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany("INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)", rows)
+
+        self.call(insert)
+        return end
+
     async def aclose(self) -> None:
         """Close the connection (once the call holding it, if any, is over)."""
         conn, self._conn = self._conn, None
@@ -279,6 +306,15 @@ def _remove_orphan_body_files(conn: sqlite3.Connection, path: Path) -> None:
         stem, dot, ext = name.partition(".")
         if dot and ext == "bin" and stem.isdigit() and int(stem) not in jids:
             (directory / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Raise an ``OSError`` of the block as a :class:`QueueError` naming the body file."""
+    try:
+        yield
+    except OSError as e:
+        raise QueueError(f"cannot write the body file {path}: {e}") from e
 
 
 def create_body_file(path: Path) -> int:

@@ -68,7 +68,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -87,7 +87,7 @@ from supervisor.queues._sqlite import (
     progress_of,
     sync_body_file,
     transaction,
-    write_all,
+    writing,
 )
 from supervisor.queues.base import (
     JobRecord,
@@ -97,14 +97,6 @@ from supervisor.queues.base import (
 from supervisor.queues.embedded_feed import EmbeddedFeed
 
 __all__ = ["EmbeddedFeed", "EmbeddedQueue"]
-
-
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        raise QueueError(f"cannot write the body file {path}: {e}") from e
 
 
 def _take(batches: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
@@ -211,7 +203,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         path = storage.body_path(jid)
         count = 0
         try:
-            with _writing(path):
+            with writing(path):
                 fd = await storage.run_io(create_body_file, path)
             try:
                 offset = 0
@@ -223,12 +215,10 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     if count + len(bodies) > 1 << SEQ_BITS:
                         raise QueueError(f"a job holds at most {1 << SEQ_BITS} batches.")
                     if bodies:
-                        offset = await storage.run_io(
-                            self._store_chunk, jid, fd, count, offset, bodies
-                        )
+                        offset = await storage.append(jid, fd, count, offset, bodies)
                         count += len(bodies)
                     del bodies  # memory stays at one chunk
-                with _writing(path):
+                with writing(path):
                     await storage.run_io(sync_body_file, fd, path)
             finally:
                 os.close(fd)
@@ -251,27 +241,6 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             conn.execute("DELETE FROM jobs WHERE jid = ?", (jid,))
         with suppress(OSError):  # the job is gone: if this fails, the next open removes it
             self._storage.body_path(jid).unlink(missing_ok=True)
-
-    def _store_chunk(self, jid: int, fd: int, first: int, offset: int, bodies: list[bytes]) -> int:
-        """Worker thread: append ``bodies`` (seq ``first`` on) to the body file at ``offset``,
-        then commit their rows. Returns the end offset."""
-        rows: list[tuple[int, int, int]] = []
-        end = offset
-        seq = (jid << SEQ_BITS) + first
-        for body in bodies:
-            n = len(body)
-            rows.append((seq, end, n))
-            seq += 1
-            end += n
-        with _writing(self._storage.body_path(jid)):
-            write_all(fd, bodies)  # before the rows that point at them are committed
-
-        def insert(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.executemany("INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)", rows)
-
-        self._storage.call(insert)
-        return end
 
     async def set_status(
         self,

@@ -13,6 +13,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import accumulate, count
 from pathlib import Path
 from typing import Any, Final, TypeVar, TypeVarTuple, Unpack
 
@@ -238,23 +239,20 @@ class Storage:
         return await anyio.to_thread.run_sync(self._append, jid, fd, first, offset, bodies)
 
     def _append(self, jid: int, fd: int, first: int, offset: int, bodies: list[bytes]) -> int:
-        rows: list[tuple[int, int, int]] = []
-        end = offset
-        seq = (jid << SEQ_BITS) + first
-        for body in bodies:
-            n = len(body)
-            rows.append((seq, end, n))
-            seq += 1
-            end += n
+        lengths = list(map(len, bodies))
+        starts = list(accumulate(lengths, initial=offset))  # one more: the end
         with writing(self.body_path(jid)):
             write_all(fd, bodies)  # before the rows that point at them are committed
 
         def insert(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.executemany("INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)", rows)
+                conn.executemany(
+                    "INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)",
+                    zip(count((jid << SEQ_BITS) + first), starts, lengths),
+                )
 
         self.call(insert)
-        return end
+        return starts[-1]
 
     async def aclose(self) -> None:
         """Close the connection (once the call holding it, if any, is over)."""

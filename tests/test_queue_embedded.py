@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from itertools import pairwise
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from supervisor.errors import JobError
 from supervisor.jobs import new_job_id
+from supervisor.queues import _sqlite
 from supervisor.queues._sqlite import BUFFER_BYTES, body_dir, body_path
 from supervisor.queues.base import AttemptRecord, DeadLetter, Delivery, JobQueue, QueueError
 from supervisor.queues.embedded import EmbeddedFeed, EmbeddedQueue
@@ -331,6 +333,38 @@ async def test_bad_input_leaves_nothing_enqueued(tmp_path: Path) -> None:
         with anyio.fail_after(10), pytest.raises(JobError, match="line 36"):
             await q.enqueue(JOB, bad(), chunk=10)
         assert await q.get_job(JOB) is None
+        assert await q.list_jobs() == []
+    assert table_counts(path) == {"jobs": 0, "batches": 0, "attempts": 0}
+    assert body_files(path) == []
+
+
+async def test_a_bad_item_raises_outside_the_storage(tmp_path: Path) -> None:
+    """The iterator (the splitter) is read outside the storage: while it runs, the storage is
+    free (its lock not held), earlier chunks are committed, and its error reaches the caller
+    through no storage code; the job is then rolled back."""
+    path = tmp_path / "q.sqlite3"
+    seen: list[int] = []
+
+    async with await EmbeddedQueue.open(path) as q:
+        storage = q._storage
+
+        def count_rows(conn: sqlite3.Connection) -> int:
+            (n,) = conn.execute("SELECT count(*) FROM batches").fetchone()
+            return int(n)
+
+        def bad() -> Iterator[bytes]:
+            for i in range(35):
+                yield body(i)
+            # A worker thread, as the splitter's: inside the storage this would deadlock.
+            seen.append(storage.call(count_rows))
+            raise JobError("data.ndjson line 36: not valid JSON")
+
+        await q.create_job(JOB, "api", "digest", b"{}", "t0")
+        with anyio.fail_after(10), pytest.raises(JobError, match="line 36") as caught:
+            await q.enqueue(JOB, bad(), chunk=10)
+        assert seen == [30]  # chunks 0-2 handed to the storage before chunk 3 was read
+        files = {frame.filename for frame in traceback.extract_tb(caught.value.__traceback__)}
+        assert _sqlite.__file__ not in files
         assert await q.list_jobs() == []
     assert table_counts(path) == {"jobs": 0, "batches": 0, "attempts": 0}
     assert body_files(path) == []

@@ -1,4 +1,5 @@
-"""Storage of the embedded queue: SQLite schema and settings, body files, row mapping.
+"""Storage of the embedded queue: :class:`Storage` (the connection, its lock, the worker-thread
+calls), SQLite schema and settings, body files, row mapping.
 
 Shared by :mod:`supervisor.queues.embedded` (jobs, enqueueing) and
 :mod:`supervisor.queues.embedded_feed` (dispatch); see the former for the theory.
@@ -9,11 +10,14 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import accumulate, count
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, TypeVarTuple, Unpack
 
+import anyio
 import msgspec
 
 from supervisor.queues.base import (
@@ -26,6 +30,7 @@ from supervisor.queues.base import (
 )
 
 T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 _SCHEMA_VERSION: Final = 3  # 3: jobs.worker_counts; 2: bodies in one file per job; 1: in SQLite
 SEQ_BITS: Final = 32  # id = jid << 32 | seq
@@ -169,6 +174,98 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+class Storage:
+    """The one owner of a queue file's SQLite connection: its lock, the worker-thread calls
+    that use it, storing a job's batches (:meth:`append`), and its closing.
+    :class:`~supervisor.queues.embedded.EmbeddedQueue` and its feeds reach the file only
+    through it. The caller's batch iterator never runs inside it: the queue reads a chunk
+    first, then hands it over.
+
+    One worker thread at a time holds the connection (:meth:`call`); no sqlite call runs on
+    the event loop's thread. Open with ``await Storage.open(path)``, close with
+    :meth:`aclose`.
+    """
+
+    __slots__ = ("_conn", "_lock", "_path")
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.Lock()
+        self._path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Storage:
+        """Open (creating or upgrading if needed) the queue file at ``path``."""
+        try:
+            conn = await anyio.to_thread.run_sync(connect, path)
+        except (sqlite3.Error, OSError) as e:
+            raise QueueError(f"cannot open the queue file {path}: {e}") from e
+        return cls(conn, path)
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self._path
+
+    def body_path(self, jid: int) -> Path:
+        """The body file of job ``jid``."""
+        return body_path(self._path, jid)
+
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """In a worker thread: ``fn(conn)`` holding the connection's lock. An sqlite error
+        becomes a :class:`QueueError`; so does a closed queue."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise QueueError(f"the queue {self._path} is closed.")
+            try:
+                return fn(conn)
+            except sqlite3.Error as e:
+                raise QueueError(f"the queue file {self._path} failed: {e}") from e
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """:meth:`call` in a worker thread."""
+        return await anyio.to_thread.run_sync(self.call, fn)
+
+    async def run_io(self, fn: Callable[[Unpack[Args]], T], *args: *Args) -> T:
+        """``fn(*args)`` in a worker thread without the lock: file I/O (body files) that takes
+        the connection with :meth:`call` only for its rows."""
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    async def append(self, jid: int, fd: int, first: int, offset: int, bodies: list[bytes]) -> int:
+        """Store ``bodies`` as batches ``first``, ``first + 1``, ... of job ``jid``: append
+        them to its body file (open as ``fd``) at ``offset``, then commit their rows, so a
+        committed row always points at bytes already written. Returns the end offset."""
+        return await anyio.to_thread.run_sync(self._append, jid, fd, first, offset, bodies)
+
+    def _append(self, jid: int, fd: int, first: int, offset: int, bodies: list[bytes]) -> int:
+        lengths = list(map(len, bodies))
+        starts = list(accumulate(lengths, initial=offset))  # one more: the end
+        with writing(self.body_path(jid)):
+            write_all(fd, bodies)  # before the rows that point at them are committed
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany(
+                    "INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)",
+                    zip(count((jid << SEQ_BITS) + first), starts, lengths),
+                )
+
+        self.call(insert)
+        return starts[-1]
+
+    async def aclose(self) -> None:
+        """Close the connection (once the call holding it, if any, is over)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close, conn)
+
+    def _close(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            conn.close()
+
+
 def _version_error(path: Path, version: int) -> str:
     if version < 2:
         return (
@@ -207,6 +304,15 @@ def _remove_orphan_body_files(conn: sqlite3.Connection, path: Path) -> None:
         stem, dot, ext = name.partition(".")
         if dot and ext == "bin" and stem.isdigit() and int(stem) not in jids:
             (directory / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Raise an ``OSError`` of the block as a :class:`QueueError` naming the body file."""
+    try:
+        yield
+    except OSError as e:
+        raise QueueError(f"cannot write the body file {path}: {e}") from e
 
 
 def create_body_file(path: Path) -> int:

@@ -1,4 +1,5 @@
-"""The job queue interface shared by every backend (SPEC §5 Attempts/Durability, §7).
+"""The job queue interface shared by every backend (the user's view: docs/job-file.md,
+"Attempts and dead letters"; docs/operations.md, "Resume and re-run" and "Dead letters").
 
 A queue stores jobs (one :class:`JobRecord` each) and their batches. Producing is
 :meth:`JobQueue.enqueue`; consuming goes through a :class:`Feed`, opened per job with

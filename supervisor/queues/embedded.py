@@ -1,5 +1,6 @@
 """The embedded job queue: one SQLite file (and a body file per job), for jobs run on one
-machine (SPEC §5, §7).
+machine (where it lives and how a job resumes: docs/operations.md, "The root" and "Resume and
+re-run").
 
 Theory of operation
 -------------------
@@ -18,12 +19,15 @@ survives the process being killed (not necessarily a power cut). Beside it, in
 * ``attempts(id, attempt, record)``: each failed attempt's :class:`AttemptRecord`, which
   become the dead letter's ``attempts``, also across crashes.
 
-There is one connection, used by one worker thread at a time under a lock; no sqlite call
-and no read or write of a body file runs on the event loop thread.
+One :class:`~supervisor.queues._sqlite.Storage` owns the connection: one worker thread at
+a time uses it, under its lock; no sqlite call and no read or write of a body file runs on
+the event loop thread. The queue and its feeds reach the file only through it.
 
-Enqueueing reads the caller's (blocking) iterator in a worker thread, in chunks, so memory
-stays flat: each chunk's bodies are appended to the body file, then its rows are committed,
-so a committed row always points at bytes already written. At the end the body file is
+Enqueueing reads the caller's (blocking) iterator in chunks, so memory stays flat: a chunk
+(at most ``chunk`` batches or ``CHUNK_BYTES``) is pulled from the iterator in a worker thread
+of its own, outside the storage (splitting reads files and costs CPU; a bad item raises on
+the enqueueing side), then handed to the storage, which appends its bodies to the body file
+and then commits its rows, so a committed row always points at bytes already written. At the end the body file is
 ``fdatasync``-ed before ``total_batches`` is set (which marks the job enqueued and lets a
 feed open it), so once a job is marked enqueued its bodies are on disk, even across a power
 cut. It is all or nothing: if the iterator raises, the job's rows and its body file are
@@ -63,9 +67,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -77,16 +80,14 @@ from supervisor.queues._sqlite import (
     CHUNK_BYTES,
     JOB_COLUMNS,
     SEQ_BITS,
-    T,
-    body_path,
-    connect,
+    Storage,
     create_body_file,
     dead_letter_seq,
     job_from_row,
     progress_of,
     sync_body_file,
     transaction,
-    write_all,
+    writing,
 )
 from supervisor.queues.base import (
     JobRecord,
@@ -98,12 +99,42 @@ from supervisor.queues.embedded_feed import EmbeddedFeed
 __all__ = ["EmbeddedFeed", "EmbeddedQueue"]
 
 
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        raise QueueError(f"cannot write the body file {path}: {e}") from e
+def _take(batches: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
+    """Worker thread: the next bodies from ``batches``, up to ``chunk`` of them or
+    ``CHUNK_BYTES``; and whether ``batches`` is exhausted."""
+    bodies: list[bytes] = []
+    size = 0
+    for body in batches:
+        bodies.append(body)
+        size += len(body)
+        if len(bodies) >= chunk or size >= CHUNK_BYTES:
+            return bodies, False
+    return bodies, True
+
+
+def _delete_batches(conn: sqlite3.Connection, jid: int) -> None:
+    lo, hi = jid << SEQ_BITS, (jid + 1) << SEQ_BITS
+    for table in ("batches", "attempts"):
+        conn.execute(f"DELETE FROM {table} WHERE id >= ? AND id < ?", (lo, hi))
+
+
+def _jid(conn: sqlite3.Connection, job_id: str) -> int:
+    row = conn.execute("SELECT jid FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise QueueError(f"there is no job {job_id}.")
+    return int(row[0])
+
+
+def _clear_batches(job_id: str, conn: sqlite3.Connection) -> int:
+    with transaction(conn):
+        jid = _jid(conn, job_id)
+        _delete_batches(conn, jid)
+        conn.execute(
+            "UPDATE jobs SET total_batches = NULL, succeeded = 0, dead = 0, "
+            "failed_attempts = 0, time_per_batch_sum = 0 WHERE jid = ?",
+            (jid,),
+        )
+    return jid
 
 
 class EmbeddedQueue(anyio.abc.AsyncResource):
@@ -113,11 +144,9 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
     ``dead_letter_root/<job_id>/`` (default: ``dead-letters/`` beside the file).
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, dead_letter_root: Path) -> None:
-        self._conn: sqlite3.Connection | None = conn
-        self._path = path
+    def __init__(self, storage: Storage, dead_letter_root: Path) -> None:
+        self._storage = storage
         self._dead_letter_root = dead_letter_root
-        self._lock = threading.Lock()
         self._feeds: dict[str, EmbeddedFeed | None] = {}  # None while opening
 
     @classmethod
@@ -126,50 +155,20 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
     ) -> EmbeddedQueue:
         """Open (creating if needed) the queue file at ``path``."""
         file = Path(path)
-        try:
-            conn = await anyio.to_thread.run_sync(connect, file)
-        except (sqlite3.Error, OSError) as e:
-            raise QueueError(f"cannot open the queue file {file}: {e}") from e
+        storage = await Storage.open(file)
         root = file.parent / "dead-letters" if dead_letter_root is None else Path(dead_letter_root)
-        return cls(conn, file, root)
+        return cls(storage, root)
 
     @property
     def path(self) -> Path:
         """The SQLite file."""
-        return self._path
+        return self._storage.path
 
     async def aclose(self) -> None:
         """Close the file. Feeds must have been left before."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close_locked, conn)
-
-    def _close_locked(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            conn.close()
+        await self._storage.aclose()
 
     # -- plumbing -------------------------------------------------------------------------
-
-    def _locked(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise QueueError(f"the queue {self._path} is closed.")
-            try:
-                return fn(conn)
-            except sqlite3.Error as e:
-                raise QueueError(f"the queue file {self._path} failed: {e}") from e
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` in a worker thread, holding the connection's lock."""
-        return await anyio.to_thread.run_sync(self._locked, fn)
-
-    def _jid(self, conn: sqlite3.Connection, job_id: str) -> int:
-        row = conn.execute("SELECT jid FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            raise QueueError(f"there is no job {job_id}.")
-        return int(row[0])
 
     def _not_feeding(self, job_id: str, doing: str) -> None:
         if job_id in self._feeds:
@@ -192,100 +191,56 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     (job_id, api_name, digest, spec_json, created_time),
                 )
 
-        await self._run(create)
+        await self._storage.run(create)
 
     async def enqueue(self, job_id: str, batches: Iterator[bytes], *, chunk: int = 2048) -> int:
         """Store ``batches`` as seq 0, 1, ... and return how many (see the module docstring)."""
         if chunk < 1:
             raise ValueError("chunk must be at least 1")
         self._not_feeding(job_id, "enqueue")
-        jid = await self._run(partial(self._clear_batches, job_id))
-        path = body_path(self._path, jid)
+        storage = self._storage
+        jid = await storage.run(partial(_clear_batches, job_id))
+        path = storage.body_path(jid)
         count = 0
         try:
-            with _writing(path):
-                fd = await anyio.to_thread.run_sync(create_body_file, path)
+            with writing(path):
+                fd = await storage.run_io(create_body_file, path)
             try:
                 offset = 0
-                while True:
-                    stored, offset, done = await anyio.to_thread.run_sync(
-                        self._enqueue_chunk, jid, batches, fd, count, offset, chunk
-                    )
-                    count += stored
-                    if done:
-                        break
-                with _writing(path):
-                    await anyio.to_thread.run_sync(sync_body_file, fd, path)
+                done = False
+                while not done:
+                    # The iterator (the splitter: file reads, CPU) runs in a thread of its
+                    # own, outside the storage: a bad item raises here.
+                    bodies, done = await anyio.to_thread.run_sync(_take, batches, chunk)
+                    if count + len(bodies) > 1 << SEQ_BITS:
+                        raise QueueError(f"a job holds at most {1 << SEQ_BITS} batches.")
+                    if bodies:
+                        offset = await storage.append(jid, fd, count, offset, bodies)
+                        count += len(bodies)
+                    del bodies  # memory stays at one chunk
+                with writing(path):
+                    await storage.run_io(sync_body_file, fd, path)
             finally:
                 os.close(fd)
         except Exception:
             with anyio.CancelScope(shield=True):
-                await self._run(partial(self._delete_rows, jid))
+                await storage.run(partial(self._delete_rows, jid))
             raise
 
         def finish(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute("UPDATE jobs SET total_batches = ? WHERE jid = ?", (count, jid))
 
-        await self._run(finish)
+        await storage.run(finish)
         return count
-
-    def _clear_batches(self, job_id: str, conn: sqlite3.Connection) -> int:
-        with transaction(conn):
-            jid = self._jid(conn, job_id)
-            self._delete_batches(conn, jid)
-            conn.execute(
-                "UPDATE jobs SET total_batches = NULL, succeeded = 0, dead = 0, "
-                "failed_attempts = 0, time_per_batch_sum = 0 WHERE jid = ?",
-                (jid,),
-            )
-        return jid
-
-    @staticmethod
-    def _delete_batches(conn: sqlite3.Connection, jid: int) -> None:
-        lo, hi = jid << SEQ_BITS, (jid + 1) << SEQ_BITS
-        for table in ("batches", "attempts"):
-            conn.execute(f"DELETE FROM {table} WHERE id >= ? AND id < ?", (lo, hi))
 
     def _delete_rows(self, jid: int, conn: sqlite3.Connection) -> None:
         """Delete the job and its batches, then its body file."""
         with transaction(conn):
-            self._delete_batches(conn, jid)
+            _delete_batches(conn, jid)
             conn.execute("DELETE FROM jobs WHERE jid = ?", (jid,))
         with suppress(OSError):  # the job is gone: if this fails, the next open removes it
-            body_path(self._path, jid).unlink(missing_ok=True)
-
-    def _enqueue_chunk(
-        self, jid: int, batches: Iterator[bytes], fd: int, first: int, offset: int, chunk: int
-    ) -> tuple[int, int, bool]:
-        """Worker thread: read up to ``chunk`` batches (outside the lock), append them to the
-        body file at ``offset``, then commit their rows. Returns (count, end offset, done)."""
-        bodies: list[bytes] = []
-        rows: list[tuple[int, int, int]] = []
-        size = 0
-        done = True
-        base = (jid << SEQ_BITS) + first
-        for body in batches:
-            n = len(body)
-            bodies.append(body)
-            rows.append((base + len(rows), offset + size, n))
-            size += n
-            if len(rows) >= chunk or size >= CHUNK_BYTES:
-                done = False
-                break
-        if first + len(rows) > 1 << SEQ_BITS:
-            raise QueueError(f"a job holds at most {1 << SEQ_BITS} batches.")
-        if not rows:
-            return 0, offset, done
-        with _writing(body_path(self._path, jid)):
-            write_all(fd, bodies)  # before the rows that point at them are committed
-
-        def insert(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.executemany("INSERT INTO batches (id, offset, length) VALUES (?, ?, ?)", rows)
-
-        self._locked(insert)
-        return len(rows), offset + size, done
+            self._storage.body_path(jid).unlink(missing_ok=True)
 
     async def set_status(
         self,
@@ -309,7 +264,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                 if cursor.rowcount == 0:
                     raise QueueError(f"there is no job {job_id}.")
 
-        await self._run(update)
+        await self._storage.run(update)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job as stored (counters as of the last commit), or ``None``."""
@@ -320,7 +275,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             ).fetchone()
             return None if row is None else job_from_row(row)
 
-        return await self._run(get)
+        return await self._storage.run(get)
 
     async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
         """Jobs of ``api_name`` (or all), newest first."""
@@ -335,7 +290,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                 )
             return [job_from_row(row) for row in rows]
 
-        return await self._run(select)
+        return await self._storage.run(select)
 
     async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
         """The newest job of ``api_name`` with ``digest`` (the same command), in any state."""
@@ -348,7 +303,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             ).fetchone()
             return None if row is None else job_from_row(row)
 
-        return await self._run(find)
+        return await self._storage.run(find)
 
     async def delete_job(self, job_id: str) -> None:
         """Forget the job and its batches; its dead-letter files stay. Unknown ids are ignored."""
@@ -359,7 +314,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             if row is not None:
                 self._delete_rows(int(row[0]), conn)
 
-        await self._run(delete)
+        await self._storage.run(delete)
 
     async def progress(self, job_id: str) -> Progress:
         """The job's counters: live from memory while its feed is open, else as stored."""
@@ -409,7 +364,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         try:
 
             def load(conn: sqlite3.Connection) -> tuple[int, JobRecord, int]:
-                jid = self._jid(conn, job_id)
+                jid = _jid(conn, job_id)
                 row = conn.execute(
                     f"SELECT {JOB_COLUMNS} FROM jobs WHERE jid = ?", (jid,)
                 ).fetchone()
@@ -417,14 +372,16 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                 if job.total_batches is None:
                     raise QueueError(f"job {job_id} has not finished enqueueing.")
                 try:
-                    fd = os.open(body_path(self._path, jid), os.O_RDONLY)
+                    fd = os.open(self._storage.body_path(jid), os.O_RDONLY)
                 except OSError as e:
                     raise QueueError(f"cannot open the body file of job {job_id}: {e}") from e
                 return jid, job, fd
 
-            jid, job, fd = await self._run(load)
+            jid, job, fd = await self._storage.run(load)
             try:
-                feed = EmbeddedFeed(self, jid, job, max_attempts, buffer, fd)
+                feed = EmbeddedFeed(
+                    self._storage, jid, job, max_attempts, buffer, fd, self.dead_letter_dir(job_id)
+                )
                 self._feeds[job_id] = feed
                 async with feed.running():
                     yield feed

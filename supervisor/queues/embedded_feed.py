@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -24,7 +24,7 @@ from supervisor.queues._sqlite import (
     SPAN_BODY,
     SPAN_BYTES,
     SUCCEEDED,
-    body_path,
+    Storage,
     pread,
     record_decoder,
     record_encoder,
@@ -39,9 +39,6 @@ from supervisor.queues.base import (
     Progress,
     QueueError,
 )
-
-if TYPE_CHECKING:
-    from supervisor.queues.embedded import EmbeddedQueue
 
 __all__ = ["EmbeddedFeed"]
 
@@ -96,11 +93,11 @@ class EmbeddedFeed:
         "_max_attempts",
         "_n_buffered",
         "_n_committed",
-        "_queue",
         "_ready",
         "_receivers_wakeup",
         "_stopped",
         "_stopping",
+        "_storage",
         "_succeeded",
         "_time_sum",
         "_total",
@@ -109,19 +106,20 @@ class EmbeddedFeed:
 
     def __init__(
         self,
-        queue: EmbeddedQueue,
+        storage: Storage,
         jid: int,
         job: JobRecord,
         max_attempts: int,
         buffer: int,
         body_fd: int,
+        dead_letter_dir: Path,
     ) -> None:
-        self._queue = queue
+        self._storage = storage
         self._jid = jid
         self._body_fd = body_fd  # the job's body file, read-only; owned by open_feed
-        self._body_path = body_path(queue.path, jid)
+        self._body_path = storage.body_path(jid)
         self._job_id = job.job_id
-        self._dead_letter_dir = queue.dead_letter_dir(job.job_id)
+        self._dead_letter_dir = dead_letter_dir
         self._base = jid << SEQ_BITS
         self._max_attempts = max_attempts
         self._buffer = buffer
@@ -337,7 +335,7 @@ class EmbeddedFeed:
                 ready = self._ready
                 want = max(1, min(PAGE, self._limit - len(ready)))
                 room = BUFFER_BYTES - sum(len(d.body) for d in ready)
-                page, size, exhausted = await anyio.to_thread.run_sync(
+                page, size, exhausted = await self._storage.run_io(
                     self._read_page, self._cursor, want, room
                 )
                 ready.extend(page)
@@ -355,7 +353,7 @@ class EmbeddedFeed:
         """Worker thread: the next pending batches after seq ``after``, at most ``limit`` and
         ``room`` bytes of bodies (but at least one batch); their total size; and whether they
         are the last. The rows are read under the connection's lock, the bodies after it."""
-        rows = self._queue._locked(partial(self._select_page, after, limit))
+        rows = self._storage.call(partial(self._select_page, after, limit))
         exhausted = len(rows) < limit
         size = sum(map(_length, rows))
         if size > room and len(rows) > 1:
@@ -478,7 +476,7 @@ class EmbeddedFeed:
             committed = True
 
         try:
-            await self._queue._run(commit)
+            await self._storage.run(commit)
         finally:
             if committed:
                 self._n_committed = target

@@ -50,11 +50,16 @@ class PodHost:
         grace: float,
         cwd: Path | None,
         log: Logger,
+        ledger_dir: Path | None = None,
+        first_index: int = 0,
     ) -> None:
+        """``layout`` holds the job's files (``job.json``, ``mnt``); the ledger of container
+        processes goes to ``ledger_dir`` (default: the layout's state folder); pod i listens
+        on pod.port + ``first_index`` + i, so several jobs' pods never collide."""
         env = pod_env(api, layout, job_id=job_id)
-        ledger = Ledger(layout.state_dir)
+        ledger = Ledger(layout.state_dir if ledger_dir is None else ledger_dir)
         self.pods = [
-            Pod(api, index=i, env=env, log=log, grace=grace, cwd=cwd, ledger=ledger)
+            Pod(api, index=first_index + i, env=env, log=log, grace=grace, cwd=cwd, ledger=ledger)
             for i in range(workers)
         ]
         self.grace = grace

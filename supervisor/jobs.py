@@ -38,6 +38,7 @@ __all__ = [
     "WorkerCounts",
     "decode_submission",
     "load_submission",
+    "max_attempts",
     "new_job_id",
     "rfc3339",
 ]
@@ -126,9 +127,7 @@ class JobSubmission(_Strict):
 
     @property
     def max_attempts(self) -> int:
-        """Attempts per batch: once without a dead-letter queue (Cortex), else max_receive_count."""
-        dlq = self.sqs_dead_letter_queue
-        return 1 if dlq is None else dlq.max_receive_count
+        return max_attempts(self)
 
 
 class JobSpec(msgspec.Struct, kw_only=True):
@@ -181,6 +180,12 @@ class JobStatusResponse(msgspec.Struct):
     endpoint: str
     api_spec: dict[str, Any]
     metrics: JobMetrics
+
+
+def max_attempts(job: JobSubmission | JobSpec) -> int:
+    """Attempts per batch: once without a dead-letter queue (Cortex), else max_receive_count."""
+    dlq = job.sqs_dead_letter_queue
+    return 1 if dlq is None else dlq.max_receive_count
 
 
 _MAX_INT64: Final = (1 << 63) - 1

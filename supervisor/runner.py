@@ -23,29 +23,20 @@ again continues it.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-import anyio
 import msgspec
 
 from supervisor import jobs
 from supervisor.config import BatchAPI
-from supervisor.dispatch import dispatch_pod, send_job_complete
-from supervisor.errors import BadInput, PodError, StartError, first_leaf
-from supervisor.host import PodHost
+from supervisor.errors import BadInput, StartError
+from supervisor.execution import JobExecution, Placement, build_status
 from supervisor.jobs import (
-    JobMetrics,
     JobSpec,
-    JobStatus,
     JobStatusResponse,
     JobSubmission,
     WorkerCounts,
@@ -55,16 +46,14 @@ from supervisor.leftovers import end_leftovers
 from supervisor.lifecycle import (
     Admission,
     Cause,
-    Outcome,
     PodState,
     admit,
     exit_code_for,
     worker_counts,
 )
 from supervisor.logs import Logger
-from supervisor.pod import Pod, check_port_free
-from supervisor.progress import ProgressReporter
-from supervisor.queues.base import Feed, JobRecord, Progress, QueueError
+from supervisor.pod import check_port_free
+from supervisor.queues.base import JobRecord, QueueError
 from supervisor.queues.embedded import EmbeddedQueue
 from supervisor.rootlock import RootError, claim_root
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches
@@ -105,17 +94,6 @@ def submission_digest(api: BatchAPI, raw_job: bytes, max_batch_bytes: int) -> st
 
 def api_id(api: BatchAPI) -> str:
     return hashlib.sha256(msgspec.json.encode(api)).hexdigest()[:16]
-
-
-def _parse_time(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def _write_spec(path: Path, spec: JobSpec) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.json.encode(spec))
-    os.replace(tmp, path)
 
 
 async def run_job(
@@ -235,37 +213,26 @@ async def _run_admitted(
     opts: RunOptions,
     log: Logger,
 ) -> RunResult:
-    log = log.bind(api_name=api.name, job_id=spec.job_id)
     spec.workers = opts.workers or sub.workers
-    if spec.start_time is None:
-        spec.start_time = jobs.rfc3339()
-    _write_spec(opts.layout.spec_path, spec)
-    await queue.set_status(spec.job_id, jobs.RUNNING, start_time=spec.start_time)
-    total = spec.total_batch_count
-    log.info("job_started", total_batches=total, workers=spec.workers, concurrency=opts.concurrency)
-
-    outcome, progress, pods = await _run_pods(api, spec, sub, queue, opts, log)
-
-    end_time = jobs.rfc3339()
-    final = outcome.final_status(progress.dead)
-    counts = worker_counts([pod.state for pod in pods], final)
-    if final is not None and not outcome.resumable:
-        await queue.set_status(
-            spec.job_id, final, end_time=end_time, worker_counts=msgspec.json.encode(counts)
-        )
-    if outcome.cause is Cause.START_FAILED:
-        log.error("job_not_started", reason=outcome.reason, resumable=True)
-        raise StartError(f"{outcome.reason} (the job is kept: run the same command again)")
-    log.info(
-        "job_finished",
-        status=final,
-        reason=outcome.reason,
-        succeeded=progress.succeeded,
-        failed=progress.dead,
-        failed_attempts=progress.failed_attempts,
+    tty = opts.progress_tty if opts.progress_tty is not None else _isatty(opts.progress_stream)
+    execution = JobExecution(
+        api,
+        spec,
+        queue,
+        Placement(layout=opts.layout, ledger_dir=opts.layout.state_dir),
+        concurrency=opts.concurrency,
+        batch_timeout=opts.batch_timeout,
+        grace=opts.grace,
+        cwd=opts.cwd,
+        log=log,
+        progress_stream=opts.progress_stream,
+        progress_tty=tty,
+        handle_signals=opts.handle_signals,
     )
-    status = build_status(api, spec, final or jobs.RUNNING, progress, counts, end_time)
-    return RunResult(status=status, exit_code=outcome.exit_code(progress.dead))
+    result = await execution.run()
+    if result.outcome.cause is Cause.START_FAILED:
+        raise StartError(f"{result.outcome.reason} (the job is kept: run the same command again)")
+    return RunResult(status=result.status, exit_code=result.exit_code)
 
 
 async def _report_ended(
@@ -299,224 +266,8 @@ async def _enqueue(queue: EmbeddedQueue, job_id: str, batches: Iterator[bytes], 
     return total
 
 
-async def _run_pods(
-    api: BatchAPI,
-    spec: JobSpec,
-    sub: JobSubmission,
-    queue: EmbeddedQueue,
-    opts: RunOptions,
-    log: Logger,
-) -> tuple[Outcome, Progress, list[Pod]]:
-    outcome = Outcome()
-    host = PodHost(
-        api,
-        opts.layout,
-        job_id=spec.job_id,
-        workers=spec.workers,
-        grace=opts.grace,
-        cwd=opts.cwd,
-        log=log,
-    )
-    pods = host.pods
-    tty = opts.progress_tty if opts.progress_tty is not None else _isatty(opts.progress_stream)
-
-    def waiting() -> str | None:
-        if any(p.serving for p in pods):
-            return None
-        reasons = [r for p in pods for r in p.waiting_for()]
-        return "; ".join(dict.fromkeys(reasons)) or None
-
-    async with host.running(), queue.open_feed(spec.job_id, max_attempts=sub.max_attempts) as feed:
-        reporter = ProgressReporter(
-            feed.progress, stream=opts.progress_stream, tty=tty, log=log, waiting=waiting
-        )
-        run = _Run(feed, pods, outcome, anyio.CancelScope(), opts.grace, log)
-        try:
-            async with anyio.create_task_group() as services:
-                if opts.handle_signals:
-                    services.start_soon(
-                        host.watch_signals, run.on_signal, run.dispatch_scope.cancel
-                    )
-                if spec.timeout is not None:
-                    deadline = _parse_time(spec.created_time) + spec.timeout
-                    services.start_soon(run.watch_timeout, deadline)
-                services.start_soon(reporter.run)
-                services.start_soon(run.report_not_serving)
-                await _pods_and_dispatch(pods, feed, spec, opts, run)
-                services.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await feed.flush()
-                reporter.final()
-        progress = feed.progress()
-    return outcome, progress, pods
-
-
-class _Run:
-    """What watches a run from the side and ends it early: signals, the job timeout."""
-
-    def __init__(
-        self,
-        feed: Feed,
-        pods: list[Pod],
-        outcome: Outcome,
-        dispatch_scope: anyio.CancelScope,
-        grace: float,
-        log: Logger,
-    ) -> None:
-        self.feed = feed
-        self.pods = pods
-        self.outcome = outcome
-        self.dispatch_scope = dispatch_scope
-        self.ended = anyio.Event()  # a cause arrived: no /on-job-complete, stop
-        self.grace = grace
-        self.log = log
-
-    def end(
-        self, cause: Cause, reason: str, *, status: str | None = None, sig: int | None = None
-    ) -> bool:
-        """Stop taking batches; in-flight ones get the grace period. False if already ending."""
-        if not self.outcome.record(cause, reason, status=status, signal=sig):
-            return False
-        self.feed.close()  # dispatch hands back what it holds and ends once nothing is in flight
-        self.dispatch_scope.deadline = anyio.current_time() + self.grace
-        self.ended.set()
-        return True
-
-    def on_signal(self, sig: signal.Signals) -> None:
-        """The first stop signal: end the run, and say what is being waited for."""
-        self.end(Cause.SIGNAL, f"received {sig.name}", sig=sig)
-        in_flight = self.feed.progress().in_flight
-        self.log.warning(
-            "signal",
-            signal=sig.name,
-            action="stop taking batches, then stop the containers",
-            waiting_for=f"{in_flight} batch(es) in flight, up to {self.grace:g}s"
-            if in_flight
-            else f"the containers to exit, up to {self.grace:g}s",
-            again="a second signal stops at once",
-        )
-
-    async def watch_timeout(self, deadline: float) -> None:
-        await anyio.sleep(max(deadline - time.time(), 0))
-        if self.end(Cause.TIMEOUT, "the job's timeout expired"):
-            self.log.warning("job_timed_out", grace=self.grace)
-
-    async def report_not_serving(self, every: float = 5.0) -> None:
-        """While no pod serves, say why every few seconds (a pod that never gets ready)."""
-        while True:
-            await anyio.sleep(every)
-            if self.ended.is_set() or any(p.serving for p in self.pods):
-                continue
-            for pod in self.pods:
-                reasons = pod.waiting_for()
-                if reasons:
-                    self.log.warning("pod_not_ready", pod=pod.index, waiting_for=reasons)
-
-
-async def _pods_and_dispatch(
-    pods: list[Pod], feed: Feed, spec: JobSpec, opts: RunOptions, run: _Run
-) -> None:
-    log = run.log
-    try:
-        async with anyio.create_task_group() as pod_group:
-            for pod in pods:
-                await pod_group.start(pod.run)
-            with run.dispatch_scope:
-                async with anyio.create_task_group() as slots:
-                    for pod in pods:
-                        slots.start_soon(
-                            partial(
-                                dispatch_pod,
-                                feed,
-                                pod,
-                                job_id=spec.job_id,
-                                concurrency=opts.concurrency,
-                                batch_timeout=opts.batch_timeout,
-                                log=log.bind(pod=pod.index),
-                            )
-                        )
-            if run.outcome.sends_job_complete:
-                # Every ack durable first: a crash after /on-job-complete must not resend.
-                await feed.flush()
-                p = feed.progress()
-                with anyio.CancelScope() as scope:
-                    async with anyio.create_task_group() as race:  # a pod, or a stop/timeout
-
-                        async def stop_waiting() -> None:
-                            await run.ended.wait()
-                            scope.cancel()
-
-                        race.start_soon(stop_waiting)
-                        target = await _first_serving(pods)
-                        race.cancel_scope.cancel()
-                    await send_job_complete(
-                        target.port,
-                        job_id=spec.job_id,
-                        succeeded=p.succeeded,
-                        failed=p.dead,
-                        log=log,
-                    )
-            pod_group.cancel_scope.cancel()
-    except* StartError as group:
-        start_error = first_leaf(group, StartError)
-        run.end(Cause.START_FAILED, str(start_error))
-        log.error("pod_not_started", error=str(start_error))
-    except* PodError as group:
-        err = first_leaf(group, PodError)
-        run.end(Cause.POD_FAILED, str(err), status=err.status)
-        log.error("pod_failed", error=str(err), status=err.status)
-
-
-async def _first_serving(pods: list[Pod]) -> Pod:
-    for pod in pods:
-        if pod.serving:
-            return pod
-    result: list[Pod] = []
-    async with anyio.create_task_group() as tg:
-
-        async def wait(p: Pod) -> None:
-            await p.wait_serving()
-            result.append(p)
-            tg.cancel_scope.cancel()
-
-        for pod in pods:
-            tg.start_soon(wait, pod)
-    return result[0]
-
-
 def _isatty(stream: IO[str]) -> bool:
     try:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def build_status(
-    api: BatchAPI,
-    spec: JobSpec,
-    status: str,
-    progress: Progress,
-    counts: WorkerCounts,
-    end_time: str | None,
-) -> JobStatusResponse:
-    fields: dict[str, Any] = msgspec.structs.asdict(spec)
-    job_status = JobStatus(
-        **fields,
-        status=status,
-        batches_in_queue=progress.in_queue,
-        worker_counts=counts,
-        end_time=end_time,
-    )
-    return JobStatusResponse(
-        job_status=job_status,
-        endpoint=api.networking.endpoint
-        if api.networking is not None and api.networking.endpoint
-        else f"/{api.name}",
-        api_spec=msgspec.to_builtins(api),
-        metrics=JobMetrics(
-            succeeded=progress.succeeded,
-            failed=progress.failed_attempts,
-            average_time_per_batch=progress.average_time_per_batch,
-        ),
-    )

@@ -1,0 +1,377 @@
+"""One admitted job carried out on local pods, to its end: shared by ``run`` and ``serve``.
+
+Theory of operation
+-------------------
+:class:`JobExecution` writes ``job.json``, marks the job ``running``, starts its pods
+(:class:`~supervisor.host.PodHost`) and lets ``concurrency`` slots per pod pull batches from
+the durable feed. Beside them: the job timeout, progress (and, while no pod serves, why), and,
+for ``run``, signals. Anything that ends the job early -- a signal, the timeout, a stop from
+the job API, a pod that failed or could not start -- goes through :meth:`JobExecution.end`:
+the feed is closed (no new batch; a slot holding one for a pod that is not ready hands it
+back), batches in flight get the grace period, then the pods are stopped. The
+:class:`~supervisor.lifecycle.Outcome` decides the rest: a job whose batches all settled gets
+its one ``POST /on-job-complete``; the end state is recorded with its ``worker_counts``
+(unless the job is to be resumed), and the final status comes back with the exit code.
+
+``status()`` is the live status (docs/operations.md) while the job runs, for the job API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import msgspec
+
+from supervisor import jobs
+from supervisor.config import BatchAPI
+from supervisor.dispatch import dispatch_pod, send_job_complete
+from supervisor.errors import PodError, StartError, first_leaf
+from supervisor.host import PodHost
+from supervisor.jobs import (
+    JobMetrics,
+    JobSpec,
+    JobStatus,
+    JobStatusResponse,
+    WorkerCounts,
+)
+from supervisor.layout import Layout
+from supervisor.lifecycle import Cause, Outcome, worker_counts
+from supervisor.logs import Logger
+from supervisor.pod import Pod
+from supervisor.progress import ProgressReporter
+from supervisor.queues.base import Feed, JobQueue, Progress
+
+__all__ = ["ExecutionResult", "JobExecution", "Placement", "build_status", "write_spec"]
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a job's pods live: its files (``job.json``, ``mnt``), the ledger of container
+    processes, and the first pod's index (pod i listens on pod.port + first_pod + i)."""
+
+    layout: Layout
+    ledger_dir: Path
+    first_pod: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionResult:
+    status: JobStatusResponse
+    outcome: Outcome
+    exit_code: int
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def write_spec(path: Path, spec: JobSpec) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(msgspec.json.encode(spec))
+    os.replace(tmp, path)
+
+
+class JobExecution:
+    """Carry out ``spec`` (already enqueued in ``queue``) on ``spec.workers`` local pods."""
+
+    def __init__(
+        self,
+        api: BatchAPI,
+        spec: JobSpec,
+        queue: JobQueue,
+        placement: Placement,
+        *,
+        concurrency: int = 1,
+        batch_timeout: float | None = None,
+        grace: float = 30.0,
+        cwd: Path | None = None,
+        log: Logger,
+        progress_stream: IO[str] | None = None,
+        progress_tty: bool = False,
+        handle_signals: bool = False,
+    ) -> None:
+        self.api = api
+        self.spec = spec
+        self.queue = queue
+        self.placement = placement
+        self.concurrency = concurrency
+        self.batch_timeout = batch_timeout
+        self.grace = grace
+        self.log = log.bind(api_name=api.name, job_id=spec.job_id)
+        self.outcome = Outcome()
+        self.ended = anyio.Event()  # a cause arrived: no /on-job-complete, stop
+        self.host = PodHost(
+            api,
+            placement.layout,
+            job_id=spec.job_id,
+            workers=spec.workers,
+            grace=grace,
+            cwd=cwd,
+            log=self.log,
+            ledger_dir=placement.ledger_dir,
+            first_index=placement.first_pod,
+        )
+        self._progress_stream = progress_stream
+        self._progress_tty = progress_tty
+        self._handle_signals = handle_signals
+        self._feed: Feed | None = None
+        self._dispatch_scope = anyio.CancelScope()
+
+    @property
+    def pods(self) -> list[Pod]:
+        return self.host.pods
+
+    # -- ending early ------------------------------------------------------------------------
+
+    def end(
+        self, cause: Cause, reason: str, *, status: str | None = None, sig: int | None = None
+    ) -> bool:
+        """Stop taking batches; in-flight ones get the grace period. False if already ending."""
+        if not self.outcome.record(cause, reason, status=status, signal=sig):
+            return False
+        if self._feed is not None:
+            self._feed.close()  # slots hand back what they hold; dispatch ends when idle
+        self._dispatch_scope.deadline = anyio.current_time() + self.grace
+        self.ended.set()
+        return True
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        """The first stop signal: end the run, and say what is being waited for."""
+        self.end(Cause.SIGNAL, f"received {sig.name}", sig=sig)
+        in_flight = self._feed.progress().in_flight if self._feed is not None else 0
+        self.log.warning(
+            "signal",
+            signal=sig.name,
+            action="stop taking batches, then stop the containers",
+            waiting_for=f"{in_flight} batch(es) in flight, up to {self.grace:g}s"
+            if in_flight
+            else f"the containers to exit, up to {self.grace:g}s",
+            again="a second signal stops at once",
+        )
+
+    def kill_now(self) -> None:
+        """Cut the grace period short: end dispatch and SIGKILL every container now."""
+        self._dispatch_scope.cancel()
+        self.host.kill_now()
+
+    # -- what the job API shows --------------------------------------------------------------
+
+    def progress(self) -> Progress | None:
+        return None if self._feed is None else self._feed.progress()
+
+    def status(self, progress: Progress) -> JobStatusResponse:
+        """The live status while the job runs."""
+        counts = worker_counts([p.state for p in self.pods], None)
+        return build_status(self.api, self.spec, jobs.RUNNING, progress, counts, None)
+
+    def waiting(self) -> str | None:
+        """Why nothing is being sent, while no pod serves."""
+        if any(p.serving for p in self.pods):
+            return None
+        reasons = [r for p in self.pods for r in p.waiting_for()]
+        return "; ".join(dict.fromkeys(reasons)) or None
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self) -> ExecutionResult:
+        spec, queue, log = self.spec, self.queue, self.log
+        if spec.start_time is None:
+            spec.start_time = jobs.rfc3339()
+        write_spec(self.placement.layout.spec_path, spec)
+        await queue.set_status(spec.job_id, jobs.RUNNING, start_time=spec.start_time)
+        log.info(
+            "job_started",
+            total_batches=spec.total_batch_count,
+            workers=spec.workers,
+            concurrency=self.concurrency,
+            first_port=self.pods[0].port,
+        )
+        progress = await self._run_pods()
+        outcome = self.outcome
+        end_time = jobs.rfc3339()
+        final = outcome.final_status(progress.dead)
+        counts = worker_counts([pod.state for pod in self.pods], final)
+        if final is not None and not outcome.resumable:
+            await queue.set_status(
+                spec.job_id, final, end_time=end_time, worker_counts=msgspec.json.encode(counts)
+            )
+        if outcome.cause is Cause.START_FAILED:
+            log.error("job_not_started", reason=outcome.reason, resumable=True)
+        else:
+            log.info(
+                "job_finished",
+                status=final,
+                reason=outcome.reason,
+                succeeded=progress.succeeded,
+                failed=progress.dead,
+                failed_attempts=progress.failed_attempts,
+            )
+        status = build_status(
+            self.api, spec, final or jobs.RUNNING, progress, counts, end_time if final else None
+        )
+        return ExecutionResult(status, outcome, outcome.exit_code(progress.dead))
+
+    async def _run_pods(self) -> Progress:
+        spec, log = self.spec, self.log
+        async with (
+            self.host.running(),
+            self.queue.open_feed(spec.job_id, max_attempts=jobs.max_attempts(spec)) as feed,
+        ):
+            self._feed = feed
+            if self.outcome.cause is not None:  # ended before the feed was open
+                feed.close()
+            reporter = None
+            if self._progress_stream is not None:
+                reporter = ProgressReporter(
+                    feed.progress,
+                    stream=self._progress_stream,
+                    tty=self._progress_tty,
+                    log=log,
+                    waiting=self.waiting,
+                )
+            try:
+                async with anyio.create_task_group() as services:
+                    if self._handle_signals:
+                        services.start_soon(self.host.watch_signals, self.on_signal, self.kill_now)
+                    if spec.timeout is not None:
+                        deadline = parse_time(spec.created_time) + spec.timeout
+                        services.start_soon(self._watch_timeout, deadline)
+                    if reporter is not None:
+                        services.start_soon(reporter.run)
+                    services.start_soon(self._report_not_serving)
+                    await self._pods_and_dispatch(feed)
+                    services.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await feed.flush()
+                    if reporter is not None:
+                        reporter.final()
+            progress = feed.progress()
+            self._feed = None
+            return progress
+
+    async def _watch_timeout(self, deadline: float) -> None:
+        await anyio.sleep(max(deadline - time.time(), 0))
+        if self.end(Cause.TIMEOUT, "the job's timeout expired"):
+            self.log.warning("job_timed_out", grace=self.grace)
+
+    async def _report_not_serving(self, every: float = 5.0) -> None:
+        """While no pod serves, say why every few seconds (a pod that never gets ready)."""
+        while True:
+            await anyio.sleep(every)
+            if self.ended.is_set() or any(p.serving for p in self.pods):
+                continue
+            for pod in self.pods:
+                reasons = pod.waiting_for()
+                if reasons:
+                    self.log.warning("pod_not_ready", pod=pod.index, waiting_for=reasons)
+
+    async def _pods_and_dispatch(self, feed: Feed) -> None:
+        pods, spec, log = self.pods, self.spec, self.log
+        try:
+            async with anyio.create_task_group() as pod_group:
+                for pod in pods:
+                    await pod_group.start(pod.run)
+                with self._dispatch_scope:
+                    async with anyio.create_task_group() as slots:
+                        for pod in pods:
+                            slots.start_soon(
+                                partial(
+                                    dispatch_pod,
+                                    feed,
+                                    pod,
+                                    job_id=spec.job_id,
+                                    concurrency=self.concurrency,
+                                    batch_timeout=self.batch_timeout,
+                                    log=log.bind(pod=pod.index),
+                                )
+                            )
+                if self.outcome.sends_job_complete:
+                    await self._job_complete(feed)
+                pod_group.cancel_scope.cancel()
+        except* StartError as group:
+            start_error = first_leaf(group, StartError)
+            self.end(Cause.START_FAILED, str(start_error))
+            log.error("pod_not_started", error=str(start_error))
+        except* PodError as group:
+            err = first_leaf(group, PodError)
+            self.end(Cause.POD_FAILED, str(err), status=err.status)
+            log.error("pod_failed", error=str(err), status=err.status)
+
+    async def _job_complete(self, feed: Feed) -> None:
+        # Every ack durable first: a crash after /on-job-complete must not resend.
+        await feed.flush()
+        p = feed.progress()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as race:  # a pod, or a stop/timeout
+
+                async def stop_waiting() -> None:
+                    await self.ended.wait()
+                    scope.cancel()
+
+                race.start_soon(stop_waiting)
+                target = await _first_serving(self.pods)
+                race.cancel_scope.cancel()
+            await send_job_complete(
+                target.port,
+                job_id=self.spec.job_id,
+                succeeded=p.succeeded,
+                failed=p.dead,
+                log=self.log,
+            )
+
+
+async def _first_serving(pods: list[Pod]) -> Pod:
+    for pod in pods:
+        if pod.serving:
+            return pod
+    result: list[Pod] = []
+    async with anyio.create_task_group() as tg:
+
+        async def wait(p: Pod) -> None:
+            await p.wait_serving()
+            result.append(p)
+            tg.cancel_scope.cancel()
+
+        for pod in pods:
+            tg.start_soon(wait, pod)
+    return result[0]
+
+
+def build_status(
+    api: BatchAPI,
+    spec: JobSpec,
+    status: str,
+    progress: Progress,
+    counts: WorkerCounts,
+    end_time: str | None,
+) -> JobStatusResponse:
+    fields: dict[str, Any] = msgspec.structs.asdict(spec)
+    job_status = JobStatus(
+        **fields,
+        status=status,
+        batches_in_queue=progress.in_queue,
+        worker_counts=counts,
+        end_time=end_time,
+    )
+    return JobStatusResponse(
+        job_status=job_status,
+        endpoint=api.networking.endpoint
+        if api.networking is not None and api.networking.endpoint
+        else f"/{api.name}",
+        api_spec=msgspec.to_builtins(api),
+        metrics=JobMetrics(
+            succeeded=progress.succeeded,
+            failed=progress.failed_attempts,
+            average_time_per_batch=progress.average_time_per_batch,
+        ),
+    )

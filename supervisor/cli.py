@@ -24,6 +24,7 @@ from supervisor import __version__
 from supervisor.allocator import tune_allocator
 from supervisor.config import BatchAPI, load_api
 from supervisor.errors import BadInput, JobError, PodError
+from supervisor.http._timeouts import DEFAULT_TIMEOUTS, Timeouts
 from supervisor.jobs import load_submission
 from supervisor.layout import Layout
 from supervisor.logs import Logger
@@ -191,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="S",
         help="on SIGTERM/SIGINT, seconds the containers get to exit before SIGKILL (default 30)",
+    )
+    proxy.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUTS.read,
+        metavar="S",
+        help="a client's request head, or its body, must arrive within S seconds, else 408 "
+        "(default 30)",
+    )
+    proxy.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUTS.idle,
+        metavar="S",
+        help="close a client's keep-alive connection idle for S seconds (default 75)",
     )
     serve = sub.add_parser(
         "serve", help="the job API (submit, status, stop) for the APIs of the given files"
@@ -361,7 +377,17 @@ def _proxy(args: argparse.Namespace) -> int:
     host, port = args.listen
     log = Logger(sys.stdout, api_name=api.name)
     layout = Layout.at(args.root)
-    serve = partial(run_proxy, api, host=host, port=port, layout=layout, grace=args.grace, log=log)
+    timeouts = Timeouts(read=args.read_timeout, idle=args.idle_timeout)
+    serve = partial(
+        run_proxy,
+        api,
+        host=host,
+        port=port,
+        layout=layout,
+        grace=args.grace,
+        log=log,
+        timeouts=timeouts,
+    )
     try:
         with claim_root(layout):
             return _run_async(args.backend, serve)
@@ -401,7 +427,6 @@ def _token(args: argparse.Namespace) -> str | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from supervisor.config import load_apis
-    from supervisor.http._timeouts import Timeouts
     from supervisor.serve_command import run_serve
 
     apis: list[BatchAPI] = []

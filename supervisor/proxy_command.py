@@ -9,6 +9,7 @@ then the containers (grace, SIGKILL; a second signal kills them at once); the ex
 
 from __future__ import annotations
 
+import functools
 import signal
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import anyio
 from supervisor.config import BatchAPI
 from supervisor.errors import PodError, first_leaf
 from supervisor.host import PodHost
+from supervisor.http._timeouts import DEFAULT_TIMEOUTS, Timeouts
 from supervisor.http.proxy import ProxyApp
-from supervisor.http.server import serve
+from supervisor.http.relay import serve_relay
 from supervisor.layout import Layout
 from supervisor.leftovers import end_leftovers
 from supervisor.logs import Logger
@@ -35,8 +37,10 @@ async def run_proxy(
     grace: float,
     log: Logger,
     cwd: Path | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> int:
-    """Serve until a signal arrives (exit 128+N) or the pod fails (exit 1)."""
+    """Serve until a signal arrives (exit 128+N) or the pod fails (exit 1); ``timeouts``
+    bound the clients' requests and idle keep-alive connections."""
     await end_leftovers(layout.state_dir, log)  # the root is claimed (cli): after the lock
     for path in api.ignored_fields():
         log.info("ignored_field", field=path, reason="no local effect")
@@ -73,13 +77,13 @@ async def run_proxy(
             services.start_soon(pods.watch_signals, on_stop)
             with serving:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(serve, listener, app.handle)
+                    tg.start_soon(
+                        functools.partial(serve_relay, listener, app, logger=log, timeouts=timeouts)
+                    )
                     await tg.start(pod.run)
             services.cancel_scope.cancel()
     except* PodError as group:
         err = first_leaf(group, PodError)
         log.error("pod_failed", error=str(err))
         code = 1
-    finally:
-        await app.aclose()
     return code

@@ -1,4 +1,4 @@
-"""ProxyApp behind the real server, in front of a scripted raw upstream on 127.0.0.1."""
+"""ProxyApp behind the relay, in front of a scripted raw upstream on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 from supervisor.http._timeouts import Timeouts
 from supervisor.http.client import request
 from supervisor.http.proxy import ProxyApp
+from supervisor.http.relay import start_relay
 from supervisor.http.response import Response as Parsed
 from supervisor.http.response import ResponseParser
-from supervisor.http.server import start_server
 from tests.helpers import read_raw_request, serve_raw
 
 pytestmark = pytest.mark.anyio
@@ -108,16 +108,6 @@ class Ready:
         return self.value
 
 
-@pytest.fixture(params=["relay", "generic"], autouse=True)
-def core(request: pytest.FixtureRequest) -> str:
-    """Run every test on the epoll forwarding core and on the generic server + pool path."""
-    PATHS["core"] = request.param
-    return str(request.param)
-
-
-PATHS = {"core": "relay"}
-
-
 @asynccontextmanager
 async def proxy_in_front_of(
     upstream: Upstream | None,
@@ -141,18 +131,15 @@ async def proxy_in_front_of(
         upstream_timeout=upstream_timeout,
         pool_size=pool_size,
     )
-    # A plain coroutine function has no serve_sockets(): the server runs the generic path.
-    handler = app.handle if PATHS["core"] == "relay" else app.handle.__call__
     async with listener, anyio.create_task_group() as tg:
         if upstream is not None:
             tg.start_soon(upstream.serve, listener)
         settings = {} if timeouts is None else {"timeouts": timeouts}
-        port = await tg.start(functools.partial(start_server, "127.0.0.1", 0, handler, **settings))
+        port = await tg.start(functools.partial(start_relay, "127.0.0.1", 0, app, **settings))
         try:
             yield port
         finally:
             tg.cancel_scope.cancel()
-            await app.aclose()
 
 
 class Client:

@@ -66,7 +66,8 @@ class Proxy:
 
 
 @pytest.fixture
-def proxy(tmp_path: Path, backend: str) -> Iterator[Proxy]:
+def proxy(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> Iterator[Proxy]:
+    extra: list[str] = getattr(request, "param", [])  # more options for the command
     pod_port = free_ports()
     listen = free_ports()
     rec = tmp_path / "rec"
@@ -94,6 +95,7 @@ def proxy(tmp_path: Path, backend: str) -> Iterator[Proxy]:
             str(tmp_path / "root"),
             "--grace",
             "2",
+            *extra,
             backend=backend,
         ),
         stdout=subprocess.DEVNULL,
@@ -207,3 +209,18 @@ def test_status_reports_port_owner(proxy: Proxy) -> None:
     assert status == 200
     info = json.loads(body)
     assert info["port_owner"]["container"] == "api"
+
+
+@pytest.mark.parametrize(
+    "proxy", [["--read-timeout", "0.5", "--idle-timeout", "0.5"]], indirect=True
+)
+def test_client_timeouts_come_from_the_command_line(proxy: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as stalled:
+        stalled.sendall(b"POST / HTTP/1.1\r\nHost: p\r\n")  # and no more
+        answer = b""
+        while chunk := stalled.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"0.5 seconds" in answer
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as idle:
+        assert idle.recv(4096) == b""  # closed without a word

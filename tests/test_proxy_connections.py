@@ -1,8 +1,8 @@
 """No client connection outlives its use: a closed peer is noticed, a stalled request gets
-408, an idle keep-alive connection is closed (on the forwarding core and the generic path).
+408, an idle keep-alive connection is closed.
 
 The proxy's open sockets are counted from ``/proc`` (``server_sockets``): its side of every
-connection on its port, whatever the path that serves it.
+connection on its port.
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ from hypothesis import strategies as st
 from supervisor.http._timeouts import Timeouts
 from supervisor.http.response import ResponseParser
 from tests.helpers import server_sockets
-from tests.test_proxy import (  # noqa: F401 (core: run each test on both paths)
-    Upstream,
-    core,
-    post,
-    proxy_in_front_of,
-)
+from tests.test_proxy import Upstream, post, proxy_in_front_of
 
 pytestmark = pytest.mark.anyio
 

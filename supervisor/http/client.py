@@ -7,7 +7,7 @@ out, responses in, the reuse and retry decisions); here it is driven over a non-
 socket (:mod:`._rawsock`) by one short loop, :func:`exchange`: write the request, read until a
 response is complete. Every anyio client uses it:
 
-* :class:`ConnectionPool` keeps up to N connections to one target for the proxy; any method,
+* :class:`ConnectionPool` keeps up to N connections to one target; any method,
   target and headers. A connection goes back to the pool only when its
   :class:`ClientConnection` is ``reusable`` after the exchange, and is checked
   (:func:`~supervisor.http.connection.idle_socket_alive`) before it is reused; a request is
@@ -197,7 +197,7 @@ class _Connection:
 
 
 class ConnectionPool(anyio.abc.AsyncResource):
-    """Up to ``max_connections`` keep-alive connections to one target (used by the proxy).
+    """Up to ``max_connections`` keep-alive connections to one target.
 
     ``port`` may be a callable read before each request (the port owner may change); idle
     connections to another port are dropped. ``keep_body=None`` keeps whole response bodies.

@@ -54,7 +54,10 @@ __all__ = [
     "Request",
     "Response",
     "Timeouts",
+    "accept_one",
+    "drain",
     "encode_response",
+    "error_answer",
     "json_response",
     "serve",
     "serve_sockets",
@@ -63,9 +66,11 @@ __all__ = [
 ]
 
 _RECEIVE_SIZE = 65536
-_LINGER_SECONDS = 1.0
-_ACCEPT_BACKOFF = 0.1
-_LINGER_BYTES = 16 * 1024 * 1024
+LINGER_SECONDS = 1.0
+"""How long a lingering close drains a rejected client (see :func:`drain`)."""
+LINGER_BYTES = 16 * 1024 * 1024
+ACCEPT_BACKOFF = 0.1
+"""How long to stop accepting after ``accept`` failed (see :func:`accept_one`)."""
 _PEER_GONE = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _NO_BODY_STATUSES = frozenset({204, 304})
 _json_encode = msgspec.json.Encoder().encode
@@ -107,18 +112,14 @@ async def serve(
     logger: Logger | None = None,
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> None:
-    """Serve HTTP/1.1 on every connection ``listener`` accepts, until cancelled.
-
-    A handler with a ``serve_sockets(sockets, *, max_body, max_head, logger, timeouts)``
-    coroutine method drives the listening sockets itself (the proxy's forwarding core does).
-    """
-    sockets = _listening_sockets(listener)
-    own = getattr(handler, "serve_sockets", None)
-    if own is not None:
-        await own(sockets, max_body=max_body, max_head=max_head, logger=logger, timeouts=timeouts)
-        return
+    """Serve HTTP/1.1 on every connection ``listener`` accepts, until cancelled."""
     await serve_sockets(
-        sockets, handler, max_body=max_body, max_head=max_head, logger=logger, timeouts=timeouts
+        listening_sockets(listener),
+        handler,
+        max_body=max_body,
+        max_head=max_head,
+        logger=logger,
+        timeouts=timeouts,
     )
 
 
@@ -186,7 +187,7 @@ async def _sweep(settings: _Settings) -> None:
             conn.scope.cancel()
 
 
-def _listening_sockets(
+def listening_sockets(
     listener: anyio.abc.Listener[anyio.abc.SocketStream],
 ) -> list[socket.socket]:
     """The raw sockets under an anyio socket listener (or each one of a ``MultiListener``)."""
@@ -206,18 +207,31 @@ async def _accept_loop(
     logger = settings.logger
     while True:
         try:
-            client, _address = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            await anyio.wait_readable(sock)
-            continue
-        except OSError as exc:  # aborted handshakes, or out of file descriptors: back off
+            client = accept_one(sock)
+        except OSError as exc:
             if logger is not None:
                 logger.warning("http_accept_failed", error=str(exc))
-            await anyio.sleep(_ACCEPT_BACKOFF)
+            await anyio.sleep(ACCEPT_BACKOFF)
             continue
-        if client.family in (socket.AF_INET, socket.AF_INET6):
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if client is None:
+            await anyio.wait_readable(sock)
+            continue
         tg.start_soon(_serve_connection, RawSocket(client), settings)
+
+
+def accept_one(sock: socket.socket) -> socket.socket | None:
+    """One connection accepted on the non-blocking listening ``sock`` (non-blocking, with
+    ``TCP_NODELAY``), or ``None`` when none is waiting. Any ``OSError`` (an aborted handshake,
+    out of file descriptors) is raised: log it and stop accepting for ``ACCEPT_BACKOFF``
+    seconds, so a full descriptor table does not spin the loop."""
+    try:
+        client, _address = sock.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    client.setblocking(False)
+    if client.family in (socket.AF_INET, socket.AF_INET6):
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return client
 
 
 async def start_server(
@@ -375,25 +389,46 @@ def encode_response(request: Request, response: Response) -> tuple[bytes, bool]:
     return b"".join(parts), keep_alive
 
 
-async def _send_error(stream: RawSocket, status: int, message: str) -> None:
-    """Answer a rejected request, then close gently so the client can read the answer."""
+def error_answer(status: int, message: str) -> bytes:
+    """The bytes of the answer to a rejected request: ``{"error": message}`` as JSON, with
+    ``Connection: close`` (a lingering close follows, see :func:`drain`)."""
     body = _json_encode({"error": message})
     head = (
         status_line(status, b"")
         + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)
         + b"Connection: close\r\n\r\n"
     )
-    await stream.sendall(head + body)
-    # Closing with unread input would reset the connection and could destroy the answer
-    # before the client reads it: stop writing, drain for a moment, then close.
-    stream.shutdown_write()
-    with anyio.move_on_after(_LINGER_SECONDS):
-        drained = 0
+    return head + body
+
+
+def drain(sock: socket.socket, drained: int) -> int | None:
+    """One step of a lingering close, on a non-blocking ``sock`` whose writing side is shut
+    down: read and drop what the client still sends. Returns the bytes dropped so far, or
+    ``None`` once the socket is to be closed (end of stream, an error, or ``LINGER_BYTES``
+    dropped). The caller gives up after ``LINGER_SECONDS`` either way.
+
+    Closing with unread input would reset the connection and could destroy the answer before
+    the client reads it: so stop writing, drain for a moment, then close.
+    """
+    while drained < LINGER_BYTES:
         try:
-            while drained < _LINGER_BYTES:
-                data = await stream.recv(_RECEIVE_SIZE)
-                if not data:
-                    break
-                drained += len(data)
-        except _PEER_GONE:
-            pass
+            data = sock.recv(_RECEIVE_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return drained
+        except OSError:
+            return None
+        if not data:
+            return None
+        drained += len(data)
+    return None
+
+
+async def _send_error(stream: RawSocket, status: int, message: str) -> None:
+    """Answer a rejected request, then close gently so the client can read the answer."""
+    await stream.sendall(error_answer(status, message))
+    stream.shutdown_write()
+    with anyio.move_on_after(LINGER_SECONDS):
+        drained = drain(stream.sock, 0)
+        while drained is not None:
+            await anyio.wait_readable(stream.sock)
+            drained = drain(stream.sock, drained)

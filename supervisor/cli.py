@@ -22,6 +22,9 @@ import msgspec
 
 from supervisor import __version__
 from supervisor.allocator import tune_allocator
+from supervisor.client_commands import COMMANDS as CLIENT_COMMANDS
+from supervisor.client_commands import add_parsers as add_client_parsers
+from supervisor.client_commands import run_command as run_client_command
 from supervisor.config import BatchAPI, load_api
 from supervisor.errors import BadInput, JobError, PodError
 from supervisor.jobs import load_submission
@@ -192,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on SIGTERM/SIGINT, seconds the containers get to exit before SIGKILL (default 30)",
     )
+
+    add_client_parsers(sub)  # submit, get, list, stop
     return parser
 
 
@@ -214,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command in CLIENT_COMMANDS:
+            return run_client_command(args)
         if args.command in ("run", "proxy"):
             tune_allocator()
         if args.command == "run":

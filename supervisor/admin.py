@@ -56,10 +56,13 @@ class Admin:
         ready: Callable[[], bool],
         status: Callable[[], Mapping[str, Any]],
         metrics: Metrics | None = None,
+        refresh: Callable[[], None] | None = None,
     ) -> None:
+        """``refresh`` runs before each scrape: the command sets its gauges from live state."""
         self._ready = ready
         self._status = status
         self._metrics = metrics
+        self._refresh = refresh
 
     def route(self, request: Request) -> Response | None:
         """The answer to an admin request, or ``None`` when the path is not an admin one."""
@@ -74,6 +77,8 @@ class Admin:
             return json_response(200, dict(self._status()))
         if self._metrics is None:
             return _NO_METRICS
+        if self._refresh is not None:
+            self._refresh()
         return Response(200, _METRICS_HEADERS, self._metrics.render())
 
     async def handle(self, request: Request) -> Response:

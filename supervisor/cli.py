@@ -195,6 +195,84 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="on SIGTERM/SIGINT, seconds the containers get to exit before SIGKILL (default 30)",
     )
+    serve = sub.add_parser(
+        "serve", help="the job API (submit, status, stop) for the APIs of the given files"
+    )
+    serve.add_argument(
+        "apis", nargs="+", metavar="API", help="BatchAPI files (each may list several)"
+    )
+    serve.add_argument(
+        "--backend", dest="sub_backend", choices=("asyncio", "trio"), help="event loop"
+    )
+    serve.add_argument(
+        "--listen",
+        type=_host_port,
+        default=("127.0.0.1", 8888),
+        metavar="HOST:PORT",
+        help="default 127.0.0.1:8888; any other address than loopback needs a token",
+    )
+    serve.add_argument(
+        "--root",
+        metavar="DIR",
+        help="where the queue and the jobs' files live (default ./.supervisor unless in a pod)",
+    )
+    serve.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder submissions may read local files from (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="bearer token clients must send (default: $SUPERVISOR_TOKEN; needed off loopback)",
+    )
+    serve.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="batches in flight per pod",
+    )
+    serve.add_argument(
+        "--batch-timeout", type=_positive_float, metavar="S", help="fail an attempt after S seconds"
+    )
+    serve.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="grace period on stop (default 30)",
+    )
+    serve.add_argument(
+        "--max-batch-bytes",
+        type=_positive_int,
+        default=256 * 1024,
+        metavar="N",
+        help="largest batch body (default 262144)",
+    )
+    serve.add_argument(
+        "--max-submission-bytes",
+        type=_positive_int,
+        default=10 * 1024 * 1024,
+        metavar="N",
+        help="largest submission body over HTTP (default 10 MiB)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="a request head or body slower than this gets 408 (default 30)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=75.0,
+        metavar="S",
+        help="idle keep-alive connections are closed after this (default 75)",
+    )
 
     add_client_parsers(sub)  # submit, get, list, stop
     return parser
@@ -221,8 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command in CLIENT_COMMANDS:
             return run_client_command(args)
-        if args.command in ("run", "proxy"):
+        if args.command in ("run", "proxy", "serve"):
             tune_allocator()
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "run":
             return _run(args)
         if args.command == "proxy":
@@ -307,3 +387,71 @@ def _naming(job_file: str) -> Iterator[None]:
         if text.startswith(f"{job_file}:"):
             raise
         raise JobError(f"{job_file}: {text}") from None
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            text = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise BadInput(
+                f"{args.token_file}: cannot read the token file ({e.strerror or e})"
+            ) from None
+        if not text:
+            raise BadInput(f"{args.token_file}: the token file is empty")
+        return text
+    return os.environ.get("SUPERVISOR_TOKEN") or None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from supervisor.config import load_apis
+    from supervisor.http._timeouts import Timeouts
+    from supervisor.serve_command import run_serve
+
+    apis: list[BatchAPI] = []
+    for path in args.apis:
+        apis.extend(load_apis(path))
+    names = [a.name for a in apis]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise BadInput(f"BatchAPI `{twice[0]}` is defined more than once in the given files")
+    host, port = args.listen
+    token = _token(args)
+    if token is None and host not in _LOOPBACK:
+        raise BadInput(
+            f"refusing to listen on {host} without a token: anyone who can reach it could run "
+            "jobs; give --token-file FILE or set SUPERVISOR_TOKEN (or listen on 127.0.0.1)"
+        )
+    data_dirs = []
+    for d in args.data_dir:
+        folder = Path(d).resolve()
+        if not folder.is_dir():
+            raise BadInput(f"--data-dir {d}: not a folder")
+        data_dirs.append(folder)
+    layout = Layout.at(args.root)
+    log = Logger(sys.stdout)
+    for api in apis:
+        for path in api.ignored_fields():
+            log.info("ignored_field", api_name=api.name, field=path, reason="no local effect")
+    serve = partial(
+        run_serve,
+        apis,
+        host=host,
+        port=port,
+        layout=layout,
+        data_dirs=data_dirs,
+        token=token,
+        grace=args.grace,
+        concurrency=args.concurrency,
+        batch_timeout=args.batch_timeout,
+        max_batch_bytes=args.max_batch_bytes,
+        max_body=args.max_submission_bytes,
+        timeouts=Timeouts(read=args.read_timeout, idle=args.idle_timeout),
+        log=log,
+        cwd=Path.cwd(),
+    )
+    with claim_root(layout):
+        return _run_async(args.backend, serve)

@@ -7,6 +7,7 @@ works too. Validation is msgspec's: every error names the path inside the API
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -367,3 +368,8 @@ def load_api(path: str | os.PathLike[str], name: str | None = None) -> BatchAPI:
         known = ", ".join(f"`{a.name}`" for a in apis)
         raise ConfigError(f"{path}: the file lists several APIs ({known}); choose one with --api")
     return apis[0]
+
+
+def api_id(api: BatchAPI) -> str:
+    """A short id of the API's whole configuration (the job spec's ``api_id``)."""
+    return hashlib.sha256(msgspec.json.encode(api)).hexdigest()[:16]

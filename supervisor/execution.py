@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -45,9 +46,10 @@ from supervisor.jobs import (
 from supervisor.layout import Layout
 from supervisor.lifecycle import Cause, Outcome, worker_counts
 from supervisor.logs import Logger
+from supervisor.metrics import Metrics
 from supervisor.pod import Pod
 from supervisor.progress import ProgressReporter
-from supervisor.queues.base import Feed, JobQueue, Progress
+from supervisor.queues.base import AttemptRecord, Delivery, Feed, JobQueue, Progress
 
 __all__ = ["ExecutionResult", "JobExecution", "Placement", "build_status", "write_spec"]
 
@@ -60,6 +62,8 @@ class Placement:
     layout: Layout
     ledger_dir: Path
     first_pod: int = 0
+    extra_env: Mapping[str, str] | None = None  # e.g. the job API's endpoint, for chaining
+    owns_process_tree: bool = True  # False under the job API's server (see PodHost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +102,10 @@ class JobExecution:
         progress_stream: IO[str] | None = None,
         progress_tty: bool = False,
         handle_signals: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self.api = api
+        self.metrics = metrics
         self.spec = spec
         self.queue = queue
         self.placement = placement
@@ -119,6 +125,8 @@ class JobExecution:
             log=self.log,
             ledger_dir=placement.ledger_dir,
             first_index=placement.first_pod,
+            extra_env=placement.extra_env,
+            owns_process_tree=placement.owns_process_tree,
         )
         self._progress_stream = progress_stream
         self._progress_tty = progress_tty
@@ -224,8 +232,12 @@ class JobExecution:
         spec, log = self.spec, self.log
         async with (
             self.host.running(),
-            self.queue.open_feed(spec.job_id, max_attempts=jobs.max_attempts(spec)) as feed,
+            self.queue.open_feed(spec.job_id, max_attempts=jobs.max_attempts(spec)) as opened,
         ):
+            feed: Feed = opened
+            if self.metrics is not None:
+                self.metrics.job_started(self.api.name, spec.job_id)
+                feed = ObservedFeed(opened, self.metrics, self.api.name, spec.job_id)
             self._feed = feed
             if self.outcome.cause is not None:  # ended before the feed was open
                 feed.close()
@@ -257,6 +269,8 @@ class JobExecution:
                         reporter.final()
             progress = feed.progress()
             self._feed = None
+            if self.metrics is not None:
+                self.metrics.job_ended(self.api.name, spec.job_id)
             return progress
 
     async def _watch_timeout(self, deadline: float) -> None:
@@ -328,6 +342,30 @@ class JobExecution:
                 failed=p.dead,
                 log=self.log,
             )
+
+
+class ObservedFeed:
+    """A feed that also counts each ack and failed attempt in the metrics."""
+
+    def __init__(self, feed: Feed, metrics: Metrics, api_name: str, job_id: str) -> None:
+        self._feed = feed
+        self._metrics = metrics
+        self._labels = (api_name, job_id)
+        self.receive = feed.receive
+        self.receive_nowait = feed.receive_nowait
+        self.release = feed.release
+        self.close = feed.close
+        self.wait_closed = feed.wait_closed
+        self.progress = feed.progress
+        self.flush = feed.flush
+
+    def ack(self, d: Delivery, elapsed: float) -> None:
+        self._feed.ack(d, elapsed)
+        self._metrics.batch_succeeded(*self._labels, elapsed)
+
+    def fail(self, d: Delivery, record: AttemptRecord) -> None:
+        self._feed.fail(d, record)
+        self._metrics.batch_failed(*self._labels)
 
 
 async def _first_serving(pods: list[Pod]) -> Pod:

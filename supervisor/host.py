@@ -16,7 +16,7 @@ rest is this one :class:`PodHost`:
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -52,11 +52,13 @@ class PodHost:
         log: Logger,
         ledger_dir: Path | None = None,
         first_index: int = 0,
+        extra_env: Mapping[str, str] | None = None,
+        owns_process_tree: bool = True,
     ) -> None:
         """``layout`` holds the job's files (``job.json``, ``mnt``); the ledger of container
         processes goes to ``ledger_dir`` (default: the layout's state folder); pod i listens
         on pod.port + ``first_index`` + i, so several jobs' pods never collide."""
-        env = pod_env(api, layout, job_id=job_id)
+        env = {**pod_env(api, layout, job_id=job_id), **(extra_env or {})}
         ledger = Ledger(layout.state_dir if ledger_dir is None else ledger_dir)
         self.pods = [
             Pod(api, index=first_index + i, env=env, log=log, grace=grace, cwd=cwd, ledger=ledger)
@@ -64,6 +66,9 @@ class PodHost:
         ]
         self.grace = grace
         self.log = log
+        # False when several hosts share this process (the job API's server): then the
+        # server is the subreaper and kills strays once, at its end, not each job's host.
+        self.owns_process_tree = owns_process_tree
 
     def is_known(self, pid: int) -> bool:
         """Is ``pid`` a container's main process (whose exit status anyio waits for)?"""
@@ -76,6 +81,9 @@ class PodHost:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Be the subreaper and reap orphans while inside; kill stray descendants on leaving."""
+        if not self.owns_process_tree:
+            yield
+            return
         subreaper = become_subreaper()
         try:
             async with anyio.create_task_group() as tg:

@@ -349,11 +349,14 @@ class Child:
         return self._exit
 
     async def _relay_outputs(self) -> None:
-        """Relay stdout and stderr until both reach end of file, then say so."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._stdout.relay)
-            tg.start_soon(self._stderr.relay)
-        self._drained.set()
+        """Relay stdout and stderr until both reach end of file (or we are cancelled: what
+        is left is read at :meth:`_close`), then say so."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._stdout.relay)
+                tg.start_soon(self._stderr.relay)
+        finally:
+            self._drained.set()
 
     async def _close(self) -> None:
         """Last resort and pipe cleanup: kill if still running, close pipes, reap."""

@@ -32,7 +32,7 @@ from typing import IO
 import msgspec
 
 from supervisor import jobs
-from supervisor.config import BatchAPI
+from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, StartError
 from supervisor.execution import JobExecution, Placement, build_status
 from supervisor.jobs import (
@@ -90,10 +90,6 @@ def submission_digest(api: BatchAPI, raw_job: bytes, max_batch_bytes: int) -> st
     h.update(raw_job)
     h.update(str(max_batch_bytes).encode())
     return h.hexdigest()
-
-
-def api_id(api: BatchAPI) -> str:
-    return hashlib.sha256(msgspec.json.encode(api)).hexdigest()[:16]
 
 
 async def run_job(

@@ -1,0 +1,442 @@
+"""The job service behind ``supervisor serve``: submissions, jobs on local pods, status.
+
+Theory of operation
+-------------------
+:class:`JobService` owns the server's queue and the jobs it runs. A submission is decoded
+and checked (:func:`~supervisor.jobs.decode_submission`; paths confined to the data folders),
+split and enqueued *before* it is answered, so a bad one -- even an item over the batch limit
+found halfway -- stores nothing and gets one sentence; a good one is answered with its job
+spec and starts at once, on local pods of its own (:class:`~supervisor.execution.
+JobExecution`). Each job gets a block of ports no other running job uses (pod i of the job
+listens on pod.port + offset + i), its own folder for ``job.json`` and ``mnt``
+(``ROOT/jobs/<job_id>/``), and the job API's address for chaining.
+
+Status comes from the running execution (live counters and pod states) or, for a job not
+running here, from the queue (the final ``worker_counts`` are stored with the end state).
+Stopping a running job ends it ``stopped``; the server stopping (SIGTERM) ends every job the
+way a signal ends ``run``: in-flight batches get the grace period and the jobs stay
+resumable. At start-up every unfinished job is resumed, succeeded batches not sent again; a
+job cut while it was being enqueued (its submission was never answered) is marked
+``enqueue_failed``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from supervisor import jobs
+from supervisor.config import BatchAPI, api_id
+from supervisor.errors import BadInput, JobError
+from supervisor.execution import JobExecution, Placement, build_status
+from supervisor.jobs import JobSpec, JobStatus, JobStatusResponse, WorkerCounts
+from supervisor.layout import Layout
+from supervisor.lifecycle import Cause, PodState, worker_counts
+from supervisor.logs import Logger
+from supervisor.metrics import Metrics
+from supervisor.ports import listening_inodes
+from supervisor.queues.base import DeadLetter, JobRecord
+from supervisor.queues.embedded import EmbeddedQueue
+from supervisor.sources import list_files
+from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
+
+__all__ = ["JobService", "NotFound", "ServiceSettings"]
+
+
+class NotFound(LookupError):
+    """An unknown API or job (HTTP 404)."""
+
+
+@dataclass(slots=True)
+class ServiceSettings:
+    layout: Layout  # the server's root: queue, jobs/<job_id>/, cli.yaml
+    endpoint: str  # the job API's base URL, as containers reach it
+    data_dirs: list[Path] = field(default_factory=list)  # what submissions may read
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    concurrency: int = 1
+    batch_timeout: float | None = None
+    grace: float = 30.0
+    cwd: Path | None = None
+
+
+_dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+class JobService:
+    """Jobs of ``apis`` on local pods, with the embedded ``queue`` (see the module doc)."""
+
+    def __init__(
+        self,
+        apis: list[BatchAPI],
+        queue: EmbeddedQueue,
+        settings: ServiceSettings,
+        log: Logger,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.apis = {api.name: api for api in apis}
+        self.queue = queue
+        self.settings = settings
+        self.log = log
+        self.metrics = metrics
+        self.running: dict[str, JobExecution] = {}
+        self._ports: dict[str, set[int]] = {}  # job_id -> ports its pods use
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._stopping = False
+        self._idle: anyio.Event | None = None
+        self._env = {
+            "CORTEX_OPERATOR_ENDPOINT": settings.endpoint,
+            "CORTEX_CLI_CONFIG_DIR": str(settings.layout.cli_config_dir),
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Resume unfinished jobs, then run jobs as they are submitted, until cancelled or
+        :meth:`shutdown` (which waits for the jobs' pods to stop)."""
+        _write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await self._resume_all()
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def shutdown(self, sig: signal.Signals) -> None:
+        """Stop every job as a signal stops ``run``: resumable at the next start."""
+        self._stopping = True
+        for execution in list(self.running.values()):
+            execution.on_signal(sig)
+
+    def kill_now(self) -> None:
+        for execution in list(self.running.values()):
+            execution.kill_now()
+
+    @property
+    def idle(self) -> bool:
+        return not self.running
+
+    async def wait_idle(self) -> None:
+        """Return once no job runs (after :meth:`shutdown`, when their pods have stopped)."""
+        while self.running:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    async def _resume_all(self) -> None:
+        for record in reversed(await self.queue.list_jobs()):  # oldest first
+            api = self.apis.get(record.api_name)
+            if api is None or record.status in jobs.END_STATES:
+                continue
+            if record.status == jobs.ENQUEUING or record.total_batches is None:
+                # Its submission was never answered: the client does not know the job.
+                await self.queue.set_status(
+                    record.job_id, jobs.ENQUEUE_FAILED, end_time=jobs.rfc3339()
+                )
+                self.log.warning("job_enqueue_failed", job_id=record.job_id, reason="restarted")
+                continue
+            spec = _spec_of(record)
+            self.log.info("job_resumed", api_name=api.name, job_id=spec.job_id)
+            self._start(api, spec)
+
+    def _start(self, api: BatchAPI, spec: JobSpec) -> None:
+        assert self._tg is not None
+        first = self._allocate(api, spec.workers, spec.job_id)
+        root = self.settings.layout
+        execution = JobExecution(
+            api,
+            spec,
+            self.queue,
+            Placement(
+                layout=Layout(root.root / "jobs" / spec.job_id),
+                ledger_dir=root.state_dir,
+                first_pod=first,
+                extra_env=self._env,
+                owns_process_tree=False,
+            ),
+            concurrency=self.settings.concurrency,
+            batch_timeout=self.settings.batch_timeout,
+            grace=self.settings.grace,
+            cwd=self.settings.cwd,
+            log=self.log,
+            metrics=self.metrics,
+        )
+        self.running[spec.job_id] = execution
+        self._tg.start_soon(self._execute, execution)
+
+    async def _execute(self, execution: JobExecution) -> None:
+        job_id = execution.spec.job_id
+        try:
+            result = await execution.run()
+            if result.outcome.cause is Cause.START_FAILED:
+                # Not the job's fault (a port taken, a command missing): it stays running in
+                # the queue and is resumed when the server restarts.
+                self.log.error("job_not_started", job_id=job_id, reason=result.outcome.reason)
+        finally:
+            self.running.pop(job_id, None)
+            self._ports.pop(job_id, None)
+            if not self.running and self._idle is not None:
+                self._idle.set()
+
+    def _allocate(self, api: BatchAPI, workers: int, job_id: str) -> int:
+        """The smallest offset whose ports no running job uses and nothing listens on."""
+        taken = set().union(*self._ports.values()) if self._ports else set()
+        offset = 0
+        while True:
+            ports = {api.pod.port + offset + i for i in range(workers)}
+            if max(ports) > 65535:
+                raise JobError(f"no free block of {workers} port(s) above {api.pod.port}")
+            if not ports & taken and not any(listening_inodes(p) for p in ports):
+                self._ports[job_id] = ports
+                return offset
+            offset += 1
+
+    # -- the API's operations ------------------------------------------------------------------
+
+    def api(self, api_name: str) -> BatchAPI:
+        api = self.apis.get(api_name)
+        if api is None:
+            known = ", ".join(sorted(self.apis)) or "none"
+            raise NotFound(f"there is no BatchAPI named `{api_name}` here (served: {known})")
+        return api
+
+    async def submit(self, api_name: str, body: bytes) -> JobSpec:
+        """Check, split and enqueue a submission, then start it; BadInput stores nothing."""
+        api = self.api(api_name)
+        if self._stopping:
+            raise BadInput("the server is shutting down; submit again once it is back")
+        sub = jobs.decode_submission(body, where="job")
+        batches = await anyio.to_thread.run_sync(
+            partial(
+                iter_batches,
+                sub,
+                max_batch_bytes=self.settings.max_batch_bytes,
+                allowed_roots=self.settings.data_dirs,
+            )
+        )
+        spec = self._new_spec(api, sub.workers, sub.config, sub.timeout, sub.sqs_dead_letter_queue)
+        return await self._enqueue_and_start(api, spec, batches)
+
+    async def dry_run(self, api_name: str, body: bytes) -> str:
+        """What a submission would process (Cortex's text answer), storing nothing."""
+        self.api(api_name)
+        sub = jobs.decode_submission(body, where="job")
+        roots = self.settings.data_dirs
+        source = sub.delimited_files or sub.file_path_lister
+        if source is not None:
+            files = await anyio.to_thread.run_sync(
+                partial(
+                    list_files,
+                    source.s3_paths,
+                    source.includes,
+                    source.excludes,
+                    allowed_roots=roots,
+                )
+            )
+            if sub.delimited_files is not None:  # the lines must be JSON too
+                await anyio.to_thread.run_sync(
+                    partial(
+                        validate_submission,
+                        sub,
+                        max_batch_bytes=self.settings.max_batch_bytes,
+                        allowed_roots=roots,
+                    )
+                )
+            lines = [*files]
+        else:
+            count = await anyio.to_thread.run_sync(
+                partial(
+                    validate_submission,
+                    sub,
+                    max_batch_bytes=self.settings.max_batch_bytes,
+                    allowed_roots=roots,
+                )
+            )
+            assert sub.item_list is not None
+            items = len(msgspec.json.decode(sub.item_list.items, type=list[msgspec.Raw]))
+            lines = [f"{items} item(s) in {count} batch(es)"]
+        return "".join(f"{line}\n" for line in lines) + "validations passed"
+
+    async def retry_dead_letters(self, api_name: str, job_id: str) -> JobSpec:
+        """A new job whose batches are exactly ``job_id``'s dead letters."""
+        api = self.api(api_name)
+        record = await self._record(api_name, job_id)
+        letters = await self.dead_letters(api_name, job_id)
+        if not letters:
+            raise BadInput(f"job {job_id} has no dead letters to retry")
+        old = _spec_of(record)
+        spec = self._new_spec(api, old.workers, old.config, old.timeout, old.sqs_dead_letter_queue)
+        bodies: Iterator[bytes] = (bytes(letter.body) for letter in letters)
+        self.log.info("dead_letters_retried", job_id=job_id, new_job_id=spec.job_id)
+        return await self._enqueue_and_start(api, spec, bodies)
+
+    def _new_spec(
+        self,
+        api: BatchAPI,
+        workers: int,
+        config: dict[str, Any] | None,
+        timeout: int | None,
+        dlq: jobs.DeadLetterQueue | None,
+    ) -> JobSpec:
+        return JobSpec(
+            job_id=jobs.new_job_id(),
+            api_name=api.name,
+            workers=workers,
+            config=config,
+            api_id=api_id(api),
+            sqs_url=f"sqlite://{self.queue.path}",
+            timeout=timeout,
+            sqs_dead_letter_queue=dlq,
+            created_time=jobs.rfc3339(),
+        )
+
+    async def _enqueue_and_start(
+        self, api: BatchAPI, spec: JobSpec, batches: Iterator[bytes]
+    ) -> JobSpec:
+        # The digest is the job id: every submission over HTTP is a job of its own.
+        await self.queue.create_job(
+            spec.job_id, api.name, spec.job_id, msgspec.json.encode(spec), spec.created_time
+        )
+        spec.total_batch_count = await self.queue.enqueue(spec.job_id, batches)
+        self.log.info(
+            "job_submitted",
+            api_name=api.name,
+            job_id=spec.job_id,
+            total_batches=spec.total_batch_count,
+            workers=spec.workers,
+        )
+        self._start(api, spec)
+        return spec
+
+    async def status(self, api_name: str, job_id: str) -> JobStatusResponse:
+        api = self.api(api_name)
+        execution = self.running.get(job_id)
+        if execution is not None and execution.api.name == api_name:
+            progress = execution.progress()
+            if progress is not None:
+                return execution.status(progress)
+        return await self._stored_status(api, await self._record(api_name, job_id))
+
+    async def list_jobs(self, api_name: str) -> list[JobStatus]:
+        """Every job of the API, newest first."""
+        api = self.api(api_name)
+        out = []
+        for record in await self.queue.list_jobs(api_name):
+            execution = self.running.get(record.job_id)
+            progress = execution.progress() if execution is not None else None
+            if execution is not None and progress is not None:
+                out.append(execution.status(progress).job_status)
+            else:
+                out.append((await self._stored_status(api, record)).job_status)
+        return out
+
+    async def stop(self, api_name: str, job_id: str) -> None:
+        record = await self._record(api_name, job_id)
+        execution = self.running.get(job_id)
+        if execution is not None:
+            execution.end(Cause.STOPPED, "stopped through the job API")
+            self.log.info("job_stop_requested", api_name=api_name, job_id=job_id)
+            return
+        if record.status in jobs.END_STATES:
+            raise BadInput(f"job {job_id} has already ended ({record.status})")
+        await self.queue.set_status(job_id, jobs.STOPPED, end_time=jobs.rfc3339())
+
+    async def dead_letters(self, api_name: str, job_id: str) -> list[DeadLetter]:
+        await self._record(api_name, job_id)
+        paths = await self.queue.list_dead_letters(job_id)
+
+        def read() -> list[DeadLetter]:
+            return [_dead_letter_decoder.decode(p.read_bytes()) for p in paths]
+
+        return await anyio.to_thread.run_sync(read)
+
+    async def _record(self, api_name: str, job_id: str) -> JobRecord:
+        self.api(api_name)
+        record = await self.queue.get_job(job_id)
+        if record is None or record.api_name != api_name:
+            raise NotFound(f"there is no job {job_id} of BatchAPI `{api_name}`")
+        return record
+
+    async def _stored_status(self, api: BatchAPI, record: JobRecord) -> JobStatusResponse:
+        spec = _spec_of(record)
+        progress = await self.queue.progress(record.job_id)
+        if record.worker_counts is not None:
+            counts = msgspec.json.decode(record.worker_counts, type=WorkerCounts)
+        elif record.status in jobs.END_STATES:
+            counts = worker_counts([PodState.STOPPED] * spec.workers, record.status)
+        else:
+            counts = WorkerCounts(pending=spec.workers)
+        return build_status(api, spec, record.status, progress, counts, record.end_time)
+
+    # -- what /status and /metrics show ---------------------------------------------------------
+
+    def admin_status(self) -> dict[str, Any]:
+        jobs_now = []
+        for job_id, execution in self.running.items():
+            progress = execution.progress()
+            jobs_now.append(
+                {
+                    "job_id": job_id,
+                    "api_name": execution.api.name,
+                    "progress": None if progress is None else msgspec.to_builtins(progress),
+                    "waiting": execution.waiting(),
+                    "pods": [pod.status() for pod in execution.pods],
+                }
+            )
+        return {
+            "apis": sorted(self.apis),
+            "endpoint": self.settings.endpoint,
+            "queue": str(self.queue.path),
+            "jobs": jobs_now,
+        }
+
+    def ready(self) -> bool:
+        """Healthy: serving, and every running job's pods ready."""
+        return all(
+            all(p.state is PodState.READY for p in execution.pods)
+            for execution in self.running.values()
+        )
+
+    def refresh_metrics(self) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        for execution in self.running.values():
+            progress = execution.progress()
+            name, job_id = execution.api.name, execution.spec.job_id
+            metrics.in_flight(name, job_id, 0 if progress is None else progress.in_flight)
+            for pod in execution.pods:
+                for container, ok in pod.gate.states().items():
+                    metrics.container_ready(name, pod.index, container, ok)
+                for container, n in pod.restarts.items():
+                    metrics.container_restarts(name, pod.index, container, n)
+
+
+def _spec_of(record: JobRecord) -> JobSpec:
+    spec = msgspec.json.decode(record.spec_json, type=JobSpec)
+    spec.total_batch_count = record.total_batches
+    spec.start_time = record.start_time
+    return spec
+
+
+def _write_cli_config(directory: Path, endpoint: str) -> None:
+    """``cli.yaml`` in Cortex's format, so clients inside containers find the job API."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (
+        "environments:\n"
+        "  - name: supervisor\n"
+        f"    operator_endpoint: {endpoint}\n"
+        "default_environment: supervisor\n"
+    )
+    tmp = directory / f".cli.yaml.{secrets.token_hex(4)}"
+    tmp.write_text(text)
+    os.replace(tmp, directory / "cli.yaml")

@@ -178,7 +178,8 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
     else:
         body = _read_job(args.job)
         if args.dry_run:
-            sys.stdout.write(client.dry_run(args.api_name, body))
+            text = client.dry_run(args.api_name, body)
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
             return EXIT_OK
         spec = client.submit(args.api_name, body)
     print(spec.job_id, flush=True)

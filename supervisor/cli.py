@@ -22,6 +22,9 @@ import msgspec
 
 from supervisor import __version__
 from supervisor.allocator import tune_allocator
+from supervisor.client_commands import COMMANDS as CLIENT_COMMANDS
+from supervisor.client_commands import add_parsers as add_client_parsers
+from supervisor.client_commands import run_command as run_client_command
 from supervisor.config import BatchAPI, load_api
 from supervisor.errors import BadInput, JobError, PodError
 from supervisor.http._timeouts import DEFAULT_TIMEOUTS, Timeouts
@@ -286,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="idle keep-alive connections are closed after this (default 75)",
     )
+
+    add_client_parsers(sub)  # submit, get, list, stop
     return parser
 
 
@@ -308,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args)
+        if args.command in CLIENT_COMMANDS:
+            return run_client_command(args)
         if args.command in ("run", "proxy", "serve"):
             tune_allocator()
         if args.command == "serve":

@@ -24,7 +24,7 @@ from pathlib import Path
 from supervisor.errors import BadInput
 from supervisor.layout import Layout
 
-__all__ = ["Claim", "RootError", "claim_root"]
+__all__ = ["Claim", "RootError", "claim_root", "root_in_use"]
 
 
 class RootError(BadInput):
@@ -78,3 +78,31 @@ def _remove(created: list[Path]) -> None:
         with contextlib.suppress(OSError):
             if d.exists():
                 shutil.rmtree(d)
+
+
+def root_in_use(layout: Layout) -> bool | None:
+    """Does a supervisor hold the root's lock now? Asked without touching the lock (trying
+    it would make a supervisor starting at that moment fail): the kernel's list of locks,
+    ``/proc/locks``, is searched for the lock file. ``None`` when it cannot tell."""
+    try:
+        st = layout.lock_path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "WRITE":
+            continue
+        major, _, rest = fields[5].partition(":")
+        minor, _, inode = rest.partition(":")
+        with contextlib.suppress(ValueError):
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+                return True
+    return False

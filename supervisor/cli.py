@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="grace period on stop (default 30)",
     )
     run.add_argument(
+        "--admin",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve /healthz, /status and /metrics there while the job runs",
+    )
+    run.add_argument(
         "--max-batch-bytes",
         type=_positive_int,
         default=256 * 1024,
@@ -361,6 +367,7 @@ def _run(args: argparse.Namespace) -> int:
         grace=args.grace,
         max_batch_bytes=args.max_batch_bytes,
         cwd=Path.cwd(),
+        admin=args.admin,
     )
     log = Logger(sys.stderr)
     try:

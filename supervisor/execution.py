@@ -44,7 +44,7 @@ from supervisor.jobs import (
     WorkerCounts,
 )
 from supervisor.layout import Layout
-from supervisor.lifecycle import Cause, Outcome, worker_counts
+from supervisor.lifecycle import Cause, Outcome, PodState, worker_counts
 from supervisor.logs import Logger
 from supervisor.metrics import Metrics
 from supervisor.pod import Pod
@@ -180,6 +180,33 @@ class JobExecution:
         """The live status while the job runs."""
         counts = worker_counts([p.state for p in self.pods], None)
         return build_status(self.api, self.spec, jobs.RUNNING, progress, counts, None)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/status`` shows of this job: progress, why it waits, its pods."""
+        progress = self.progress()
+        return {
+            "job_id": self.spec.job_id,
+            "api_name": self.api.name,
+            "progress": None if progress is None else msgspec.to_builtins(progress),
+            "waiting": self.waiting(),
+            "pods": [pod.status() for pod in self.pods],
+        }
+
+    def ready(self) -> bool:
+        return all(p.state is PodState.READY for p in self.pods)
+
+    def refresh_metrics(self) -> None:
+        """Set the gauges (in flight, containers' readiness and restarts) before a scrape."""
+        metrics, name = self.metrics, self.api.name
+        if metrics is None:
+            return
+        progress = self.progress()
+        metrics.in_flight(name, self.spec.job_id, 0 if progress is None else progress.in_flight)
+        for pod in self.pods:
+            for container, ok in pod.gate.states().items():
+                metrics.container_ready(name, pod.index, container, ok)
+            for container, n in pod.restarts.items():
+                metrics.container_restarts(name, pod.index, container, n)
 
     def waiting(self) -> str | None:
         """Why nothing is being sent, while no pod serves."""

@@ -26,15 +26,18 @@ import hashlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
+import anyio
 import msgspec
 
 from supervisor import jobs
+from supervisor.admin import Admin, serve_admin
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, StartError
-from supervisor.execution import JobExecution, Placement, build_status
+from supervisor.execution import ExecutionResult, JobExecution, Placement, build_status
 from supervisor.jobs import (
     JobSpec,
     JobStatusResponse,
@@ -52,6 +55,7 @@ from supervisor.lifecycle import (
     worker_counts,
 )
 from supervisor.logs import Logger
+from supervisor.metrics import Metrics
 from supervisor.pod import check_port_free
 from supervisor.queues.base import JobRecord, QueueError
 from supervisor.queues.embedded import EmbeddedQueue
@@ -74,6 +78,7 @@ class RunOptions:
     progress_stream: IO[str] = field(default_factory=lambda: sys.stderr)
     progress_tty: bool | None = None
     handle_signals: bool = True
+    admin: tuple[str, int] | None = None  # --admin HOST:PORT
 
 
 @dataclass(slots=True)
@@ -224,11 +229,33 @@ async def _run_admitted(
         progress_stream=opts.progress_stream,
         progress_tty=tty,
         handle_signals=opts.handle_signals,
+        metrics=Metrics() if opts.admin is not None else None,
     )
-    result = await execution.run()
+    if opts.admin is None:
+        result = await execution.run()
+    else:
+        result = await _run_with_admin(execution, opts.admin, log)
     if result.outcome.cause is Cause.START_FAILED:
         raise StartError(f"{result.outcome.reason} (the job is kept: run the same command again)")
     return RunResult(status=result.status, exit_code=result.exit_code)
+
+
+async def _run_with_admin(
+    execution: JobExecution, listen: tuple[str, int], log: Logger
+) -> ExecutionResult:
+    """``run --admin HOST:PORT``: /healthz, /status and /metrics while the job runs."""
+
+    admin = Admin(
+        ready=execution.ready,
+        status=execution.describe,
+        metrics=execution.metrics,
+        refresh=execution.refresh_metrics,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(partial(serve_admin, *listen, admin, logger=log))
+        result = await execution.run()
+        tg.cancel_scope.cancel()
+    return result
 
 
 async def _report_ended(

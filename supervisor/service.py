@@ -380,45 +380,20 @@ class JobService:
     # -- what /status and /metrics show ---------------------------------------------------------
 
     def admin_status(self) -> dict[str, Any]:
-        jobs_now = []
-        for job_id, execution in self.running.items():
-            progress = execution.progress()
-            jobs_now.append(
-                {
-                    "job_id": job_id,
-                    "api_name": execution.api.name,
-                    "progress": None if progress is None else msgspec.to_builtins(progress),
-                    "waiting": execution.waiting(),
-                    "pods": [pod.status() for pod in execution.pods],
-                }
-            )
         return {
             "apis": sorted(self.apis),
             "endpoint": self.settings.endpoint,
             "queue": str(self.queue.path),
-            "jobs": jobs_now,
+            "jobs": [execution.describe() for execution in self.running.values()],
         }
 
     def ready(self) -> bool:
         """Healthy: serving, and every running job's pods ready."""
-        return all(
-            all(p.state is PodState.READY for p in execution.pods)
-            for execution in self.running.values()
-        )
+        return all(execution.ready() for execution in self.running.values())
 
     def refresh_metrics(self) -> None:
-        metrics = self.metrics
-        if metrics is None:
-            return
         for execution in self.running.values():
-            progress = execution.progress()
-            name, job_id = execution.api.name, execution.spec.job_id
-            metrics.in_flight(name, job_id, 0 if progress is None else progress.in_flight)
-            for pod in execution.pods:
-                for container, ok in pod.gate.states().items():
-                    metrics.container_ready(name, pod.index, container, ok)
-                for container, n in pod.restarts.items():
-                    metrics.container_restarts(name, pod.index, container, n)
+            execution.refresh_metrics()
 
 
 def _spec_of(record: JobRecord) -> JobSpec:

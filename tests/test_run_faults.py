@@ -425,3 +425,47 @@ def test_container_environment(tmp_path: Path, level: str | None) -> None:
     assert seen["CORTEX_VERSION"]
     assert seen["CORTEX_SPEC_PATH"] == str(root / "cortex" / "spec" / "job.json")
     assert seen["CORTEX_MNT_DIR"] == str(root / "mnt")
+
+
+def test_admin_endpoints_while_running(tmp_path: Path) -> None:
+    """`run --admin HOST:PORT`: /healthz, /status and /metrics while the job runs."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    api, rec, port = recorder_api(tmp_path, SLEEP_PER_BATCH="0.05")
+    job = write_job(tmp_path / "job.json", raw_job(ITEMS, 1))
+    log = tmp_path / "err.log"
+    args = ["run", str(api), "--job", str(job), "--root", str(tmp_path / "root")]
+    proc = start_logged([*args, "--admin", "127.0.0.1:0"], log)
+    try:
+        wait_for_log(log, "admin_listening", proc)
+        admin_port = next(
+            json.loads(line)["port"]
+            for line in log.read_text().splitlines()
+            if '"admin_listening"' in line
+        )
+        wait_for_batches(rec, 3, proc)
+        base = f"http://127.0.0.1:{admin_port}"
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        status = requests.get(f"{base}/status", timeout=10).json()
+        assert status["pods"][0]["port"] == port
+        assert status["pods"][0]["state"] == "ready"
+        assert status["progress"]["total"] == len(ITEMS)
+        families = {
+            m.name: m
+            for m in text_string_to_metric_families(
+                requests.get(f"{base}/metrics", timeout=10).text
+            )
+        }
+        done = [
+            s.value for s in families["cortex_batch_succeeded"].samples if s.name.endswith("_total")
+        ]
+        assert done and done[0] >= 1
+        assert any(s.value == 1 for s in families["supervisor_container_ready"].samples)
+        out = finish(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0
+    assert json.loads(out)["job_status"]["status"] == "succeeded"

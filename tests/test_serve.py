@@ -483,7 +483,10 @@ def test_chaining_from_inside_a_container(tmp_path: Path, cleanup: list[Serve]) 
                             {
                                 "name": "api",
                                 "command": [sys.executable, "-u", str(RECORDER)],
-                                "env": {"RECORD_DIR": str(tmp_path / "first-rec")},
+                                "env": {
+                                    "RECORD_DIR": str(tmp_path / "first-rec"),
+                                    "SLEEP_PER_BATCH": "0.1",
+                                },
                             },
                         ],
                     },
@@ -494,7 +497,7 @@ def test_chaining_from_inside_a_container(tmp_path: Path, cleanup: list[Serve]) 
     (tmp_path / "first-rec").mkdir()
     s = start_serve(tmp_path, [first, second])
     cleanup.append(s)
-    job = s.submit("first", items_job(1)).json()["job_id"]
+    job = s.submit("first", items_job(600)).json()["job_id"]  # runs while the chain submits
     deadline = time.monotonic() + 60
     while not out.exists() or not out.read_text():
         assert time.monotonic() < deadline, s.log.read_text()[-3000:]

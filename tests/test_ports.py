@@ -7,16 +7,15 @@ import signal
 import socket
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anyio
 import pytest
 
 from supervisor.errors import PortOwnerError
-from supervisor.linux import become_subreaper
 from supervisor.ports import PortOwner, find_port_owner, listening_inodes, pids_with_socket
 from supervisor.process import open_child
-from supervisor.proctable import describe_pid, process_tree, read_stat, scan_stats
+from supervisor.proctable import describe_pid, process_tree, read_stat
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -69,22 +68,6 @@ async def poll(cond: Callable[[], bool]) -> None:
     with anyio.fail_after(10):
         while not cond():  # noqa: ASYNC110 -- /proc offers nothing to await
             await anyio.sleep(0.01)
-
-
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphans of the test reparent to this process (not to a PID 1 that may never reap them)
-    and whatever is left of them is reaped afterwards."""
-    if not become_subreaper():
-        pytest.skip("this system has no PR_SET_CHILD_SUBREAPER")
-    try:
-        yield
-    finally:
-        become_subreaper(False)
-        me = os.getpid()
-        for st in scan_stats().values():
-            if st.ppid == me and st.state == "Z":
-                os.waitpid(st.pid, os.WNOHANG)
 
 
 @pytest.mark.anyio

@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -15,9 +15,9 @@ import pytest
 
 from supervisor.env import build_env
 from supervisor.errors import PodError
-from supervisor.linux import become_subreaper, is_subreaper
+from supervisor.linux import is_subreaper
 from supervisor.process import MAX_LINE, Exit, LineSplitter, is_direct_child, open_child
-from supervisor.proctable import read_stat, scan_stats
+from supervisor.proctable import read_stat
 from supervisor.reaper import kill_descendants, reap_orphans
 
 pytestmark = pytest.mark.timeout(60)
@@ -312,26 +312,6 @@ async def test_not_executable_and_missing_cwd(tmp_path: Path) -> None:
 
 
 # -- reaper -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphans of the test reparent to this process (not to a PID 1 that may never reap them)
-    and whatever is left of them is reaped afterwards."""
-    if not become_subreaper():
-        pytest.skip("this system has no PR_SET_CHILD_SUBREAPER")
-    try:
-        yield
-    finally:
-        become_subreaper(False)
-        reap_leftovers()
-
-
-def reap_leftovers() -> None:
-    me = os.getpid()
-    for stat in scan_stats().values():
-        if stat.ppid == me and stat.state == "Z":
-            os.waitpid(stat.pid, os.WNOHANG)
 
 
 @pytest.mark.anyio

@@ -426,17 +426,9 @@ _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        try:
-            text = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise BadInput(
-                f"{args.token_file}: cannot read the token file ({e.strerror or e})"
-            ) from None
-        if not text:
-            raise BadInput(f"{args.token_file}: the token file is empty")
-        return text
-    return os.environ.get("SUPERVISOR_TOKEN") or None
+    from supervisor.client import read_token_file, resolve_token
+
+    return read_token_file(args.token_file) if args.token_file else resolve_token()
 
 
 def _serve(args: argparse.Namespace) -> int:

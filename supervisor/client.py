@@ -39,7 +39,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import msgspec
 import yaml
 
-from supervisor.errors import SupervisorError
+from supervisor.errors import BadInput, SupervisorError
 from supervisor.jobs import END_STATES, JobSpec, JobStatus, JobStatusResponse, JobSubmission
 from supervisor.queues.base import DeadLetter
 
@@ -113,6 +113,18 @@ def resolve_url(url: str | None = None, environ: Mapping[str, str] | None = None
     if env.get(CONFIG_DIR_ENV):
         return _endpoint_from_cli_yaml(env[CONFIG_DIR_ENV])
     return env.get(URL_ENV) or DEFAULT_URL
+
+
+def read_token_file(path: str | os.PathLike[str]) -> str:
+    """The bearer token kept in ``path`` (surrounding white space dropped); BadInput if the
+    file cannot be read or is empty. Used by the server and the client commands alike."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read the token file ({e.strerror or e})") from None
+    if not token:
+        raise BadInput(f"{path}: the token file is empty")
+    return token
 
 
 def resolve_token(token: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:

@@ -20,7 +20,7 @@ from typing import Any, Final, TextIO
 import msgspec
 
 from supervisor import jobs
-from supervisor.client import Client, ClientError
+from supervisor.client import Client, ClientError, read_token_file
 from supervisor.errors import BadInput
 from supervisor.jobs import JobSpec, JobStatus, JobStatusResponse, WorkerCounts
 from supervisor.layout import Layout
@@ -144,16 +144,7 @@ def _report(e: ClientError) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    token = None
-    if args.token_file is not None:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            raise BadInput(
-                f"{args.token_file}: cannot read the token file ({e.strerror or e})"
-            ) from None
-        if not token:
-            raise BadInput(f"{args.token_file}: the token file is empty")
+    token = None if args.token_file is None else read_token_file(args.token_file)
     return Client(args.url, token)
 
 

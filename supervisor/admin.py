@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from supervisor.http.server import Request, Response, json_response, start_server
+from supervisor.http.server import Request, Response, error_body, json_response, start_server
 from supervisor.logs import Logger
 from supervisor.metrics import CONTENT_TYPE, Metrics
 
@@ -37,13 +37,13 @@ ADMIN_PATHS = frozenset({"/healthz", "/status", "/metrics"})
 
 _METHODS = frozenset({"GET", "HEAD"})
 _NOT_ALLOWED = json_response(
-    405, {"error": "Method not allowed: use GET."}, headers=[(b"Allow", b"GET, HEAD")]
+    405, error_body(405, "Method not allowed: use GET."), headers=[(b"Allow", b"GET, HEAD")]
 )
 _READY = json_response(200, {"ready": True})
 _NOT_READY = json_response(503, {"ready": False})
-_NO_METRICS = json_response(404, {"error": "Metrics are not enabled on this listener."})
+_NO_METRICS = json_response(404, error_body(404, "Metrics are not enabled on this listener."))
 _NOT_FOUND = json_response(
-    404, {"error": "Not found: this listener serves " + ", ".join(sorted(ADMIN_PATHS)) + "."}
+    404, error_body(404, "Not found: this listener serves " + ", ".join(sorted(ADMIN_PATHS)) + ".")
 )
 _METRICS_HEADERS = [(b"Content-Type", CONTENT_TYPE.encode("ascii"))]
 

@@ -29,7 +29,7 @@ import msgspec
 
 from supervisor.admin import Admin
 from supervisor.errors import BadInput
-from supervisor.http.server import Request, Response, json_response
+from supervisor.http.server import Request, Response, error_response, json_response
 from supervisor.logs import Logger
 from supervisor.service import JobService, NotFound
 
@@ -86,7 +86,7 @@ def route(method: str, target: str) -> Route | None:
 def _error(
     status: int, kind: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> Response:
-    return json_response(status, {"kind": kind, "message": message}, headers=headers or [])
+    return error_response(status, message, kind=kind, headers=headers or [])
 
 
 _UNAUTHORIZED = _error(

@@ -22,12 +22,27 @@ import msgspec
 
 from supervisor import __version__
 from supervisor.allocator import tune_allocator
+from supervisor.cli_options import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    Parser,
+    add_backend,
+    add_batch_options,
+    add_client_timeouts,
+    add_grace,
+    add_listen,
+    add_root,
+    host_port,
+    positive_int,
+    write_stdout,
+)
 from supervisor.client_commands import COMMANDS as CLIENT_COMMANDS
 from supervisor.client_commands import add_parsers as add_client_parsers
 from supervisor.client_commands import run_command as run_client_command
 from supervisor.config import BatchAPI, load_api
 from supervisor.errors import BadInput, JobError, PodError
-from supervisor.http._timeouts import DEFAULT_TIMEOUTS, Timeouts
+from supervisor.http._timeouts import Timeouts
 from supervisor.jobs import load_submission
 from supervisor.layout import Layout
 from supervisor.logs import Logger
@@ -37,63 +52,9 @@ __all__ = ["main"]
 
 T = TypeVar("T")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's own errors: exit 2, one line + usage
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"supervisor: error: {message}\n")
-        raise SystemExit(EXIT_BAD_INPUT)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "127.0.0.1", text
-    try:
-        number = int(port)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
-    return (host.strip("[]") or "127.0.0.1"), number
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="supervisor",
         description="Run Cortex Batch API pods: containers as child processes, batches as POST /.",
     )
@@ -104,16 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SUPERVISOR_BACKEND", "asyncio"),
         help="event loop (asyncio uses uvloop when installed); default asyncio",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("api", metavar="API", help="the BatchAPI file (Cortex YAML or JSON)")
-        p.add_argument(
-            "--backend",
-            dest="sub_backend",
-            choices=("asyncio", "trio"),
-            help="event loop (also accepted before the command)",
-        )
+        add_backend(p)
         p.add_argument(
             "--api", dest="api_name", metavar="NAME", help="which API, when the file lists several"
         )
@@ -125,47 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="local pods (default: the job's `workers`)",
     )
-    run.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=1,
-        metavar="K",
-        help="batches in flight per pod (default 1)",
-    )
-    run.add_argument(
-        "--root",
-        metavar="DIR",
-        help="where cortex/ and mnt/ live (default ./.supervisor unless PID 1 of a pod)",
-    )
+    add_root(run)
     run.add_argument(
         "--fresh", action="store_true", help="start a new job instead of resuming an unfinished one"
     )
-    run.add_argument(
-        "--batch-timeout", type=_positive_float, metavar="S", help="fail an attempt after S seconds"
-    )
-    run.add_argument(
-        "--grace",
-        type=_non_negative_float,
-        default=30.0,
-        metavar="S",
-        help="grace period on stop (default 30)",
-    )
+    add_batch_options(run)
+    add_grace(run)
     run.add_argument(
         "--admin",
-        type=_host_port,
+        type=host_port,
         metavar="HOST:PORT",
         help="serve /healthz, /status and /metrics there while the job runs",
-    )
-    run.add_argument(
-        "--max-batch-bytes",
-        type=_positive_int,
-        default=256 * 1024,
-        metavar="N",
-        help="largest batch body (default 262144)",
     )
 
     validate = sub.add_parser("validate", help="check the API file (and a job), start nothing")
@@ -173,71 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "--job", metavar="JOB", help="also check this job submission, splitting it fully"
     )
-    validate.add_argument(
-        "--max-batch-bytes",
-        type=_positive_int,
-        default=256 * 1024,
-        metavar="N",
-        help="largest batch body (default 262144), as for `run`",
-    )
+    add_batch_options(validate, dispatch=False)
 
     proxy = sub.add_parser("proxy", help="run the pod and forward POST / from outside to it")
     common(proxy)
-    proxy.add_argument(
-        "--listen",
-        type=_host_port,
-        default=("127.0.0.1", 8888),
-        metavar="HOST:PORT",
-        help="default 127.0.0.1:8888",
-    )
-    proxy.add_argument(
-        "--root",
-        metavar="DIR",
-        help="where cortex/ and mnt/ live (default ./.supervisor unless PID 1 of a pod)",
-    )
-    proxy.add_argument(
-        "--grace",
-        type=_non_negative_float,
-        default=30.0,
-        metavar="S",
-        help="on SIGTERM/SIGINT, seconds the containers get to exit before SIGKILL (default 30)",
-    )
-    proxy.add_argument(
-        "--read-timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUTS.read,
-        metavar="S",
-        help="a client's request head, or its body, must arrive within S seconds, else 408 "
-        "(default 30)",
-    )
-    proxy.add_argument(
-        "--idle-timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUTS.idle,
-        metavar="S",
-        help="close a client's keep-alive connection idle for S seconds (default 75)",
-    )
+    add_listen(proxy)
+    add_root(proxy)
+    add_grace(proxy)
+    add_client_timeouts(proxy)
+
     serve = sub.add_parser(
         "serve", help="the job API (submit, status, stop) for the APIs of the given files"
     )
     serve.add_argument(
         "apis", nargs="+", metavar="API", help="BatchAPI files (each may list several)"
     )
-    serve.add_argument(
-        "--backend", dest="sub_backend", choices=("asyncio", "trio"), help="event loop"
-    )
-    serve.add_argument(
-        "--listen",
-        type=_host_port,
-        default=("127.0.0.1", 8888),
-        metavar="HOST:PORT",
-        help="default 127.0.0.1:8888; any other address than loopback needs a token",
-    )
-    serve.add_argument(
-        "--root",
-        metavar="DIR",
-        help="where the queue and the jobs' files live (default ./.supervisor unless in a pod)",
-    )
+    add_backend(serve)
+    add_listen(serve, "; any other address than loopback needs a token")
+    add_root(serve, "the queue and the jobs' files")
     serve.add_argument(
         "--data-dir",
         action="append",
@@ -250,51 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="bearer token clients must send (default: $SUPERVISOR_TOKEN; needed off loopback)",
     )
-    serve.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=1,
-        metavar="K",
-        help="batches in flight per pod",
-    )
-    serve.add_argument(
-        "--batch-timeout", type=_positive_float, metavar="S", help="fail an attempt after S seconds"
-    )
-    serve.add_argument(
-        "--grace",
-        type=_non_negative_float,
-        default=30.0,
-        metavar="S",
-        help="grace period on stop (default 30)",
-    )
-    serve.add_argument(
-        "--max-batch-bytes",
-        type=_positive_int,
-        default=256 * 1024,
-        metavar="N",
-        help="largest batch body (default 262144)",
-    )
+    add_batch_options(serve)
+    add_grace(serve)
     serve.add_argument(
         "--max-submission-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=10 * 1024 * 1024,
         metavar="N",
         help="largest submission body over HTTP (default 10 MiB)",
     )
-    serve.add_argument(
-        "--read-timeout",
-        type=_positive_float,
-        default=30.0,
-        metavar="S",
-        help="a request head or body slower than this gets 408 (default 30)",
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        type=_positive_float,
-        default=75.0,
-        metavar="S",
-        help="idle keep-alive connections are closed after this (default 75)",
-    )
+    add_client_timeouts(serve)
 
     add_client_parsers(sub)  # submit, get, list, stop
     return parser
@@ -349,7 +197,7 @@ def _validate(args: argparse.Namespace) -> int:
                 sub, max_batch_bytes=args.max_batch_bytes, allowed_roots=None
             )
         msg += f"; {args.job}: job is valid ({count} batch(es))"
-    print(msg)
+    write_stdout(msg + "\n")
     return EXIT_OK
 
 
@@ -376,11 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     except PodError as e:  # the pods could not start (a port taken, a missing command)
         sys.stderr.write(f"supervisor: {e}\n")
         return EXIT_FAILED
-    try:
-        sys.stdout.write(msgspec.json.encode(result.status).decode() + "\n")
-        sys.stdout.flush()
-    except OSError:  # stdout is gone (a closed pipe or terminal): the exit code still tells
-        pass
+    write_stdout(msgspec.json.encode(result.status).decode() + "\n")
     return result.exit_code
 
 

@@ -20,6 +20,13 @@ from typing import Any, Final, TextIO
 import msgspec
 
 from supervisor import jobs
+from supervisor.cli_options import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    positive_float,
+    write_stdout,
+)
 from supervisor.client import Client, ClientError, read_token_file
 from supervisor.errors import BadInput
 from supervisor.jobs import JobSpec, JobStatus, JobStatusResponse, WorkerCounts
@@ -33,20 +40,6 @@ from supervisor.rootlock import root_in_use
 __all__ = ["COMMANDS", "add_parsers", "progress_of_status", "run_command", "status_of_record"]
 
 COMMANDS: Final = frozenset({"submit", "get", "list", "stop"})
-
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_BAD_INPUT: Final = 2
-
-
-def _poll_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
 
 
 def add_parsers(sub: Any) -> None:
@@ -69,7 +62,7 @@ def add_parsers(sub: Any) -> None:
         p.add_argument(flag, dest="watch", action="store_true", help=what)
         p.add_argument(
             "--poll",
-            type=_poll_seconds,
+            type=positive_float,
             default=1.0,
             metavar="S",
             help=f"with {flag}: seconds between status requests (default 1)",
@@ -122,7 +115,7 @@ def run_command(args: argparse.Namespace) -> int:
             if args.command == "list":
                 return _list(args, client)
             if args.command == "stop":
-                print(client.stop(args.api_name, args.job_id))
+                write_stdout(client.stop(args.api_name, args.job_id) + "\n")
                 return EXIT_OK
     except ClientError as e:
         return _report(e)
@@ -149,11 +142,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _write_json(obj: object) -> None:
-    try:
-        sys.stdout.write(msgspec.json.encode(obj).decode() + "\n")
-        sys.stdout.flush()
-    except OSError:  # stdout is gone: the exit code still tells
-        pass
+    write_stdout(msgspec.json.encode(obj).decode() + "\n")
 
 
 # -- submit / get ----------------------------------------------------------------------------
@@ -173,7 +162,7 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
             return EXIT_OK
         spec = client.submit(args.api_name, body)
-    print(spec.job_id, flush=True)
+    write_stdout(spec.job_id + "\n")
     if not args.watch:
         return EXIT_OK
     return _watch(client, args.api_name, spec.job_id, args.poll)
@@ -289,7 +278,7 @@ def status_of_record(record: JobRecord) -> JobStatus:
 
 
 def _list_root(args: argparse.Namespace) -> int:
-    from supervisor.queues._sqlite import progress_of
+    from supervisor.queues.base import progress_of
     from supervisor.queues.embedded import read_jobs
 
     layout = Layout.at(args.root)
@@ -315,9 +304,9 @@ def _list_root(args: argparse.Namespace) -> int:
         rows.append((s, label, progress_of(r, 0)))
     _print_table(rows)
     if unfinished:
-        print(
-            "* unfinished: no supervisor is working on this root; running the same "
-            "`supervisor run` command again resumes it"
+        write_stdout(
+            "* unfinished: no supervisor is working on this root; the same `supervisor run` "
+            "command resumes a job of `run`, and `serve` resumes its jobs when it starts\n"
         )
     return EXIT_OK
 
@@ -333,5 +322,5 @@ def _print_table(rows: list[tuple[JobStatus, str, Progress]]) -> None:
         total = "?" if p.total is None else str(p.total)
         table.append((s.job_id, label, f"{p.succeeded}/{total}", str(p.dead), s.created_time))
     widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    lines = ("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+    write_stdout("".join(f"{line}\n" for line in lines))

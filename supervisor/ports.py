@@ -21,7 +21,7 @@ liveness and the port owner".
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import msgspec
 
@@ -32,6 +32,7 @@ __all__ = [
     "PortOwner",
     "find_port_owner",
     "listening_inodes",
+    "listening_ports",
     "pids_with_socket",
 ]
 
@@ -50,9 +51,8 @@ class PortOwner(msgspec.Struct, frozen=True):
 # Sockets
 
 
-def listening_inodes(port: int) -> set[int]:
-    """Inodes of TCP sockets (v4 and v6, any local address) listening on ``port``."""
-    inodes: set[int] = set()
+def _listeners() -> Iterator[tuple[int, int]]:
+    """(port, inode) of every TCP socket (v4 and v6, any local address) in LISTEN state."""
     for table in ("tcp", "tcp6"):
         try:
             text = (PROC / "net" / table).read_text()
@@ -65,14 +65,19 @@ def listening_inodes(port: int) -> set[int]:
                 continue
             _, _, hex_port = fields[1].rpartition(":")
             try:
-                if int(hex_port, 16) != port:
-                    continue
-                inode = int(fields[9])
+                yield int(hex_port, 16), int(fields[9])
             except ValueError:
                 continue
-            if inode:
-                inodes.add(inode)
-    return inodes
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of TCP sockets (v4 and v6, any local address) listening on ``port``."""
+    return {inode for p, inode in _listeners() if p == port and inode}
+
+
+def listening_ports() -> set[int]:
+    """Every TCP port something listens on (one read of the tables, for many ports)."""
+    return {p for p, _ in _listeners()}
 
 
 def pids_with_socket(inodes: Iterable[int]) -> set[int]:

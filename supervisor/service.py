@@ -44,8 +44,8 @@ from supervisor.layout import Layout
 from supervisor.lifecycle import Cause, PodState, worker_counts
 from supervisor.logs import Logger
 from supervisor.metrics import Metrics
-from supervisor.ports import listening_inodes
-from supervisor.queues.base import DeadLetter, JobRecord
+from supervisor.ports import listening_ports
+from supervisor.queues.base import DeadLetter, JobRecord, progress_of
 from supervisor.queues.embedded import EmbeddedQueue
 from supervisor.sources import list_files
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
@@ -146,11 +146,12 @@ class JobService:
                 continue
             spec = _spec_of(record)
             self.log.info("job_resumed", api_name=api.name, job_id=spec.job_id)
-            self._start(api, spec)
+            await self._start(api, spec)
 
-    def _start(self, api: BatchAPI, spec: JobSpec) -> None:
+    async def _start(self, api: BatchAPI, spec: JobSpec) -> None:
         assert self._tg is not None
-        first = self._allocate(api, spec.workers, spec.job_id)
+        listening = await anyio.to_thread.run_sync(listening_ports)  # /proc, off the loop
+        first = self._allocate(api, spec.workers, spec.job_id, listening)
         root = self.settings.layout
         execution = JobExecution(
             api,
@@ -187,15 +188,15 @@ class JobService:
             if not self.running and self._idle is not None:
                 self._idle.set()
 
-    def _allocate(self, api: BatchAPI, workers: int, job_id: str) -> int:
+    def _allocate(self, api: BatchAPI, workers: int, job_id: str, listening: set[int]) -> int:
         """The smallest offset whose ports no running job uses and nothing listens on."""
-        taken = set().union(*self._ports.values()) if self._ports else set()
+        taken = set().union(*self._ports.values(), listening)
         offset = 0
         while True:
             ports = {api.pod.port + offset + i for i in range(workers)}
             if max(ports) > 65535:
                 raise JobError(f"no free block of {workers} port(s) above {api.pod.port}")
-            if not ports & taken and not any(listening_inodes(p) for p in ports):
+            if not ports & taken:
                 self._ports[job_id] = ports
                 return offset
             offset += 1
@@ -314,7 +315,7 @@ class JobService:
             total_batches=spec.total_batch_count,
             workers=spec.workers,
         )
-        self._start(api, spec)
+        await self._start(api, spec)
         return spec
 
     async def status(self, api_name: str, job_id: str) -> JobStatusResponse:
@@ -367,8 +368,10 @@ class JobService:
         return record
 
     async def _stored_status(self, api: BatchAPI, record: JobRecord) -> JobStatusResponse:
+        """The status of a job not running here: the record says it all (no feed is open,
+        so nothing is in flight); no second read of the queue."""
         spec = _spec_of(record)
-        progress = await self.queue.progress(record.job_id)
+        progress = progress_of(record)
         if record.worker_counts is not None:
             counts = msgspec.json.decode(record.worker_counts, type=WorkerCounts)
         elif record.status in jobs.END_STATES:

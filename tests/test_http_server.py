@@ -157,7 +157,7 @@ async def test_handler_exception_gets_500_and_the_connection_keeps_serving() -> 
         async with server() as port:
             responses, _ = await exchange(port, data, count=3)
     assert [r.status for r in responses] == [500, 500, 200]
-    assert responses[0].body_head == b'{"error":"Internal server error."}'
+    assert responses[0].body_head == b'{"kind":"internal_error","message":"Internal server error."}'
     assert b"/after" in responses[2].body_head
 
 

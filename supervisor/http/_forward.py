@@ -15,7 +15,7 @@ again and again, a worker answers the same way), so the common case builds nothi
 from __future__ import annotations
 
 from supervisor.http.response import Response as Upstream
-from supervisor.http.server import Request, Response, json_response, status_line
+from supervisor.http.server import Request, Response, error_response, status_line
 
 __all__ = ["HOP_BY_HOP", "TIMED_OUT", "TOO_LARGE", "Answers", "unreachable", "upstream_head"]
 
@@ -125,8 +125,8 @@ def _client_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]])
 
 def unreachable(reason: str) -> Response:
     """The 502 a client gets when the target refused, broke or garbled the exchange."""
-    return json_response(502, {"error": f"The API could not be reached: {reason}"})
+    return error_response(502, f"The API could not be reached: {reason}")
 
 
-TIMED_OUT = json_response(504, {"error": "The API did not answer in time."})
-TOO_LARGE = json_response(502, {"error": "The API's response body is too large."})
+TIMED_OUT = error_response(504, "The API did not answer in time.")
+TOO_LARGE = error_response(502, "The API's response body is too large.")

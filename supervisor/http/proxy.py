@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from supervisor.http.server import Request, Response, json_response
+from supervisor.http.server import Request, Response, error_response, json_response
 
 __all__ = ["ProxyApp"]
 
@@ -90,9 +90,9 @@ class ProxyApp:
             if method != "POST":
                 return _method_not_allowed(b"POST")
             if not self._is_ready() or self.target_port() is None:
-                return json_response(
+                return error_response(
                     503,
-                    {"error": "The API is not ready yet; retry later."},
+                    "The API is not ready yet; retry later.",
                     headers=[(b"Retry-After", self._retry_after)],
                 )
             return None
@@ -107,8 +107,8 @@ class ProxyApp:
             return Response(
                 200, [(b"Content-Type", b"application/json")], msgspec.json.encode(self._status())
             )
-        return json_response(404, {"error": f"No route for {path}."})
+        return error_response(404, f"No route for {path}.")
 
 
 def _method_not_allowed(allow: bytes) -> Response:
-    return json_response(405, {"error": "Method not allowed."}, headers=[(b"Allow", allow)])
+    return error_response(405, "Method not allowed.", headers=[(b"Allow", allow)])

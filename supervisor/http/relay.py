@@ -87,7 +87,7 @@ from supervisor.http.server import (
     drain,
     encode_response,
     error_answer,
-    json_response,
+    error_response,
     listening_sockets,
 )
 from supervisor.logs import Logger
@@ -455,7 +455,7 @@ class Relay:
                     answer = app.route(request)
             except Exception as exc:
                 self._log("http_handler_failed", f"{type(exc).__name__}: {exc}")
-                answer = json_response(500, {"error": "Internal server error."})
+                answer = error_response(500, "Internal server error.")
             if answer is None:  # became ready meanwhile
                 port = app.target_port()
                 if port is None:

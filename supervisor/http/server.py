@@ -58,6 +58,8 @@ __all__ = [
     "drain",
     "encode_response",
     "error_answer",
+    "error_body",
+    "error_response",
     "json_response",
     "serve",
     "serve_sockets",
@@ -95,9 +97,40 @@ def json_response(
     return Response(status, [(b"Content-Type", b"application/json"), *headers], _json_encode(obj))
 
 
+_KINDS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "too_large",
+    431: "header_too_large",
+    500: "internal_error",
+    501: "not_implemented",
+    502: "bad_gateway",
+    503: "not_ready",
+    504: "gateway_timeout",
+}
+
+
+def error_body(status: int, message: str, kind: str | None = None) -> dict[str, str]:
+    """Every error this project answers, in Cortex's shape: ``{"kind", "message"}``."""
+    return {"kind": kind or _KINDS.get(status, "error"), "message": message}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    kind: str | None = None,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> Response:
+    return json_response(status, error_body(status, message, kind), headers=headers)
+
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_INTERNAL_ERROR = json_response(500, {"error": "Internal server error."})
-_INVALID_RESPONSE = json_response(500, {"error": "The handler returned an invalid response."})
+_INTERNAL_ERROR = error_response(500, "Internal server error.")
+_INVALID_RESPONSE = error_response(500, "The handler returned an invalid response.")
 _STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
 # Bytes allowed in a header value or reason phrase we send (h11's rule: no NUL, CR, LF).
 _VALUE_BYTES = bytes(b for b in range(256) if b not in (0x00, 0x0A, 0x0D))
@@ -390,9 +423,9 @@ def encode_response(request: Request, response: Response) -> tuple[bytes, bool]:
 
 
 def error_answer(status: int, message: str) -> bytes:
-    """The bytes of the answer to a rejected request: ``{"error": message}`` as JSON, with
+    """The bytes of the answer to a rejected request: :func:`error_body` as JSON, with
     ``Connection: close`` (a lingering close follows, see :func:`drain`)."""
-    body = _json_encode({"error": message})
+    body = _json_encode(error_body(status, message))
     head = (
         status_line(status, b"")
         + b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)

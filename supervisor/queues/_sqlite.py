@@ -24,7 +24,6 @@ from supervisor.queues.base import (
     AttemptRecord,
     DeadLetter,
     JobRecord,
-    Progress,
     QueueError,
     dead_letter_name,
 )
@@ -121,19 +120,6 @@ def job_from_row(row: Any) -> JobRecord:
         failed_attempts=failed,
         time_per_batch_sum=float(tpb),
         worker_counts=None if wc is None else bytes(wc),
-    )
-
-
-def progress_of(job: JobRecord, in_flight: int) -> Progress:
-    total = job.total_batches
-    return Progress(
-        total=total,
-        succeeded=job.succeeded,
-        dead=job.dead,
-        failed_attempts=job.failed_attempts,
-        in_flight=in_flight,
-        in_queue=0 if total is None else max(0, total - job.succeeded - job.dead - in_flight),
-        average_time_per_batch=job.time_per_batch_sum / job.succeeded if job.succeeded else None,
     )
 
 

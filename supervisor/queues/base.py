@@ -40,6 +40,7 @@ __all__ = [
     "Progress",
     "QueueError",
     "dead_letter_name",
+    "progress_of",
 ]
 
 
@@ -104,6 +105,20 @@ class Progress(msgspec.Struct, kw_only=True):
     in_flight: int
     in_queue: int
     average_time_per_batch: float | None  # seconds, over succeeded batches
+
+
+def progress_of(job: JobRecord, in_flight: int = 0) -> Progress:
+    """A job's counters as stored, with ``in_flight`` batches (0 when no feed is open)."""
+    total = job.total_batches
+    return Progress(
+        total=total,
+        succeeded=job.succeeded,
+        dead=job.dead,
+        failed_attempts=job.failed_attempts,
+        in_flight=in_flight,
+        in_queue=0 if total is None else max(0, total - job.succeeded - job.dead - in_flight),
+        average_time_per_batch=job.time_per_batch_sum / job.succeeded if job.succeeded else None,
+    )
 
 
 def dead_letter_name(seq: int) -> str:

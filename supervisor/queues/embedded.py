@@ -85,7 +85,6 @@ from supervisor.queues._sqlite import (
     create_body_file,
     dead_letter_seq,
     job_from_row,
-    progress_of,
     sync_body_file,
     transaction,
     writing,
@@ -94,6 +93,7 @@ from supervisor.queues.base import (
     JobRecord,
     Progress,
     QueueError,
+    progress_of,
 )
 from supervisor.queues.embedded_feed import EmbeddedFeed
 

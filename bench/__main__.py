@@ -20,7 +20,7 @@ from types import FrameType
 
 from bench import tools
 from bench.procs import Procs
-from bench.scenarios import SCENARIOS, Context, dispatch, footprint, proxy, split
+from bench.scenarios import SCENARIOS, Context, dispatch, footprint, proxy, serve, split
 from bench.table import Row, format_table
 
 RUNNERS = {
@@ -28,6 +28,7 @@ RUNNERS = {
     "proxy": proxy.run,
     "split": split.run,
     "footprint": footprint.run,
+    "serve": serve.run,
 }
 
 
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         f"python -m bench{' --quick' if args.quick else ''}  "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {time.monotonic() - started:.0f} s, "
         f"{repeats} repeat(s)"
-        + (f", wrk/peers {ctx.seconds:g} s each" if {"dispatch", "proxy"} & set(chosen) else ""),
+        + (
+            f", wrk/peers {ctx.seconds:g} s each"
+            if {"dispatch", "proxy", "serve"} & set(chosen)
+            else ""
+        ),
         *tools.machine(),
         f"supervisor: --backend {args.backend}"
         + (" (uvloop when installed)" if args.backend == "asyncio" else ""),

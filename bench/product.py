@@ -1,4 +1,4 @@
-"""Driving the product: the worker programs, and ``supervisor run`` / ``supervisor proxy``.
+"""Driving the product: the worker programs, and ``supervisor run`` / ``proxy`` / ``serve``.
 
 The supervisor runs on the load CPU; its container is the worker program wrapped in
 ``taskset -c 0`` (pinning is inherited, so without the wrapper the worker would share the
@@ -153,7 +153,9 @@ def run_job(
     return RunResult(batches=succeeded, seconds=float(end) - float(ready))
 
 
-def wait_healthz(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> float:
+def wait_healthz(
+    port: int, timeout: float, proc: subprocess.Popen[bytes], what: str = "supervisor proxy"
+) -> float:
     """Poll ``GET /healthz`` until 200; returns the time.time() it did."""
     deadline = time.monotonic() + timeout
     while True:
@@ -167,9 +169,9 @@ def wait_healthz(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> fl
         finally:
             conn.close()
         if proc.poll() is not None:
-            raise RuntimeError(f"supervisor proxy exited {proc.returncode} before it was ready")
+            raise RuntimeError(f"{what} exited {proc.returncode} before it was ready")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"supervisor proxy was not ready within {timeout:g} s")
+            raise TimeoutError(f"{what} was not ready within {timeout:g} s")
         time.sleep(0.02)
 
 
@@ -178,14 +180,32 @@ def proxy(
     procs: Procs, api: Path, root: Path, port: int, *, timeout: float = 30.0
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``supervisor proxy`` listening on ``port``, once ``/healthz`` says ready."""
-    log = root / "proxy.log"
+    with _server(procs, "proxy", api, root, port, LOAD_CPU, timeout) as proc:
+        yield proc
+
+
+@contextmanager
+def serve(
+    procs: Procs, api: Path, root: Path, port: int, *, cpu: int, timeout: float = 30.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``supervisor serve`` (the job API) on ``port``, pinned to ``cpu``, once ``/healthz``
+    says ready. Its log is ``root/serve.log``."""
+    with _server(procs, "serve", api, root, port, cpu, timeout) as proc:
+        yield proc
+
+
+@contextmanager
+def _server(
+    procs: Procs, command: str, api: Path, root: Path, port: int, cpu: int, timeout: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = root / f"{command}.log"
     root.mkdir(parents=True, exist_ok=True)
-    argv = supervisor_argv("proxy", str(api), "--listen", f"127.0.0.1:{port}", "--root", str(root))
+    argv = supervisor_argv(command, str(api), "--listen", f"127.0.0.1:{port}", "--root", str(root))
     with log.open("wb") as f:
-        proc = procs.start(argv, cpu=LOAD_CPU, stdout=f, stderr=f)
+        proc = procs.start(argv, cpu=cpu, stdout=f, stderr=f)
     try:
         try:
-            wait_healthz(port, timeout, proc)
+            wait_healthz(port, timeout, proc, f"supervisor {command}")
         except (RuntimeError, TimeoutError) as e:
             procs.stop(proc)
             raise RuntimeError(f"{e}: {_why(log.read_bytes())}") from None

@@ -24,6 +24,7 @@ NEEDS: dict[str, set[str]] = {
     "proxy": {"wrk", "nginx", "uvloop", "httptools"},
     "split": set(),
     "footprint": {"uvloop", "httptools"},
+    "serve": {"wrk", "uvloop", "httptools"},
 }
 PYTHON = {"uvloop", "httptools", "uvicorn", "fastapi", "aiohttp", "h11", "matplotlib"}
 

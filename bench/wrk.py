@@ -2,7 +2,8 @@
 
 One thread (it is pinned to one CPU), K connections, for a fixed duration. The Lua script
 pre-formats one request per batch body (read from a file, one body per line, the exact bodies
-the supervisor sends) and cycles through them; ``done()`` prints one ``BENCH {json}`` line with
+the supervisor sends) and cycles through them (the method and path are the script's next two
+arguments, ``POST /`` unless given; an empty line is a request without a body); ``done()`` prints one ``BENCH {json}`` line with
 the counts and latency percentiles (microseconds), which :func:`run_wrk` parses.
 """
 
@@ -21,11 +22,17 @@ local n = 0
 local i = 0
 
 function init(args)
+  local method = args[2] or "POST"
+  local path = args[3] or "/"
   for line in io.lines(args[1]) do
     local headers = {}
-    headers["Content-Type"] = "application/json"
+    local body = nil
+    if line ~= "" then
+      headers["Content-Type"] = "application/json"
+      body = line
+    end
     headers["X-Cortex-Job-ID"] = "bench"
-    reqs[#reqs + 1] = wrk.format("POST", "/", headers, line)
+    reqs[#reqs + 1] = wrk.format(method, path, headers, body)
   end
   n = #reqs
 end
@@ -53,6 +60,7 @@ class WrkResult:
     p50_us: float
     p99_us: float
     errors: int
+    requests: int = 0
 
 
 def wrk_path() -> str | None:
@@ -60,18 +68,27 @@ def wrk_path() -> str | None:
 
 
 def run_wrk(
-    procs: Procs, port: int, bodies: Path, *, connections: int, seconds: float, workdir: Path
+    procs: Procs,
+    port: int,
+    bodies: Path,
+    *,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    method: str = "POST",
+    path: str = "/",
 ) -> WrkResult:
-    """wrk -t1 -cK for ``seconds`` against 127.0.0.1:port, posting the bodies of ``bodies``."""
+    """wrk -t1 -cK for ``seconds`` against 127.0.0.1:port, sending ``method path`` with the
+    bodies of ``bodies`` (one per line; an empty line: no body)."""
     exe = wrk_path()
     if exe is None:
         raise RuntimeError("wrk is not installed (apt-get install -y wrk)")
     script = workdir / "bench.lua"
-    if not script.exists():
+    if not script.exists() or script.read_text() != LUA:
         script.write_text(LUA)
     argv = [
         exe, "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
-        "-s", str(script), f"http://127.0.0.1:{port}/", "--", str(bodies),
+        "-s", str(script), f"http://127.0.0.1:{port}/", "--", str(bodies), method, path,
     ]  # fmt: skip
     code, out, err = procs.run(argv, cpu=LOAD_CPU, timeout=seconds + 30)
     for line in out.decode(errors="replace").splitlines():
@@ -85,6 +102,7 @@ def run_wrk(
                 p50_us=float(r["p50"]),
                 p99_us=float(r["p99"]),
                 errors=errors,
+                requests=int(r["requests"]),
             )
     tail = (err or out).decode(errors="replace").strip()[-200:]
     raise RuntimeError(f"wrk exited {code} without a result: {tail}")

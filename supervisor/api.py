@@ -156,7 +156,7 @@ class JobAPI:
                 200,
                 {
                     "spec": msgspec.to_builtins(api),
-                    "endpoint": f"{service.settings.endpoint}/{api.name}",
+                    "endpoint": service.endpoint_of(api),
                     "batch_job_statuses": statuses,
                 },
             )

@@ -64,6 +64,7 @@ class Placement:
     first_pod: int = 0
     extra_env: Mapping[str, str] | None = None  # e.g. the job API's endpoint, for chaining
     owns_process_tree: bool = True  # False under the job API's server (see PodHost)
+    endpoint: str | None = None  # the API's URL under the job API's server, for the status
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +180,9 @@ class JobExecution:
     def status(self, progress: Progress) -> JobStatusResponse:
         """The live status while the job runs."""
         counts = worker_counts([p.state for p in self.pods], None)
-        return build_status(self.api, self.spec, jobs.RUNNING, progress, counts, None)
+        return build_status(
+            self.api, self.spec, jobs.RUNNING, progress, counts, None, self.placement.endpoint
+        )
 
     def describe(self) -> dict[str, Any]:
         """What ``/status`` shows of this job: progress, why it waits, its pods."""
@@ -251,7 +254,13 @@ class JobExecution:
                 failed_attempts=progress.failed_attempts,
             )
         status = build_status(
-            self.api, spec, final or jobs.RUNNING, progress, counts, end_time if final else None
+            self.api,
+            spec,
+            final or jobs.RUNNING,
+            progress,
+            counts,
+            end_time if final else None,
+            self.placement.endpoint,
         )
         return ExecutionResult(status, outcome, outcome.exit_code(progress.dead))
 
@@ -419,7 +428,10 @@ def build_status(
     progress: Progress,
     counts: WorkerCounts,
     end_time: str | None,
+    endpoint: str | None = None,
 ) -> JobStatusResponse:
+    """The job's status; ``endpoint`` is the API's URL where a job API serves it (else the
+    API file's ``networking.endpoint``, else ``/<api_name>``)."""
     fields: dict[str, Any] = msgspec.structs.asdict(spec)
     job_status = JobStatus(
         **fields,
@@ -430,9 +442,9 @@ def build_status(
     )
     return JobStatusResponse(
         job_status=job_status,
-        endpoint=api.networking.endpoint
-        if api.networking is not None and api.networking.endpoint
-        else f"/{api.name}",
+        endpoint=endpoint
+        or (api.networking.endpoint if api.networking is not None else None)
+        or f"/{api.name}",
         api_spec=msgspec.to_builtins(api),
         metrics=JobMetrics(
             succeeded=progress.succeeded,

@@ -88,6 +88,7 @@ async def run_serve(
         batch_timeout=batch_timeout,
         grace=grace,
         cwd=cwd,
+        token=token,
     )
     service = JobService(apis, queue, settings, log, metrics)
     admin = Admin(

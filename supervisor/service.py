@@ -67,6 +67,7 @@ class ServiceSettings:
     batch_timeout: float | None = None
     grace: float = 30.0
     cwd: Path | None = None
+    token: str | None = None  # the API's bearer token: containers get it, to chain
 
 
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
@@ -97,6 +98,8 @@ class JobService:
             "CORTEX_OPERATOR_ENDPOINT": settings.endpoint,
             "CORTEX_CLI_CONFIG_DIR": str(settings.layout.cli_config_dir),
         }
+        if settings.token is not None:
+            self._env["SUPERVISOR_TOKEN"] = settings.token  # the client reads it
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -163,6 +166,7 @@ class JobService:
                 first_pod=first,
                 extra_env=self._env,
                 owns_process_tree=False,
+                endpoint=self.endpoint_of(api),
             ),
             concurrency=self.settings.concurrency,
             batch_timeout=self.settings.batch_timeout,
@@ -203,6 +207,10 @@ class JobService:
 
     # -- the API's operations ------------------------------------------------------------------
 
+    def endpoint_of(self, api: BatchAPI) -> str:
+        """The API's URL, as ``cortex get`` shows it: where its jobs are submitted."""
+        return f"{self.settings.endpoint}/{api.name}"
+
     def api(self, api_name: str) -> BatchAPI:
         api = self.apis.get(api_name)
         if api is None:
@@ -241,6 +249,9 @@ class JobService:
                     source.includes,
                     source.excludes,
                     allowed_roots=roots,
+                    where="delimited_files"
+                    if sub.delimited_files is not None
+                    else "file_path_lister",
                 )
             )
             if sub.delimited_files is not None:  # the lines must be JSON too
@@ -378,7 +389,9 @@ class JobService:
             counts = worker_counts([PodState.STOPPED] * spec.workers, record.status)
         else:
             counts = WorkerCounts(pending=spec.workers)
-        return build_status(api, spec, record.status, progress, counts, record.end_time)
+        return build_status(
+            api, spec, record.status, progress, counts, record.end_time, self.endpoint_of(api)
+        )
 
     # -- what /status and /metrics show ---------------------------------------------------------
 

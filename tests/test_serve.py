@@ -180,6 +180,7 @@ def test_a_cortex_script_submits_polls_and_lists(one_api: tuple[Serve, Path]) ->
     assert js["worker_counts"] == {"succeeded": 1}
     assert status["metrics"]["succeeded"] == 4 and status["metrics"]["failed"] == 0
     assert set(status) == {"job_status", "endpoint", "api_spec", "metrics"}
+    assert status["endpoint"] == f"{s.url}/sum"  # the API's URL, as Cortex gives it
     for key in ("batches_in_queue", "total_batch_count", "start_time", "end_time"):
         assert key in js
     records = read_records(rec)
@@ -248,6 +249,10 @@ def test_timeout_and_dry_run(tmp_path: Path, cleanup: list[Serve]) -> None:
         str(data / "images" / "img_2.jpg"),
         "validations passed",
     ]
+    outside = {"workers": 1, "delimited_files": {"s3_paths": ["/etc/passwd"], "batch_size": 1}}
+    r = s.submit("t", outside, dryRun="true")
+    assert r.status_code == 400
+    assert "`delimited_files.s3_paths[0]`" in r.json()["message"]  # the same path as a submit
     r = s.submit("t", items_job(10, 4), dryRun="true")
     assert r.text.splitlines() == ["10 item(s) in 3 batch(es)", "validations passed"]
     secret = tmp_path / "secret.ndjson"
@@ -463,7 +468,8 @@ def test_chaining_from_inside_a_container(tmp_path: Path, cleanup: list[Serve]) 
         "import json, os, sys, requests\n"
         "from supervisor.client import Client\n"
         "spec = Client().submit('second', {'workers': 1, 'item_list': {'items': [1, 2], 'batch_size': 1}})\n"
-        "r = requests.post(os.environ['CORTEX_OPERATOR_ENDPOINT'] + '/second',\n"
+        "auth = {'Authorization': 'Bearer ' + os.environ['SUPERVISOR_TOKEN']}\n"
+        "r = requests.post(os.environ['CORTEX_OPERATOR_ENDPOINT'] + '/second', headers=auth,\n"
         "                  json={'workers': 1, 'item_list': {'items': [3], 'batch_size': 1}})\n"
         f"open({str(out)!r}, 'w').write(json.dumps([spec.job_id, r.json()['job_id']]))\n"
         "import time; time.sleep(3600)\n"
@@ -495,7 +501,9 @@ def test_chaining_from_inside_a_container(tmp_path: Path, cleanup: list[Serve]) 
         )
     )
     (tmp_path / "first-rec").mkdir()
-    s = start_serve(tmp_path, [first, second])
+    token = tmp_path / "token"
+    token.write_text("chain-token")  # the chain must authenticate, with what serve gives it
+    s = start_serve(tmp_path, [first, second], "--token-file", str(token), token="chain-token")
     cleanup.append(s)
     job = s.submit("first", items_job(600)).json()["job_id"]  # runs while the chain submits
     deadline = time.monotonic() + 60
@@ -505,7 +513,7 @@ def test_chaining_from_inside_a_container(tmp_path: Path, cleanup: list[Serve]) 
     chained = json.loads(out.read_text())
     for job_id in chained:
         assert s.wait_end("second", job_id)["job_status"]["status"] == "succeeded"
-    requests.delete(f"{s.url}/first", params={"jobID": job}, timeout=TIMEOUT)
+    requests.delete(f"{s.url}/first", params={"jobID": job}, headers=s.headers(), timeout=TIMEOUT)
     cli_yaml = s.root / "cortex" / "client" / "cli.yaml"
     assert yaml.safe_load(cli_yaml.read_text())["environments"][0]["operator_endpoint"] == s.url
 

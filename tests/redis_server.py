@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -54,14 +55,16 @@ class RedisServer:
             self.kill()
             raise RuntimeError("redis-server did not start in time")
         # Drain the rest of its log in the background so it never blocks on a full pipe.
-        import threading
-
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+        self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
+        self._drain.start()
 
     def kill(self) -> None:
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(START_TIMEOUT)
+            if self.proc.stdout is not None:
+                self._drain.join(START_TIMEOUT)
+                self.proc.stdout.close()
             self.proc = None
 
     def flush(self) -> None:

@@ -121,40 +121,26 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'worker_counts', ARGV[4]) end
 return 1
 """
 
-# The committer's one round trip: acks and failures reported since the last commit.
+# The committer's one round trip: failures and acks reported since the last commit.
 # KEYS: job, stream, attempts, dead.
-# ARGV: group, consumer, max_attempts, n_acks, then n_acks pairs (id, elapsed), then
-# triples (id, attempt, record) for failures.
-# An ack counts only if XACK removed the entry (a batch acked twice, by two pods that both
-# held it, counts once). A failure applies only while the entry is this consumer's and its
-# delivery count is the attempt that failed (a retried commit is not applied twice); then
-# the attempt's record is kept and the batch is dead-lettered if that was the last allowed
-# delivery, else its delivery count is raised for the next attempt (it stays with us).
+# ARGV: group, consumer, max_attempts, n_failures, then n_failures triples (id, attempt,
+# record), then pairs (id, elapsed) for acks. Failures go first: a batch's failures always
+# come before its ack.
+# A failure applies only while the entry is this consumer's and its delivery count is the
+# attempt that failed (a retried commit is not applied twice); then the attempt's record is
+# kept and the batch is dead-lettered if that was the last allowed delivery, else its
+# delivery count is raised for the next attempt (it stays with us). An ack counts only if
+# XACK removed the entry (a batch acked by two pods that both held it counts once).
 # Returns {status per failure (1 retry, 0 dead, -1 stale)}, then the counters.
 COMMIT = (
     _COUNTERS_LUA
     + """
 local job, stream, attempts, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local n_acks = tonumber(ARGV[4])
-local ok, time = 0, 0
-local i = 5
-for _ = 1, n_acks do
-  local id = ARGV[i]
-  if redis.call('XACK', stream, group, id) == 1 then
-    ok = ok + 1
-    time = time + tonumber(ARGV[i + 1])
-    redis.call('XDEL', stream, id)
-    redis.call('HDEL', attempts, tonumber(string.sub(id, 3)) - 1)
-  end
-  i = i + 2
-end
-if ok > 0 then
-  redis.call('HINCRBY', job, 'succeeded', ok)
-  redis.call('HINCRBYFLOAT', job, 'time_per_batch_sum', time)
-end
+local n_failures = tonumber(ARGV[4])
 local out = {}
-while i <= #ARGV do
+local i = 5
+for _ = 1, n_failures do
   local id, attempt, record = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   i = i + 3
   local p = redis.call('XPENDING', stream, group, id, id, 1)
@@ -175,8 +161,22 @@ while i <= #ARGV do
     end
   end
 end
-local c = counters(job)
-for _, v in ipairs(c) do table.insert(out, v) end
+local ok, time = 0, 0
+while i <= #ARGV do
+  local id = ARGV[i]
+  if redis.call('XACK', stream, group, id) == 1 then
+    ok = ok + 1
+    time = time + tonumber(ARGV[i + 1])
+    redis.call('XDEL', stream, id)
+    redis.call('HDEL', attempts, tonumber(string.sub(id, 3)) - 1)
+  end
+  i = i + 2
+end
+if ok > 0 then
+  redis.call('HINCRBY', job, 'succeeded', ok)
+  redis.call('HINCRBYFLOAT', job, 'time_per_batch_sum', time)
+end
+for _, v in ipairs(counters(job)) do table.insert(out, v) end
 return out
 """
 )
@@ -228,41 +228,42 @@ return out
 """
 )
 
-# Renew the lease of every batch this consumer holds: reset their idle time without counting
-# a delivery. KEYS: stream. ARGV: group, consumer. Returns the ids still held.
+# Renew the lease of the batches this consumer holds: reset their idle time without counting
+# a delivery. KEYS: stream. ARGV: group, consumer, then the ids held. Returns those still
+# this consumer's (others lost their lease and were claimed). Entries pending for this
+# consumer that it does not know of (a read whose reply was lost) are not renewed: they are
+# claimed after the lease like a dead consumer's.
 RENEW = """
-local mine = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000000, ARGV[2])
-local ids = {}
-for _, p in ipairs(mine) do table.insert(ids, p[1]) end
-for i = 1, #ids, 1000 do
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then table.insert(mine, ARGV[i]) end
+end
+for i = 1, #mine, 1000 do
   local args = {KEYS[1], ARGV[1], ARGV[2], 0}
-  for k = i, math.min(i + 999, #ids) do table.insert(args, ids[k]) end
+  for k = i, math.min(i + 999, #mine) do table.insert(args, mine[k]) end
   table.insert(args, 'JUSTID')
   redis.call('XCLAIM', unpack(args))
 end
-return ids
+return mine
 """
 
-# On leaving a feed: give back what it holds but did not resolve, claimable at once and
-# uncounted (see CLAIM), then forget the consumer. KEYS: stream, returned.
-# ARGV: group, consumer, then ids.
+# On leaving a feed: give back everything still pending for it (what it held unresolved,
+# and what a read cut short left with it), claimable at once and uncounted (see CLAIM),
+# then forget the consumer. KEYS: stream, returned. ARGV: group, consumer.
 GIVE_BACK = (
     """
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
-for i = 3, #ARGV do
-  local p = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)
-  if #p == 1 and p[1][2] == me then
-    redis.call('XCLAIM', stream, group, '"""
+if redis.call('EXISTS', stream) == 0 then return 0 end
+local mine = redis.call('XPENDING', stream, group, '-', '+', 1000000, me)
+for _, p in ipairs(mine) do
+  redis.call('XCLAIM', stream, group, '"""
     + RETURNED
-    + """', 0, ARGV[i], 'IDLE', 1000000000, 'JUSTID')
-    redis.call('SADD', KEYS[2], ARGV[i])
-  end
+    + """', 0, p[1], 'IDLE', 1000000000, 'JUSTID')
+  redis.call('SADD', KEYS[2], p[1])
 end
-local left = redis.call('XPENDING', stream, group, '-', '+', 1, me)
-if #left == 0 and redis.call('EXISTS', stream) == 1 then
-  redis.call('XGROUP', 'DELCONSUMER', stream, group, me)
-end
-return #left
+redis.call('XGROUP', 'DELCONSUMER', stream, group, me)
+return #mine
 """
 )
 

@@ -293,16 +293,21 @@ class RedisFeed:
     async def running(self) -> AsyncIterator[None]:
         """Run the reader, committer and renewer for the block; on the way out commit what
         is buffered and give back what is held (``RedisQueue.open_feed`` wraps its caller)."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._run_reader)
-            tg.start_soon(self._run_committer)
-            tg.start_soon(self._run_renewer)
-            try:
-                yield
-            finally:
-                self._stopping = True
-                self.close()
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._run_reader)
+                tg.start_soon(self._run_committer)
+                tg.start_soon(self._run_renewer)
+                try:
+                    yield
+                finally:
+                    self._stopping = True
+                    self.close()
+                    tg.cancel_scope.cancel()
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(GIVE_BACK_TIMEOUT):
             try:
                 while self._n_committed < self._n_buffered:
@@ -310,12 +315,11 @@ class RedisFeed:
                 await self._run_script(
                     self._give_back,
                     [self._keys.stream, self._keys.returned],
-                    [S.GROUP, self._consumer, *map(S.entry_id, sorted(self._held()))],
+                    [S.GROUP, self._consumer],
                 )
             except TRANSIENT as e:
                 self._log.warning("redis_give_back_failed", error=str(e))
-            finally:
-                self._stopped = True
+        self._stopped = True
 
     async def _run_script(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
         return await script(keys=keys, args=args)
@@ -387,18 +391,20 @@ class RedisFeed:
         while True:
             await anyio.sleep(self._lease / 3)
             try:
+                held_ids = [S.entry_id(seq) for seq in sorted(self._held())]
+                if not held_ids:
+                    continue
                 mine: list[bytes] = await self._renew(
-                    keys=[self._keys.stream], args=[S.GROUP, self._consumer]
+                    keys=[self._keys.stream], args=[S.GROUP, self._consumer, *held_ids]
                 )
             except TRANSIENT as e:
                 await backoff.failed(e)
                 continue
             backoff.succeeded()
-            held = {S.seq_of(i) for i in mine}
-            if any(d.seq not in held for d in self._ready):
-                lost = [d.seq for d in self._ready if d.seq not in held]
-                self._log.warning("redis_leases_lost", batches=lost)
-                self._ready = deque(d for d in self._ready if d.seq in held)
+            lost = {S.seq_of(i) for i in held_ids} - {S.seq_of(S.as_bytes(i)) for i in mine}
+            if lost:  # another consumer claimed them (this one was cut off too long)
+                self._log.warning("redis_leases_lost", batches=sorted(lost))
+                self._ready = deque(d for d in self._ready if d.seq not in lost)
 
     # -- the committer --------------------------------------------------------------------
 
@@ -428,11 +434,11 @@ class RedisFeed:
             return
         target = self._n_buffered
         acks, failed = list(self._acks), list(self._failed)
-        args: list[Any] = [S.GROUP, self._consumer, self._max_attempts, len(acks)]
-        for seq, elapsed in acks:
-            args += [S.entry_id(seq), repr(elapsed)]
+        args: list[Any] = [S.GROUP, self._consumer, self._max_attempts, len(failed)]
         for seq, attempt, record in failed:
             args += [S.entry_id(seq), attempt, record]
+        for seq, elapsed in acks:
+            args += [S.entry_id(seq), repr(elapsed)]
         keys = self._keys
         out: list[Any] = await self._commit(
             keys=[keys.job, keys.stream, keys.attempts, keys.dead], args=args

@@ -69,8 +69,6 @@ class ServiceSettings:
     cwd: Path | None = None
 
 
-
-
 class JobService:
     """Jobs of ``apis`` on local pods, with the embedded ``queue`` (see the module doc)."""
 

@@ -70,9 +70,6 @@ class ServiceSettings:
     token: str | None = None  # the API's bearer token: containers get it, to chain
 
 
-_dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
-
-
 class JobService:
     """Jobs of ``apis`` on local pods, with the embedded ``queue`` (see the module doc)."""
 
@@ -364,12 +361,7 @@ class JobService:
 
     async def dead_letters(self, api_name: str, job_id: str) -> list[DeadLetter]:
         await self._record(api_name, job_id)
-        paths = await self.queue.list_dead_letters(job_id)
-
-        def read() -> list[DeadLetter]:
-            return [_dead_letter_decoder.decode(p.read_bytes()) for p in paths]
-
-        return await anyio.to_thread.run_sync(read)
+        return await self.queue.dead_letters(job_id)
 
     async def _record(self, api_name: str, job_id: str) -> JobRecord:
         self.api(api_name)

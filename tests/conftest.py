@@ -7,6 +7,7 @@ import pytest
 
 from supervisor.linux import become_subreaper
 from supervisor.proctable import scan_stats
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")])
@@ -39,3 +40,21 @@ def reap_leftovers() -> None:
     for stat in scan_stats().values():
         if stat.ppid == me and stat.state == "Z":
             os.waitpid(stat.pid, os.WNOHANG)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` for the session (skips if it is not installed)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url()

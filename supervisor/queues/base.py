@@ -12,8 +12,9 @@ A queue stores jobs (one :class:`JobRecord` each) and their batches. Producing i
 Delivery is at-least-once: a batch received but neither acked nor failed when the process
 dies is delivered again when the job is re-opened. A batch whose ack was committed (after
 :meth:`Feed.flush`, or when the feed is left) is never delivered again. Each failed attempt
-is persisted; when ``attempt == max_attempts`` fails, the batch is dead-lettered: written as
-``dead_letter_dir(job_id)/batch-<seq>.json`` and counted as ``dead``.
+is persisted; when ``attempt == max_attempts`` fails, the batch is dead-lettered: kept with
+each attempt's record (:meth:`JobQueue.dead_letters`; the embedded queue writes
+``dead_letter_dir(job_id)/batch-<seq>.json``) and counted as ``dead``.
 
 The embedded backend (``embedded.py``, one SQLite file) implements this for one machine; the
 Redis backend (``redis.py``) for many.
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Protocol
 
 import msgspec
 
-from supervisor.errors import SupervisorError
+from supervisor.errors import BadInput, SupervisorError
 
 __all__ = [
     "AttemptRecord",
@@ -38,6 +38,7 @@ __all__ = [
     "JobQueue",
     "JobRecord",
     "Progress",
+    "QueueConnectError",
     "QueueError",
     "dead_letter_name",
     "progress_of",
@@ -46,6 +47,11 @@ __all__ = [
 
 class QueueError(SupervisorError):
     """The queue was used wrongly (unknown job, a second feed, a stale delivery) or is broken."""
+
+
+class QueueConnectError(QueueError, BadInput):
+    """The queue named by the configuration cannot be used (unreachable, wrong password):
+    one sentence, exit code 2."""
 
 
 class Delivery(msgspec.Struct, frozen=True, gc=False):
@@ -221,18 +227,25 @@ class JobQueue(Protocol):
         """The job's counters (live while a feed is open)."""
         ...
 
-    def dead_letter_dir(self, job_id: str) -> Path:
-        """The folder holding the job's dead letters."""
+    @property
+    def url(self) -> str:
+        """Where the queue is: ``sqlite://<file>``, or the Redis URL without its password."""
         ...
 
-    async def list_dead_letters(self, job_id: str) -> list[Path]:
-        """The job's dead-letter files, by batch number."""
+    async def dead_letters(self, job_id: str) -> list[DeadLetter]:
+        """The job's dead letters, by batch number."""
         ...
 
     def open_feed(
         self, job_id: str, *, max_attempts: int, buffer: int = 1024
     ) -> AbstractAsyncContextManager[Feed]:
         """Consume the job's batches; leaving it commits everything acked or failed."""
+        ...
+
+    def completion(self, job_id: str) -> AbstractAsyncContextManager[bool]:
+        """Claim the job's one ``/on-job-complete``: ``True`` for the one caller that is to
+        send it (the job enqueued, nothing pending or in flight, not claimed before);
+        leaving the block normally marks it sent for good, with an error releases it."""
         ...
 
     async def aclose(self) -> None:

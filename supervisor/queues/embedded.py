@@ -76,6 +76,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import msgspec
 
 from supervisor.queues._sqlite import (
     CHUNK_BYTES,
@@ -90,6 +91,7 @@ from supervisor.queues._sqlite import (
     writing,
 )
 from supervisor.queues.base import (
+    DeadLetter,
     JobRecord,
     Progress,
     QueueError,
@@ -98,6 +100,8 @@ from supervisor.queues.base import (
 from supervisor.queues.embedded_feed import EmbeddedFeed
 
 __all__ = ["EmbeddedFeed", "EmbeddedQueue", "read_jobs"]
+
+_dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
 
 
 def _take(batches: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
@@ -149,6 +153,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         self._storage = storage
         self._dead_letter_root = dead_letter_root
         self._feeds: dict[str, EmbeddedFeed | None] = {}  # None while opening
+        self._completions: set[str] = set()  # jobs whose /on-job-complete was claimed
 
     @classmethod
     async def open(
@@ -164,6 +169,11 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
     def path(self) -> Path:
         """The SQLite file."""
         return self._storage.path
+
+    @property
+    def url(self) -> str:
+        """``sqlite://<file>``."""
+        return f"sqlite://{self._storage.path}"
 
     async def aclose(self) -> None:
         """Close the file. Feeds must have been left before."""
@@ -344,6 +354,33 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             return [p for seq, p in sorted((s, p) for s, p in found if s is not None)]
 
         return await anyio.to_thread.run_sync(scan)
+
+    async def dead_letters(self, job_id: str) -> list[DeadLetter]:
+        """The job's dead letters (the content of its files), by batch number."""
+        paths = await self.list_dead_letters(job_id)
+
+        def read() -> list[DeadLetter]:
+            return [_dead_letter_decoder.decode(p.read_bytes()) for p in paths]
+
+        return await anyio.to_thread.run_sync(read)
+
+    @asynccontextmanager
+    async def completion(self, job_id: str) -> AsyncIterator[bool]:
+        """Claim the job's one ``/on-job-complete`` (in this process: one file, one
+        supervisor): ``True`` once, when every batch is resolved and nothing is in flight."""
+        progress = await self.progress(job_id)
+        finished = progress.total is not None and progress.in_flight == progress.in_queue == 0
+        if not finished or job_id in self._completions:
+            yield False
+            return
+        self._completions.add(job_id)
+        ok = False
+        try:
+            yield True
+            ok = True
+        finally:
+            if not ok:
+                self._completions.discard(job_id)
 
     # -- dispatch -------------------------------------------------------------------------
 

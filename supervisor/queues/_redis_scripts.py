@@ -1,0 +1,300 @@
+"""Key names and the Lua scripts of the Redis queue (see ``redis.py`` for how they fit).
+
+Every step that must not be seen half done is one script: Redis runs a script atomically,
+so a pod killed between two commands cannot leave a batch acked but uncounted, or counted
+but still pending. All keys of a job share the hash tag ``{<job_id>}`` (one cluster slot).
+
+Entry ids are ``0-<seq + 1>``: a batch's stream id says its ``seq`` without a field.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = [
+    "CLAIM",
+    "COMMIT",
+    "COMPLETE_CLAIM",
+    "COMPLETE_DONE",
+    "COMPLETE_RELEASE",
+    "COMPLETE_RENEW",
+    "COUNTERS",
+    "CREATE",
+    "GIVE_BACK",
+    "GROUP",
+    "JOBS",
+    "READ_COUNTERS",
+    "RENEW",
+    "SET_STATUS",
+    "JobKeys",
+    "as_bytes",
+    "entry_id",
+    "job_keys",
+    "seq_of",
+]
+
+GROUP = b"dispatch"  # the one consumer group of every job stream
+JOBS = "supervisor:jobs"  # the set of job ids
+RETURNED = "returned"  # the consumer that holds batches given back on close (free to claim)
+
+# The counters every script returns, in this order, after its changes.
+COUNTERS = ("total_batches", "succeeded", "dead", "failed_attempts", "time_per_batch_sum")
+
+
+class JobKeys(NamedTuple):
+    job: str  # hash: the JobRecord's fields
+    stream: str  # the batches not resolved yet (acked and dead entries are deleted)
+    attempts: str  # hash: seq -> the failed attempts' records, one JSON per line
+    dead: str  # stream: one entry per dead batch (seq, body, attempts)
+    complete: str  # the /on-job-complete claim
+    returned: str  # set: ids given back by a feed that left, claimable uncounted
+
+
+def job_keys(job_id: str) -> JobKeys:
+    p = f"supervisor:{{{job_id}}}:"
+    return JobKeys(*(p + k for k in JobKeys._fields))
+
+
+def as_bytes(value: str | bytes) -> bytes:
+    """A reply of a client made with ``decode_responses=False`` (typed ``str | bytes``)."""
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def entry_id(seq: int) -> bytes:
+    return b"0-%d" % (seq + 1)
+
+
+def seq_of(entry: bytes) -> int:
+    return int(entry.partition(b"-")[2]) - 1
+
+
+_COUNTERS_LUA = """
+local function counters(job)
+  return redis.call('HMGET', job, 'total_batches', 'succeeded', 'dead', 'failed_attempts',
+                    'time_per_batch_sum')
+end
+local function body_of(stream, id)
+  local e = redis.call('XRANGE', stream, id, id)
+  if #e == 0 then return nil end
+  local f = e[1][2]
+  for i = 1, #f, 2 do if f[i] == 'body' then return f[i + 1] end end
+  return nil
+end
+local function dead_letter(stream, attempts, dead, job, id, records)
+  -- Move the batch to the dead-letter stream with every attempt's record, ack and count it.
+  local body = body_of(stream, id)
+  local seq = tonumber(string.sub(id, 3)) - 1
+  redis.call('XADD', dead, '*', 'seq', seq, 'body', body or '', 'attempts', records)
+  redis.call('XACK', stream, ARGV[1], id)
+  redis.call('XDEL', stream, id)
+  redis.call('HDEL', attempts, seq)
+  redis.call('HINCRBY', job, 'dead', 1)
+end
+"""
+
+# KEYS: job. Returns the counters.
+READ_COUNTERS = (
+    _COUNTERS_LUA
+    + """
+return counters(KEYS[1])
+"""
+)
+
+# KEYS: job, index. ARGV: job_id, api_name, digest, spec_json, created_time.
+# Returns 0 if the job exists already.
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'api_name', ARGV[2], 'digest', ARGV[3], 'spec_json', ARGV[4],
+           'status', 'enqueuing', 'created_time', ARGV[5], 'succeeded', 0, 'dead', 0,
+           'failed_attempts', 0, 'time_per_batch_sum', 0)
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: job. ARGV: status, start_time, end_time, worker_counts ('' = keep). 0 if no job.
+SET_STATUS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'start_time', ARGV[2]) end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'end_time', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'worker_counts', ARGV[4]) end
+return 1
+"""
+
+# The committer's one round trip: failures and acks reported since the last commit.
+# KEYS: job, stream, attempts, dead.
+# ARGV: group, consumer, max_attempts, n_failures, then n_failures triples (id, attempt,
+# record), then pairs (id, elapsed) for acks. Failures go first: a batch's failures always
+# come before its ack.
+# A failure applies only while the entry is this consumer's and its delivery count is the
+# attempt that failed (a retried commit is not applied twice); then the attempt's record is
+# kept and the batch is dead-lettered if that was the last allowed delivery, else its
+# delivery count is raised for the next attempt (it stays with us). An ack counts only if
+# XACK removed the entry (a batch acked by two pods that both held it counts once).
+# Returns {status per failure (1 retry, 0 dead, -1 stale)}, then the counters.
+COMMIT = (
+    _COUNTERS_LUA
+    + """
+local job, stream, attempts, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local n_failures = tonumber(ARGV[4])
+local out = {}
+local i = 5
+for _ = 1, n_failures do
+  local id, attempt, record = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  i = i + 3
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  if #p == 0 or p[1][2] ~= me or p[1][4] ~= attempt then
+    table.insert(out, -1)
+  else
+    redis.call('HINCRBY', job, 'failed_attempts', 1)
+    local seq = tonumber(string.sub(id, 3)) - 1
+    local prev = redis.call('HGET', attempts, seq)
+    local records = prev and (prev .. '\\n' .. record) or record
+    if attempt >= max then
+      dead_letter(stream, attempts, dead, job, id, records)
+      table.insert(out, 0)
+    else
+      redis.call('HSET', attempts, seq, records)
+      redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', attempt + 1, 'JUSTID')
+      table.insert(out, 1)
+    end
+  end
+end
+local ok, time = 0, 0
+while i <= #ARGV do
+  local id = ARGV[i]
+  if redis.call('XACK', stream, group, id) == 1 then
+    ok = ok + 1
+    time = time + tonumber(ARGV[i + 1])
+    redis.call('XDEL', stream, id)
+    redis.call('HDEL', attempts, tonumber(string.sub(id, 3)) - 1)
+  end
+  i = i + 2
+end
+if ok > 0 then
+  redis.call('HINCRBY', job, 'succeeded', ok)
+  redis.call('HINCRBYFLOAT', job, 'time_per_batch_sum', time)
+end
+for _, v in ipairs(counters(job)) do table.insert(out, v) end
+return out
+"""
+)
+
+# Take over batches whose lease ran out (their consumer died or was cut off) or that a
+# leaving feed gave back. KEYS: job, stream, attempts, dead, returned. ARGV: group,
+# consumer, min_idle_ms, count, max_attempts, time (RFC3339, for a lost attempt's record).
+# A given-back batch keeps its delivery count. A lost delivery is recorded as a failed
+# attempt; a batch whose deliveries are used up is dead-lettered instead of delivered.
+# Returns {n, then n triples (id, body, attempt)}, then the counters.
+CLAIM = (
+    _COUNTERS_LUA
+    + """
+local job, stream, attempts, dead, returned = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[3], '0-0', 'COUNT', ARGV[4])
+local got = {}
+for _, e in ipairs(r[2]) do
+  local id = e[1]
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  local count = p[1][4]
+  local seq = tonumber(string.sub(id, 3)) - 1
+  local body = ''
+  for k = 1, #e[2], 2 do if e[2][k] == 'body' then body = e[2][k + 1] end end
+  local records = redis.call('HGET', attempts, seq)
+  if redis.call('SREM', returned, id) == 1 then
+    count = math.max(1, count - 1)
+    redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count, 'JUSTID')
+  elseif count > 1 then
+    -- the previous delivery was lost with its consumer: that attempt failed
+    local record = cjson.encode({attempt = count - 1,
+      error = 'lease expired: its consumer stopped renewing it', time = ARGV[6]})
+    records = records and (records .. '\\n' .. record) or record
+    redis.call('HINCRBY', job, 'failed_attempts', 1)
+  end
+  if count > max then
+    dead_letter(stream, attempts, dead, job, id, records or '')
+  else
+    if records then redis.call('HSET', attempts, seq, records) end
+    table.insert(got, id)
+    table.insert(got, body)
+    table.insert(got, count)
+  end
+end
+local out = {#got / 3}
+for _, v in ipairs(got) do table.insert(out, v) end
+for _, v in ipairs(counters(job)) do table.insert(out, v) end
+return out
+"""
+)
+
+# Renew the lease of the batches this consumer holds: reset their idle time without counting
+# a delivery. KEYS: stream. ARGV: group, consumer, then the ids held. Returns those still
+# this consumer's (others lost their lease and were claimed). Entries pending for this
+# consumer that it does not know of (a read whose reply was lost) are not renewed: they are
+# claimed after the lease like a dead consumer's.
+RENEW = """
+local mine = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == ARGV[2] then table.insert(mine, ARGV[i]) end
+end
+for i = 1, #mine, 1000 do
+  local args = {KEYS[1], ARGV[1], ARGV[2], 0}
+  for k = i, math.min(i + 999, #mine) do table.insert(args, mine[k]) end
+  table.insert(args, 'JUSTID')
+  redis.call('XCLAIM', unpack(args))
+end
+return mine
+"""
+
+# On leaving a feed: give back everything still pending for it (what it held unresolved,
+# and what a read cut short left with it), claimable at once and uncounted (see CLAIM),
+# then forget the consumer. KEYS: stream, returned. ARGV: group, consumer.
+GIVE_BACK = (
+    """
+local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
+if redis.call('EXISTS', stream) == 0 then return 0 end
+local mine = redis.call('XPENDING', stream, group, '-', '+', 1000000, me)
+for _, p in ipairs(mine) do
+  redis.call('XCLAIM', stream, group, '"""
+    + RETURNED
+    + """', 0, p[1], 'IDLE', 1000000000, 'JUSTID')
+  redis.call('SADD', KEYS[2], p[1])
+end
+redis.call('XGROUP', 'DELCONSUMER', stream, group, me)
+return #mine
+"""
+)
+
+# The one /on-job-complete: claimed when the job is enqueued and its stream is empty
+# (nothing pending, nothing in flight: acked and dead entries are deleted).
+# KEYS: job, stream, complete. ARGV: owner, lease_ms. Returns 1 if claimed.
+COMPLETE_CLAIM = """
+local total = redis.call('HGET', KEYS[1], 'total_batches')
+if not total then return 0 end
+if redis.call('XLEN', KEYS[2]) > 0 then return 0 end
+if redis.call('SET', KEYS[3], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+# KEYS: complete. ARGV: owner, lease_ms. Returns 1 if the claim is still ours.
+COMPLETE_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: complete. ARGV: owner. The call was made: the job is completed for good.
+COMPLETE_DONE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], 'done:' .. ARGV[1])
+return 1
+"""
+
+# KEYS: complete. ARGV: owner. The call did not happen: another pod may claim it.
+COMPLETE_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""

@@ -1,0 +1,463 @@
+"""The dispatch side of the Redis queue: :class:`RedisFeed` (see ``redis.py``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import coredis
+import coredis.exceptions
+import msgspec
+
+from supervisor.logs import Logger
+from supervisor.queues import _redis_scripts as S
+from supervisor.queues.base import AttemptRecord, Delivery, JobRecord, Progress, QueueError
+
+__all__ = ["RedisFeed", "consumer_name", "retrying"]
+
+COMMIT_WINDOW = 0.005  # seconds acks gather before one commit, while busy
+POLL = 1.0  # seconds between looks for lost batches while others hold the rest
+BACKOFF_MAX = 5.0  # seconds, the longest wait between tries while Redis is away
+READ_COUNT = 256  # entries per XREADGROUP / claim
+GIVE_BACK_TIMEOUT = 10.0  # seconds to commit and give back on leaving
+
+_record_encoder = msgspec.json.Encoder()
+
+# What "Redis is away" looks like through coredis: retried, in-flight batches kept.
+TRANSIENT = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
+
+
+def consumer_name() -> str:
+    """A consumer name unique to this feed: host, pid and a random part."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _rfc3339() -> str:
+    from supervisor.jobs import rfc3339
+
+    return rfc3339()
+
+
+class _Backoff:
+    """Capped exponential backoff for retrying while Redis is away."""
+
+    def __init__(self, log: Logger, what: str) -> None:
+        self._log = log
+        self._what = what
+        self._delay = 0.0
+
+    async def failed(self, e: BaseException) -> None:
+        self._delay = min(BACKOFF_MAX, max(0.05, self._delay * 2))
+        self._log.warning("redis_unavailable", doing=self._what, error=str(e), retry_in=self._delay)
+        await anyio.sleep(self._delay)
+
+    def succeeded(self) -> None:
+        if self._delay:
+            self._log.info("redis_back", doing=self._what)
+        self._delay = 0.0
+
+
+async def retrying(log: Logger, what: str, call: Any) -> Any:
+    """Await ``call()`` until it gets through (Redis away: capped backoff)."""
+    backoff = _Backoff(log, what)
+    while True:
+        try:
+            result = await call()
+        except TRANSIENT as e:
+            await backoff.failed(e)
+            continue
+        backoff.succeeded()
+        return result
+
+
+class RedisFeed:
+    """The consuming side of one job on Redis (:class:`~supervisor.queues.base.Feed`).
+
+    Made by :meth:`RedisQueue.open_feed`. Three tasks serve it: the *reader* keeps ``ready``
+    filled (``XREADGROUP``, then claims of expired leases), the *committer* sends buffered
+    acks and failures in one script call per group, the *renewer* renews the lease of every
+    batch held every third of the lease. ``receive_nowait``, ``ack`` and ``fail`` never do
+    I/O.
+    """
+
+    def __init__(
+        self,
+        client: coredis.Redis[bytes],
+        job: JobRecord,
+        *,
+        max_attempts: int,
+        buffer: int,
+        lease: float,
+        log: Logger,
+    ) -> None:
+        self._client = client
+        self._job_id = job.job_id
+        self._keys = S.job_keys(job.job_id)
+        self._max_attempts = max_attempts
+        self._buffer = buffer
+        self._low_water = buffer // 2
+        self._lease = lease
+        self._log = log
+        self._consumer = consumer_name()
+        self._commit = client.register_script(S.COMMIT)
+        self._claim = client.register_script(S.CLAIM)
+        self._renew = client.register_script(S.RENEW)
+        self._give_back = client.register_script(S.GIVE_BACK)
+        # Counters as Redis last said, plus what is buffered here and not committed yet.
+        self._remote = (job.total_batches or 0, job.succeeded, job.dead, job.failed_attempts)
+        self._remote_time = job.time_per_batch_sum
+        self._local_ok = 0
+        self._local_dead = 0
+        self._local_failed = 0
+        self._local_time = 0.0
+        # Delivery state.
+        self._ready: deque[Delivery] = deque()
+        self._in_flight: dict[int, int] = {}  # seq -> attempt
+        self._done = False  # the job's stream is empty: nothing anywhere left to do
+        self._closed = False
+        self._receivers_wakeup: anyio.Event | None = None
+        self._reader_wakeup: anyio.Event | None = None
+        self._closed_event: anyio.Event | None = None
+        # Commit buffers.
+        self._acks: list[tuple[int, float]] = []
+        self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, record
+        self._n_buffered = 0
+        self._n_committed = 0
+        self._committer_wakeup: anyio.Event | None = None
+        self._commit_done: anyio.Event | None = None
+        self._stopping = False
+        self._stopped = False
+
+    @property
+    def consumer(self) -> str:
+        """This feed's consumer name in the job's group."""
+        return self._consumer
+
+    # -- the consumer's side --------------------------------------------------------------
+
+    async def receive(self) -> Delivery | None:
+        """The next batch, or ``None`` when the job has no more work or the feed is closed."""
+        await anyio.lowlevel.checkpoint()
+        while True:
+            try:
+                return self.receive_nowait()
+            except anyio.WouldBlock:
+                pass
+            wakeup = self._receivers_wakeup
+            if wakeup is None:
+                wakeup = self._receivers_wakeup = anyio.Event()
+            await wakeup.wait()
+
+    def receive_nowait(self) -> Delivery | None:
+        """Like :meth:`receive` without waiting (``anyio.WouldBlock`` if nothing is ready)."""
+        if self._closed:
+            return None
+        ready = self._ready
+        if ready:
+            d = ready.popleft()
+            self._in_flight[d.seq] = d.attempt
+            if len(ready) <= self._low_water:
+                self._wake_reader()
+            return d
+        if self._done and not self._in_flight:
+            return None
+        raise anyio.WouldBlock
+
+    def ack(self, d: Delivery, elapsed: float) -> None:
+        """``d`` succeeded after ``elapsed`` seconds (committed in the background)."""
+        self._resolve(d)
+        self._local_ok += 1
+        self._local_time += elapsed
+        self._acks.append((d.seq, elapsed))
+        self._buffered()
+
+    def fail(self, d: Delivery, record: AttemptRecord) -> None:
+        """``d``'s attempt failed: retry it next, or dead-letter it if it was the last."""
+        self._resolve(d)
+        self._local_failed += 1
+        if record.attempt != d.attempt:
+            record = msgspec.structs.replace(record, attempt=d.attempt)
+        self._failed.append((d.seq, d.attempt, _record_encoder.encode(record)))
+        if d.attempt < self._max_attempts:
+            self._ready.append(Delivery(d.seq, d.body, d.attempt + 1))
+            self._wake_receivers()
+        else:
+            self._local_dead += 1
+        self._buffered()
+
+    def release(self, d: Delivery) -> None:
+        """Give ``d`` back uncounted: it is delivered again next, with the same attempt."""
+        self._resolve(d)
+        self._ready.appendleft(d)
+        self._wake_receivers()
+
+    def close(self) -> None:
+        """Stop: ``receive`` returns ``None`` from now on; held batches are given back."""
+        self._closed = True
+        if self._closed_event is not None:
+            self._closed_event.set()
+        self._wake_receivers()
+        self._wake_reader()
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` has been called."""
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self._closed_event is None:
+            self._closed_event = anyio.Event()
+        await self._closed_event.wait()
+
+    def progress(self) -> Progress:
+        """The job's counters: Redis's as last seen, plus what is buffered here."""
+        total, ok, dead, failed = self._remote
+        ok += self._local_ok
+        dead += self._local_dead
+        in_flight = len(self._in_flight)
+        time_sum = self._remote_time + self._local_time
+        return Progress(
+            total=total,
+            succeeded=ok,
+            dead=dead,
+            failed_attempts=failed + self._local_failed,
+            in_flight=in_flight,
+            in_queue=max(0, total - ok - dead - in_flight),
+            average_time_per_batch=time_sum / ok if ok else None,
+        )
+
+    async def flush(self) -> None:
+        """Wait until every ack and failure reported so far is committed to Redis."""
+        target = self._n_buffered
+        if self._n_committed >= target:
+            await anyio.lowlevel.checkpoint()
+            return
+        while self._n_committed < target:
+            if self._stopped:
+                raise QueueError(f"the feed of job {self._job_id} stopped before committing.")
+            done = self._commit_done
+            if done is None:
+                done = self._commit_done = anyio.Event()
+            self._wake_committer()
+            await done.wait()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+
+    def _resolve(self, d: Delivery) -> None:
+        if self._stopped:
+            raise QueueError(f"the feed of job {self._job_id} is no longer open.")
+        attempt = self._in_flight.pop(d.seq, None)
+        if attempt != d.attempt:
+            if attempt is not None:
+                self._in_flight[d.seq] = attempt
+            raise QueueError(f"batch {d.seq} attempt {d.attempt} is not in flight.")
+
+    def _buffered(self) -> None:
+        self._n_buffered += 1
+        self._wake_committer()
+
+    def _wake_receivers(self) -> None:
+        wakeup, self._receivers_wakeup = self._receivers_wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+
+    def _wake_reader(self) -> None:
+        wakeup, self._reader_wakeup = self._reader_wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+
+    def _wake_committer(self) -> None:
+        wakeup, self._committer_wakeup = self._committer_wakeup, None
+        if wakeup is not None:
+            wakeup.set()
+
+    def _held(self) -> set[int]:
+        held = {d.seq for d in self._ready}
+        held.update(self._in_flight)
+        held.update(seq for seq, _ in self._acks)
+        held.update(seq for seq, _, _ in self._failed)
+        return held
+
+    def _set_counters(self, values: list[Any]) -> None:
+        total, ok, dead, failed, time_sum = values
+        self._remote = (int(total or 0), int(ok or 0), int(dead or 0), int(failed or 0))
+        self._remote_time = float(time_sum or 0.0)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the reader, committer and renewer for the block; on the way out commit what
+        is buffered and give back what is held (``RedisQueue.open_feed`` wraps its caller)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._run_reader)
+                tg.start_soon(self._run_committer)
+                tg.start_soon(self._run_renewer)
+                try:
+                    yield
+                finally:
+                    self._stopping = True
+                    self.close()
+                    tg.cancel_scope.cancel()
+        finally:
+            await self._leave()
+
+    async def _leave(self) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(GIVE_BACK_TIMEOUT):
+            try:
+                while self._n_committed < self._n_buffered:
+                    await self._commit_buffered()
+                await self._run_script(
+                    self._give_back,
+                    [self._keys.stream, self._keys.returned],
+                    [S.GROUP, self._consumer],
+                )
+            except TRANSIENT as e:
+                self._log.warning("redis_give_back_failed", error=str(e))
+        self._stopped = True
+
+    async def _run_script(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        return await script(keys=keys, args=args)
+
+    # -- the reader -----------------------------------------------------------------------
+
+    async def _run_reader(self) -> None:
+        backoff = _Backoff(self._log, "reading batches")
+        keys = self._keys
+        claim_keys = [keys.job, keys.stream, keys.attempts, keys.dead, keys.returned]
+        new = True  # XREADGROUP may still have entries never delivered
+        while not self._closed and not self._done:
+            if len(self._ready) > self._low_water:
+                wakeup = self._reader_wakeup = anyio.Event()
+                await wakeup.wait()
+                continue
+            want = max(1, min(READ_COUNT, self._buffer - len(self._ready)))
+            try:
+                got: list[Delivery] = []
+                if new:
+                    reply = await self._client.xreadgroup(
+                        S.GROUP, self._consumer, {keys.stream: ">"}, count=want
+                    )
+                    entries = reply[keys.stream.encode()] if reply else ()
+                    for e in entries:
+                        entry, body = S.as_bytes(e.identifier), S.as_bytes(e.field_values[b"body"])
+                        got.append(Delivery(S.seq_of(entry), body, 1))
+                    new = len(entries) == want
+                if not got:
+                    out: list[Any] = await self._claim(
+                        keys=claim_keys,
+                        args=[
+                            S.GROUP,
+                            self._consumer,
+                            int(self._lease * 1000),
+                            want,
+                            self._max_attempts,
+                            _rfc3339(),
+                        ],
+                    )
+                    n = int(out[0])
+                    for k in range(n):
+                        entry, body, attempt = out[1 + 3 * k : 4 + 3 * k]
+                        got.append(Delivery(S.seq_of(entry), body, int(attempt)))
+                    self._set_counters(out[1 + 3 * n :])
+                if not got and not self._held() and self._n_committed == self._n_buffered:
+                    if await self._client.xlen(keys.stream) == 0:
+                        self._done = True
+            except TRANSIENT as e:
+                await backoff.failed(e)
+                continue
+            backoff.succeeded()
+            if got:
+                self._ready.extend(got)
+                self._wake_receivers()
+            elif self._done:
+                self._wake_receivers()
+            else:
+                # Others hold the rest: look again for expired leases after a while, or
+                # sooner when a commit here may have finished the job.
+                wakeup = self._reader_wakeup = anyio.Event()
+                with anyio.move_on_after(min(POLL, self._lease / 3)):
+                    await wakeup.wait()
+
+    # -- the renewer ----------------------------------------------------------------------
+
+    async def _run_renewer(self) -> None:
+        backoff = _Backoff(self._log, "renewing leases")
+        while True:
+            await anyio.sleep(self._lease / 3)
+            try:
+                held_ids = [S.entry_id(seq) for seq in sorted(self._held())]
+                if not held_ids:
+                    continue
+                mine: list[bytes] = await self._renew(
+                    keys=[self._keys.stream], args=[S.GROUP, self._consumer, *held_ids]
+                )
+            except TRANSIENT as e:
+                await backoff.failed(e)
+                continue
+            backoff.succeeded()
+            lost = {S.seq_of(i) for i in held_ids} - {S.seq_of(S.as_bytes(i)) for i in mine}
+            if lost:  # another consumer claimed them (this one was cut off too long)
+                self._log.warning("redis_leases_lost", batches=sorted(lost))
+                self._ready = deque(d for d in self._ready if d.seq not in lost)
+
+    # -- the committer --------------------------------------------------------------------
+
+    async def _run_committer(self) -> None:
+        backoff = _Backoff(self._log, "committing acks")
+        try:
+            while True:
+                if self._n_committed == self._n_buffered:
+                    wakeup = self._committer_wakeup = anyio.Event()
+                    await wakeup.wait()
+                    continue
+                if self._commit_done is None and not self._stopping:
+                    await anyio.sleep(COMMIT_WINDOW)  # let a busy feed's acks share a call
+                try:
+                    await self._commit_buffered()
+                except TRANSIENT as e:
+                    await backoff.failed(e)
+                    continue
+                backoff.succeeded()
+        finally:
+            done, self._commit_done = self._commit_done, None
+            if done is not None:
+                done.set()
+
+    async def _commit_buffered(self) -> None:
+        if self._n_committed == self._n_buffered:
+            return
+        target = self._n_buffered
+        acks, failed = list(self._acks), list(self._failed)
+        args: list[Any] = [S.GROUP, self._consumer, self._max_attempts, len(failed)]
+        for seq, attempt, record in failed:
+            args += [S.entry_id(seq), attempt, record]
+        for seq, elapsed in acks:
+            args += [S.entry_id(seq), repr(elapsed)]
+        keys = self._keys
+        out: list[Any] = await self._commit(
+            keys=[keys.job, keys.stream, keys.attempts, keys.dead], args=args
+        )
+        # Committed (a retry after a lost reply is harmless: see COMMIT).
+        del self._acks[: len(acks)]
+        del self._failed[: len(failed)]
+        self._local_ok -= len(acks)
+        self._local_time -= sum(e for _, e in acks)
+        self._local_failed -= len(failed)
+        for (seq, attempt, _), status in zip(failed, out[: len(failed)], strict=True):
+            if attempt >= self._max_attempts:
+                self._local_dead -= 1
+            if int(status) == -1:  # the batch was not ours any more: forget its retry
+                self._ready = deque(d for d in self._ready if d.seq != seq)
+        self._set_counters(out[len(failed) :])
+        self._n_committed = target
+        done, self._commit_done = self._commit_done, None
+        if done is not None:
+            done.set()
+        if not self._held():
+            self._wake_reader()  # the job may be finished: the reader looks

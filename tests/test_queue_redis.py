@@ -1,0 +1,274 @@
+"""The Redis queue's own promises: leases renewed, a dead consumer's batches claimed, Lua
+dead-lettering, one completion claim, a Redis restart, start-up errors, its logs."""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import coredis
+import msgspec
+import pytest
+
+from supervisor.logs import Logger
+from supervisor.queues import _redis_scripts as S
+from supervisor.queues import open_queue
+from supervisor.queues.base import AttemptRecord, Delivery, QueueConnectError
+from supervisor.queues.redis import RedisQueue, forward_redis_logs
+from tests.helpers import child_env
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+JOB = "7e5c6d1f00000001"
+LEASE = 1.0
+
+
+def body(i: int) -> bytes:
+    return b'{"item": %d}' % i
+
+
+async def new_job(q: RedisQueue, n: int) -> None:
+    await q.create_job(JOB, "api", "digest", b"{}", "t0")
+    assert await q.enqueue(JOB, (body(i) for i in range(n))) == n
+
+
+async def test_a_batch_longer_than_the_lease_is_not_delivered_twice(redis_url: str) -> None:
+    seen: list[tuple[str, Delivery]] = []
+    async with open_queue(redis_url, lease=LEASE) as a, open_queue(redis_url, lease=LEASE) as b:
+        await new_job(a, 1)  # type: ignore[arg-type]
+        with anyio.fail_after(20):
+            async with a.open_feed(JOB, max_attempts=3) as fa:
+                d = await fa.receive()
+                assert d is not None
+                async with b.open_feed(JOB, max_attempts=3) as fb:
+                    async with anyio.create_task_group() as tg:
+
+                        async def other() -> None:
+                            while (e := await fb.receive()) is not None:
+                                seen.append(("b", e))
+                                fb.ack(e, 0.1)
+
+                        tg.start_soon(other)
+                        await anyio.sleep(3 * LEASE)  # the batch takes 3 leases; A is alive
+                        fa.ack(d, 3 * LEASE)
+                        await fa.flush()
+        p = await a.progress(JOB)
+    assert seen == []
+    assert (p.succeeded, p.failed_attempts, p.in_queue) == (1, 0, 0)
+
+
+CONSUMER = """
+import sys, anyio
+from supervisor.queues import open_queue
+
+async def main():
+    async with open_queue(sys.argv[1], lease=float(sys.argv[2])) as q:
+        async with q.open_feed(sys.argv[3], max_attempts=int(sys.argv[4])) as feed:
+            n = 0
+            while n < int(sys.argv[5]):
+                await feed.receive()
+                n += 1
+            print("holding", flush=True)
+            await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+async def _kill_a_consumer_holding(redis_url: str, n: int, max_attempts: int) -> None:
+    """A consumer in another process receives ``n`` batches and is SIGKILLed holding them."""
+    args = [sys.executable, "-c", textwrap.dedent(CONSUMER), redis_url, str(LEASE), JOB]
+    proc = await anyio.open_process(
+        [*args, str(max_attempts), str(n)], env=child_env(), stderr=subprocess.DEVNULL
+    )
+    try:
+        assert proc.stdout is not None
+        with anyio.fail_after(20):
+            assert (await proc.stdout.receive()).startswith(b"holding")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await proc.aclose()
+
+
+async def test_a_dead_consumers_batches_are_claimed_after_its_lease(redis_url: str) -> None:
+    n = 5
+    async with open_queue(redis_url, lease=LEASE) as q:
+        await new_job(q, n)  # type: ignore[arg-type]
+        await _kill_a_consumer_holding(redis_url, n, max_attempts=3)
+        with anyio.fail_after(20):
+            async with q.open_feed(JOB, max_attempts=3) as feed:
+                got = []
+                while (d := await feed.receive()) is not None:
+                    got.append(d)
+                    feed.ack(d, 0.1)
+        p = await q.progress(JOB)
+    assert sorted(d.seq for d in got) == list(range(n))
+    assert {d.attempt for d in got} == {2}  # the lost delivery counted
+    assert (p.succeeded, p.failed_attempts, p.dead) == (n, n, 0)
+
+
+async def test_a_batch_lost_on_its_last_delivery_is_dead_lettered(redis_url: str) -> None:
+    async with open_queue(redis_url, lease=LEASE) as q:
+        assert isinstance(q, RedisQueue)
+        await new_job(q, 2)
+        await _kill_a_consumer_holding(redis_url, 2, max_attempts=1)
+        with anyio.fail_after(20):
+            async with q.open_feed(JOB, max_attempts=1) as feed:
+                assert await feed.receive() is None
+        letters = await q.dead_letters(JOB)
+        p = await q.progress(JOB)
+    assert [letter.batch for letter in letters] == [0, 1]
+    assert [a.attempt for a in letters[0].attempts] == [1]
+    assert "lease expired" in (letters[0].attempts[0].error or "")
+    assert (p.dead, p.succeeded, p.in_queue) == (2, 0, 0)
+
+
+async def test_dead_lettering_moves_acks_and_counts_in_one_step(redis_url: str) -> None:
+    async with open_queue(redis_url, lease=LEASE) as q, coredis.Redis.from_url(redis_url) as r:
+        assert isinstance(q, RedisQueue)
+        await new_job(q, 3)
+        with anyio.fail_after(10):
+            async with q.open_feed(JOB, max_attempts=2) as feed:
+                while (d := await feed.receive()) is not None:
+                    if d.seq == 2:
+                        feed.fail(d, AttemptRecord(attempt=d.attempt, status=500))
+                    else:
+                        feed.ack(d, 0.1)
+        k = S.job_keys(JOB)
+        # Acked and dead entries are deleted: nothing of the job's batches is left.
+        assert await r.xlen(k.stream) == 0
+        assert await r.exists([k.attempts]) == 0
+        (entry,) = await r.xrange(k.dead)
+        assert entry.field_values[b"body"] == body(2)
+        (letter,) = await q.dead_letters(JOB)
+        assert [a.status for a in letter.attempts] == [500, 500]
+
+
+async def test_exactly_one_of_many_concurrent_claimers_gets_the_completion(
+    redis_url: str,
+) -> None:
+    winners: list[int] = []
+    async with open_queue(redis_url) as setup:
+        await new_job(setup, 0)  # type: ignore[arg-type]
+
+    async def claimer(i: int) -> None:
+        async with open_queue(redis_url) as q, q.completion(JOB) as mine:
+            if mine:
+                winners.append(i)
+                await anyio.sleep(0.2)  # the call runs while others try
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(claimer, i)
+    assert len(winners) == 1
+
+
+async def test_a_dead_claimers_completion_is_claimed_after_its_lease(redis_url: str) -> None:
+    async with open_queue(redis_url) as q:
+        assert isinstance(q, RedisQueue)
+        await new_job(q, 0)
+        with anyio.fail_after(20):
+            # A claimer that dies mid-call: its claim stays until the lease runs out.
+            with anyio.CancelScope() as scope:
+                async with q.completion(JOB, lease=LEASE) as mine:
+                    assert mine
+                    k = S.job_keys(JOB)
+                    async with coredis.Redis.from_url(redis_url) as r:
+                        await r.set(k.complete, b"someone-dead", px=int(LEASE * 1000))
+                    scope.cancel()
+            async with q.completion(JOB, lease=LEASE) as mine:
+                assert not mine
+            while True:
+                async with q.completion(JOB, lease=LEASE) as mine:
+                    if mine:
+                        break
+                await anyio.sleep(LEASE / 4)
+            async with q.completion(JOB) as mine:
+                assert not mine
+
+
+async def test_a_redis_restart_mid_job_loses_no_acknowledged_batch(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    n = 40
+    got: Counter[int] = Counter()
+    try:
+        async with open_queue(server.url(), lease=5.0) as q:
+            await new_job(q, n)  # type: ignore[arg-type]
+            with anyio.fail_after(40):
+                async with q.open_feed(JOB, max_attempts=3, buffer=8) as feed:
+                    for _ in range(n // 2):
+                        d = await feed.receive()
+                        assert d is not None
+                        got[d.seq] += 1
+                        feed.ack(d, 0.1)
+                    await feed.flush()
+                    held = await feed.receive()
+                    assert held is not None
+                    got[held.seq] += 1
+                    server.kill()
+                    feed.ack(held, 0.1)  # buffered while Redis is away
+                    server.start()
+                    await feed.flush()
+                    while (d := await feed.receive()) is not None:
+                        got[d.seq] += 1
+                        feed.ack(d, 0.1)
+            p = await q.progress(JOB)
+    finally:
+        server.kill()
+    assert sorted(got) == list(range(n))
+    assert (p.succeeded, p.in_queue, p.dead) == (n, 0, 0)
+
+
+async def test_unreachable_redis_is_one_sentence(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # its port, never started
+    with anyio.fail_after(30), pytest.raises(QueueConnectError, match="cannot reach Redis at"):
+        async with open_queue(server.url()):
+            pass
+    _collect_coredis_leftovers()
+
+
+def _collect_coredis_leftovers() -> None:
+    """coredis 6.9 leaves the memory streams of a connection that failed to open unclosed:
+    collect them now, quietly, instead of warning in whichever test runs next."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+async def test_a_wrong_password_is_one_sentence(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, "--requirepass", "right")
+    server.start()
+    try:
+        with anyio.fail_after(30):
+            with pytest.raises(QueueConnectError, match="refused the password") as e:
+                async with open_queue(server.url(password="wrong")):
+                    pass
+            assert "wrong" not in str(e.value)
+            _collect_coredis_leftovers()
+            async with open_queue(server.url(password="right")) as q:
+                assert q.url == server.url().replace("redis://", "redis://:***@")
+    finally:
+        server.kill()
+
+
+async def test_coredis_log_records_become_json_lines() -> None:
+    out = io.StringIO()
+    async with forward_redis_logs(Logger(out, api_name="api")):
+        logging.getLogger("coredis.connection").warning("lost %s", "it")
+    await anyio.lowlevel.checkpoint()
+    line = msgspec.json.decode(out.getvalue())
+    assert (line["event"], line["level"], line["message"]) == ("redis_client", "warning", "lost it")
+    assert line["api_name"] == "api"

@@ -105,7 +105,9 @@ def option(args: list[str], name: str) -> str | None:
 
 def port_number(container: dict[str, Any], port: int | str) -> int:
     """A probe's or Service's port, by number or by the container port's name."""
-    by_name = {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+    by_name: dict[str, int] = {
+        p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p
+    }
     numbers = {p["containerPort"] for p in container.get("ports", [])}
     if isinstance(port, str):
         assert port in by_name, f"{container['name']}: no container port named {port!r}"
@@ -175,7 +177,8 @@ def test_services_select_pods_and_target_their_ports() -> None:
         selected = [
             w
             for w in workloads()
-            if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+            if svc["spec"]["selector"].items()
+            <= w["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(selected) == 1, f"Service {svc['metadata']['name']} selects {len(selected)}"
         (container,) = selected[0]["spec"]["template"]["spec"]["containers"]
@@ -187,15 +190,18 @@ def test_the_statefulset_is_governed_by_a_headless_service() -> None:
     for sts in objects("StatefulSet"):
         svc = named("Service", sts["spec"]["serviceName"])
         assert svc["spec"].get("clusterIP") == "None"
-        assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        assert (
+            svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+        )
 
 
 def test_the_network_policy_admits_the_supervisor_pods() -> None:
     (policy,) = objects("NetworkPolicy")
     protected = policy["spec"]["podSelector"]["matchLabels"]
-    assert protected.items() <= named("StatefulSet", "valkey")["spec"]["template"]["metadata"][
-        "labels"
-    ].items()
+    assert (
+        protected.items()
+        <= named("StatefulSet", "valkey")["spec"]["template"]["metadata"]["labels"].items()
+    )
     (rule,) = policy["spec"]["ingress"]
     (source,) = rule["from"]
     for w, _ in supervisor_containers():
@@ -267,8 +273,29 @@ def test_env_names_are_ones_the_supervisor_reads() -> None:
         for e in c.get("env", []):
             assert e["name"] in SUPERVISOR_ENV, (w["metadata"]["name"], e["name"])
             assert f'"{e["name"]}"' in source, f"nothing in supervisor/ reads {e['name']}"
-        if any(e["name"] == "SUPERVISOR_ROOT" for e in c.get("env", [])):
-            assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/cortex", "/mnt"}
+
+
+def test_every_root_is_on_a_volume_the_image_user_owns() -> None:
+    """A pod's root is --root, else SUPERVISOR_ROOT, else the image's ``/``: what the
+    supervisor writes there must be mounted (and, in the image, owned by its user)."""
+    stage = final_stage(dockerfile(DOCKERFILE))
+    (env_root,) = [
+        r.split("=", 1)[1]
+        for r in " ".join(values(stage, "ENV")).split()
+        if r.startswith("SUPERVISOR_ROOT=")
+    ]
+    # The paths of ``chown UID:GID PATH...``, up to the next command or instruction.
+    chowned = " ".join(values(stage, "RUN")).split("chown ", 1)[1].split("&&")[0].split()[1:]
+    for w, c in supervisor_containers():
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        root = Path(option(c["args"], "--root") or env.get("SUPERVISOR_ROOT") or env_root)
+        mounts = {Path(m["mountPath"]) for m in c["volumeMounts"]}
+        if root == Path("/"):
+            assert mounts >= {Path("/cortex"), Path("/mnt")}, w["metadata"]["name"]
+            assert {"/cortex", "/mnt"} <= set(chowned)
+        else:
+            assert root in mounts, w["metadata"]["name"]
+            assert str(root) in chowned
 
 
 # -- ports and probes -----------------------------------------------------------------------
@@ -403,7 +430,7 @@ def test_the_image_user_owns_the_cortex_paths_and_matches_the_pods() -> None:
     uid, gid = (int(x) for x in user.split(":"))  # numeric, so runAsNonRoot can check it
     assert uid != 0
     setup = " ".join(values(stage, "RUN"))
-    assert f"chown {uid}:{gid} /cortex /mnt" in setup
+    assert f"chown {uid}:{gid} /cortex /mnt " in setup
     for w, _ in supervisor_containers():
         security = w["spec"]["template"]["spec"]["securityContext"]
         assert security["runAsNonRoot"] is True

@@ -23,10 +23,10 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[${EXTRAS}]" \
     && rm -rf /wheels
 # An unprivileged user owns what the supervisor writes: /cortex (the job spec and its own
-# state) and /mnt (the containers' shared folder) of a pod's root, /var/lib/supervisor for
-# `serve --root /var/lib/supervisor` (its queue file, each job's files), and /app for your code. Nothing the
-# supervisor does needs root; switch to `USER root` in your own Dockerfile to install
-# packages, and back to `USER 10001:10001` after.
+# state) and /mnt (the containers' shared folder) of a pod's root; /var/lib/supervisor, the
+# root of `serve --root /var/lib/supervisor` (its queue file, each job's files); and /app,
+# for your code. Nothing the supervisor does needs root; switch to `USER root` in your own
+# Dockerfile to install packages, and back to `USER 10001:10001` after.
 RUN groupadd --system --gid 10001 supervisor \
     && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin supervisor \

@@ -15,6 +15,8 @@ import fnmatch
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,6 +165,27 @@ def test_every_document_parses_and_is_applied_by_the_kustomization() -> None:
     # for ours (Valkey's is public and stays as it is).
     rewritten = {i["name"] for i in kustomization["images"]}
     assert rewritten == {c["image"].split(":")[0] for _, c in supervisor_containers()}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kustomize_builds_every_object_with_the_named_image() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(KUBE)], capture_output=True, text=True, timeout=60, check=True
+    )
+    out = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in out) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in documents()
+    )
+    kustomization = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    wanted = {f"{i['newName']}:{i['newTag']}" for i in kustomization["images"]}
+    images = {
+        c["image"]
+        for d in out
+        if d["kind"] in WORKLOADS
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if not c["image"].startswith("valkey/")
+    }
+    assert images == wanted
 
 
 def test_workloads_select_their_own_pods() -> None:

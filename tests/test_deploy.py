@@ -27,7 +27,10 @@ import pytest
 import yaml
 
 from supervisor.admin import ADMIN_PATHS
-from supervisor.cli import _host_port, _non_negative_float, _positive_int, build_parser
+from supervisor.cli import build_parser
+from supervisor.cli_options import host_port as _host_port
+from supervisor.cli_options import non_negative_float as _non_negative_float
+from supervisor.cli_options import positive_int as _positive_int
 from supervisor.config import load_apis
 from tests.helpers import REPO
 

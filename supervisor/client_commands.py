@@ -84,7 +84,7 @@ def add_parsers(sub: Any) -> None:
 
     get = sub.add_parser("get", help="print a job's status")
     get.add_argument("api_name", metavar="API_NAME", help="the API's name")
-    get.add_argument("job_id", metavar="JOB_ID")
+    get.add_argument("job_id", metavar="JOB_ID", help="the job's id, as submit printed it")
     watching(get, "--watch", "show progress until the job ends, then print its status")
     server(get)
 
@@ -98,7 +98,7 @@ def add_parsers(sub: Any) -> None:
 
     stop = sub.add_parser("stop", help="stop a job")
     stop.add_argument("api_name", metavar="API_NAME", help="the API's name")
-    stop.add_argument("job_id", metavar="JOB_ID")
+    stop.add_argument("job_id", metavar="JOB_ID", help="the job to stop")
     server(stop)
 
 

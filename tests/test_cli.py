@@ -71,3 +71,20 @@ def test_validate_ok(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str
     api, job = files
     assert main(["validate", str(api), "--job", str(job)]) == 0
     assert "is valid" in capsys.readouterr().out
+
+
+def test_every_option_says_what_it_does() -> None:
+    """`supervisor CMD --help` explains every option (a user should not have to guess)."""
+    import argparse
+
+    from supervisor.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, sub in commands.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []

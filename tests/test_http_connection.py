@@ -21,7 +21,7 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 HEAD = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n"
 
 # Events: ("start",), ("sent",), ("recv", bytes), ("closing",), ("send_failed", retry expected),
-# ("receive_failed",).  Each row: events, the state after each, and `reusable` at the end.
+# ("receive_failed",), ("repeat",): the read equals the OK of an earlier exchange.  Each row: events, the state after each, and `reusable` at the end.
 Row = tuple[list[tuple[object, ...]], list[State], bool]
 
 TABLE: dict[str, Row] = {
@@ -80,7 +80,22 @@ TABLE: dict[str, Row] = {
         [SENDING, AWAITING, IDLE, SENDING, AWAITING, CLOSED],
         False,
     ),
+    "a repeated answer ends the exchange as its parse did": (
+        [("start",), ("sent",), ("recv", OK), ("start",), ("sent",), ("repeat",)],
+        [SENDING, AWAITING, IDLE, SENDING, AWAITING, IDLE],
+        True,
+    ),
+    "a repeated answer after the server closed its side: not reused": (
+        [("start",), ("sent",), ("recv", OK), ("start",), ("sent",), ("closing",), ("repeat",)],
+        [SENDING, AWAITING, IDLE, SENDING, AWAITING, AWAITING, CLOSED],
+        False,
+    ),
 }
+
+REPEATED = ClientConnection()
+REPEATED.start(HEAD, b"[]")
+REPEATED.request_sent()
+OK_RESPONSE = REPEATED.receive(OK)
 
 
 def run(conn: ClientConnection, events: list[tuple[object, ...]]) -> list[State]:
@@ -102,6 +117,9 @@ def run(conn: ClientConnection, events: list[tuple[object, ...]]) -> list[State]
             assert conn.send_failed() is event[1]
         elif kind == "receive_failed":
             conn.receive_failed()
+        elif kind == "repeat":
+            assert OK_RESPONSE is not None
+            assert conn.receive_repeat(OK_RESPONSE) is OK_RESPONSE
         states.append(conn.state)
     return states
 
@@ -169,6 +187,18 @@ def test_misuse() -> None:
     conn.start(HEAD, b"[]")
     with pytest.raises(LocalProtocolError):
         conn.start(HEAD, b"[]")  # one request at a time
+    assert OK_RESPONSE is not None
+    with pytest.raises(LocalProtocolError):
+        conn.receive_repeat(OK_RESPONSE)  # not all of the request was written
+    conn.request_sent()
+    conn.receive(OK[:5])
+    with pytest.raises(LocalProtocolError):
+        conn.receive_repeat(OK_RESPONSE)  # part of another answer came first
+    head = ClientConnection()
+    head.start(b"HEAD / HTTP/1.1\r\n\r\n", head_request=True)
+    head.request_sent()
+    with pytest.raises(LocalProtocolError):
+        head.receive_repeat(OK_RESPONSE)  # the same bytes frame a HEAD answer otherwise
 
 
 def test_big_bodies_go_apart_and_head_requests_have_no_body() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import struct
 import threading
@@ -292,6 +293,40 @@ async def test_a_repeated_answer_is_relayed_the_same_and_a_closing_client_still_
     assert answers[5].body_head == b"ok" and not answers[5].keep_alive
     assert answers[5].header(b"connection") == b"close"
     assert len(upstream.requests) == 6
+
+
+class ClosingUpstream(Upstream):
+    """Answers each request with ``reply`` and closes its side right behind it (no
+    checkpoint between: the FIN is in the kernel before anyone can read the answer)."""
+
+    async def on_connection(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        async with stream:
+            self.requests.append(await stream.receive())
+            assert self.reply is not None
+            raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+            with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+                sock.send(self.reply)  # a few bytes: the kernel takes them whole
+                sock.shutdown(socket.SHUT_WR)
+
+
+async def test_a_repeated_answer_never_makes_a_closing_connection_reusable() -> None:
+    """The same bytes again and again, on connections that must not be reused: a worker
+    answering ``Connection: close``, and one that closes after a keep-alive answer. Each
+    answer is relayed alike (keep-alive to the client) and each request gets a fresh
+    connection: none goes out on a connection the worker closed."""
+    closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n[]"
+    expected = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    for upstream in (Upstream(closing), ClosingUpstream(OK)):
+        with anyio.fail_after(10):
+            async with proxy_in_front_of(upstream) as port:
+                async with client(port) as c:
+                    for _ in range(4):
+                        assert (await c.exchange(head)).status == 200
+        assert c.raw == [expected] * 4
+        assert upstream.connections == 4
+        assert len(upstream.requests) == 4
 
 
 async def test_upstream_reset_after_its_answer_costs_the_next_request_nothing() -> None:

@@ -11,12 +11,19 @@ sent again. Its states (``State``), in the manner of h11's ``_state.py``::
     IDLE --start()--> SENDING --request_sent()--> AWAITING_RESPONSE
     SENDING / AWAITING_RESPONSE --receive(part of a response)--> RECEIVING_RESPONSE
     SENDING / AWAITING_RESPONSE / RECEIVING_RESPONSE --receive(the rest)--> IDLE or CLOSED
+    AWAITING_RESPONSE --receive_repeat(a response known whole)--> IDLE or CLOSED
     any --send_failed() / receive_failed() / close() / a malformed response--> CLOSED
 
 A response ends the exchange in ``IDLE`` (the connection is :attr:`reusable`) only when both
 sides are done and nothing speaks against keep-alive: the response allows it, the whole request
 was written before the response came, no byte follows the response, and the server did not
 close its side (:meth:`peer_closing`). Otherwise it ends in ``CLOSED``: close the socket.
+
+A driver that sees the same server answer byte for byte again and again (a batch worker does)
+may skip the parse: when one read, the first of an exchange (state ``AWAITING_RESPONSE``),
+completed a response and left the connection ``IDLE``, those bytes were exactly one keep-alive
+response; the same bytes read first in a later exchange are that response again, and
+:meth:`receive_repeat` ends the exchange with it, by the same rule.
 
 Reuse and retry rule
 --------------------
@@ -156,6 +163,21 @@ class ClientConnection:
             and state is not SENDING
             and not parser.unprocessed
         ):
+            self.state = IDLE
+            self.reused = True
+        else:
+            self.state = CLOSED
+        return response
+
+    def receive_repeat(self, response: Response) -> Response:
+        """The first read of this exchange equals, byte for byte, a read that was the first of
+        an earlier exchange (same ``keep_body``, not HEAD) and completed ``response`` leaving
+        that connection ``IDLE``: end the exchange with ``response`` again, without a parse,
+        as :meth:`receive` would (the connection stays reusable unless the server closed its
+        side meanwhile)."""
+        if self.state is not AWAITING_RESPONSE or self._head_request:
+            raise LocalProtocolError(f"No repeated response is expected in {self.state!r}.")
+        if response.keep_alive and not self._must_close:
             self.state = IDLE
             self.reused = True
         else:

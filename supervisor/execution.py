@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -46,10 +46,12 @@ from supervisor.jobs import (
 from supervisor.layout import Layout
 from supervisor.lifecycle import Cause, Outcome, PodState, worker_counts
 from supervisor.logs import Logger
-from supervisor.metrics import Metrics
 from supervisor.pod import Pod
 from supervisor.progress import ProgressReporter
 from supervisor.queues.base import AttemptRecord, Delivery, Feed, JobQueue, Progress
+
+if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
+    from supervisor.metrics import Metrics
 
 __all__ = ["ExecutionResult", "JobExecution", "Placement", "build_status", "write_spec"]
 

@@ -28,13 +28,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import anyio
 import msgspec
 
 from supervisor import jobs
-from supervisor.admin import Admin, serve_admin
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, StartError
 from supervisor.execution import ExecutionResult, JobExecution, Placement, build_status
@@ -55,12 +54,14 @@ from supervisor.lifecycle import (
     worker_counts,
 )
 from supervisor.logs import Logger
-from supervisor.metrics import Metrics
 from supervisor.pod import check_port_free
 from supervisor.queues.base import JobRecord, QueueError
 from supervisor.queues.embedded import EmbeddedQueue
 from supervisor.rootlock import RootError, claim_root
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches
+
+if TYPE_CHECKING:
+    from supervisor.metrics import Metrics
 
 __all__ = ["RunOptions", "RunResult", "run_job"]
 
@@ -229,7 +230,7 @@ async def _run_admitted(
         progress_stream=opts.progress_stream,
         progress_tty=tty,
         handle_signals=opts.handle_signals,
-        metrics=Metrics() if opts.admin is not None else None,
+        metrics=_metrics() if opts.admin is not None else None,
     )
     if opts.admin is None:
         result = await execution.run()
@@ -240,10 +241,17 @@ async def _run_admitted(
     return RunResult(status=result.status, exit_code=result.exit_code)
 
 
+def _metrics() -> Metrics:
+    from supervisor.metrics import Metrics  # prometheus_client: only for --admin
+
+    return Metrics()
+
+
 async def _run_with_admin(
     execution: JobExecution, listen: tuple[str, int], log: Logger
 ) -> ExecutionResult:
     """``run --admin HOST:PORT``: /healthz, /status and /metrics while the job runs."""
+    from supervisor.admin import Admin, serve_admin
 
     admin = Admin(
         ready=execution.ready,

@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest batch body (default 262144)",
     )
 
+    run.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible store that s3:// paths are read from "
+        "(sets AWS_ENDPOINT_URL, for the workers too)",
+    )
+
     validate = sub.add_parser("validate", help="check the API file (and a job), start nothing")
     common(validate)
     validate.add_argument(
@@ -179,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=256 * 1024,
         metavar="N",
         help="largest batch body (default 262144), as for `run`",
+    )
+
+    validate.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible store that s3:// paths are read from "
+        "(sets AWS_ENDPOINT_URL, for the workers too)",
     )
 
     proxy = sub.add_parser("proxy", help="run the pod and forward POST / from outside to it")
@@ -275,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest batch body (default 262144)",
     )
     serve.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible store that s3:// paths are read from "
+        "(sets AWS_ENDPOINT_URL, for the workers too)",
+    )
+    serve.add_argument(
         "--max-submission-bytes",
         type=_positive_int,
         default=10 * 1024 * 1024,
@@ -316,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "sub_backend", None):
         args.backend = args.sub_backend
+    if getattr(args, "s3_endpoint", None):
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     try:
         if args.command == "validate":
             return _validate(args)

@@ -318,20 +318,12 @@ def list_objects(entry: str, where: str) -> list[str]:
     found: list[str] = []
     try:
         for chunk in obstore.list(store, folder, offset=offset, chunk_size=1000):
-            for meta in chunk:
-                path = meta["path"]
-                if not path.startswith(key):
-                    if path > key:
-                        return _nonempty(found, shown, where)
-                    continue
-                if not path.endswith("/"):
-                    found.append(f"s3://{bucket}/{path}")
+            keys = [meta["path"] for meta in chunk]
+            found.extend(f"s3://{bucket}/{k}" for k in keys if k.startswith(key) and k[-1:] != "/")
+            if keys and keys[-1] > key and not keys[-1].startswith(key):
+                break  # listed in key order: nothing further starts with `key`
     except Exception as e:
         raise _error(e, shown, endpoint, where) from None
-    return _nonempty(found, shown, where)
-
-
-def _nonempty(found: list[str], shown: str, where: str) -> list[str]:
     if not found:
         raise JobError(
             f"`{printable(shown)}` selects no object (no key is or starts with it) - at `{where}`"

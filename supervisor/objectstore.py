@@ -39,6 +39,7 @@ import io
 import os
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
@@ -69,7 +70,15 @@ _CLIENT: Final[ClientConfig] = {
     "read_timeout": "60s",  # a stalled stream breaks, then resumes
     "timeout": "10min",  # a longer read resumes where it stopped
 }
-_RETRY: Final[RetryConfig] = {"max_retries": 3}
+_RETRY: Final[RetryConfig] = {
+    "max_retries": 3,
+    "backoff": {
+        "init_backoff": timedelta(milliseconds=100),
+        "max_backoff": timedelta(seconds=2),
+        "base": 2,
+    },
+    "retry_timeout": timedelta(seconds=30),
+}
 _CODE = re.compile(r"<Code>([A-Za-z0-9.]+)</Code>")
 _STATUS = re.compile(r"status code: (\d{3})")
 

@@ -145,12 +145,8 @@ class Seaweed:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=15)
+        self.proc.kill()  # a throwaway store: nothing to flush
+        self.proc.wait(timeout=15)
 
 
 def seaweed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
@@ -179,6 +175,7 @@ class CuttingProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
         self.closed = False
         self._spawn(self._accept)
 
@@ -194,6 +191,7 @@ class CuttingProxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.upstream), timeout=30)
+            self.sockets += [client, server]
             with self.lock:
                 limit = self.after if self.cuts_left > 0 else None
             self._spawn(self._pump, client, server, None)
@@ -226,6 +224,11 @@ class CuttingProxy:
                 s.close()
 
     def close(self) -> None:
+        for s in [self.listener, *self.sockets]:  # wakes accept(); idle connections end too
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.listener.close()
         for t in self.threads:
             t.join(timeout=10)

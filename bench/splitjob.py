@@ -55,7 +55,8 @@ def _ours(fmt: str, path: Path) -> Iterator[bytes]:
     if fmt == "item_list":
         sub = decode_submission(path.read_bytes(), str(path))
     else:
-        job = {"workers": 1, "delimited_files": {"s3_paths": [str(path)], "batch_size": BATCH}}
+        where = sys.argv[3]  # an s3:// URL as given (a Path would fold its `//`)
+        job = {"workers": 1, "delimited_files": {"s3_paths": [where], "batch_size": BATCH}}
         sub = decode_submission(json.dumps(job).encode())
     return iter_batches(sub)
 

@@ -98,12 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /healthz, /status and /metrics there while the job runs",
     )
 
+    run.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible store that s3:// paths are read from "
+        "(sets AWS_ENDPOINT_URL, for the workers too)",
+    )
+
     validate = sub.add_parser("validate", help="check the API file (and a job), start nothing")
     common(validate)
     validate.add_argument(
         "--job", metavar="JOB", help="also check this job submission, splitting it fully"
     )
     add_batch_options(validate, dispatch=False)
+
+    validate.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible store that s3:// paths are read from "
+        "(sets AWS_ENDPOINT_URL, for the workers too)",
+    )
 
     proxy = sub.add_parser("proxy", help="run the pod and forward POST / from outside to it")
     common(proxy)
@@ -136,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_options(serve)
     add_grace(serve)
     serve.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible store that s3:// paths are read from "
+        "(sets AWS_ENDPOINT_URL, for the workers too)",
+    )
+    serve.add_argument(
         "--max-submission-bytes",
         type=positive_int,
         default=10 * 1024 * 1024,
@@ -164,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "sub_backend", None):
         args.backend = args.sub_backend
+    if getattr(args, "s3_endpoint", None):
+        os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint
     try:
         if args.command == "validate":
             return _validate(args)

@@ -2,10 +2,11 @@
 
 Theory of operation
 -------------------
-Every ``s3_paths`` entry is a *prefix*, as an S3 key is in Cortex, written either as a local
-path (``data/``, ``/srv/data/part-``) or as a ``file://`` URL (``file:///srv/data/``). Any other
-scheme (``s3://``, ``gs://``, ...) is refused: object stores are not supported in this build.
-An entry selects:
+Every ``s3_paths`` entry is a *prefix*, as an S3 key is in Cortex, written as an
+``s3://bucket/key`` URL (listed and read by :mod:`supervisor.objectstore`), as a local path
+(``data/``, ``/srv/data/part-``) or as a ``file://`` URL (``file:///srv/data/``). Any other
+scheme (``gs://``, ...) is refused. An ``s3://`` entry selects every object whose key starts
+with its key, shown as ``s3://bucket/key``. A local entry selects:
 
 * a folder: every regular file under it, recursively (symlinked folders are followed, once);
 * a regular file: that file;
@@ -26,13 +27,19 @@ One addition: a whole ``**/`` component also matches no folder at all, so ``data
 selects ``data/x.ndjson`` too. A file is kept when ``includes`` is empty or one of them
 matches, and none of ``excludes`` matches (excludes win).
 
-``allowed_roots`` (job submissions over HTTP) confines every entry and every selected file,
-after resolving ``..`` and symlinks, to the given folders; ``None`` means no restriction (the
-``run`` command reads whatever its user can).
+``allowed_roots`` (job submissions over HTTP) confines every local entry and every selected
+file, after resolving ``..`` and symlinks, to the given folders; ``None`` means no restriction
+(the ``run`` command reads whatever its user can). ``s3://`` entries are not local paths: the
+store's credentials decide what they may read.
+
+:func:`open_source` opens any selected file or object the same way, so the splitter does not
+know where its bytes come from (``.gz`` names are decompressed as they are read).
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -40,9 +47,10 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
+from supervisor import objectstore
 from supervisor.errors import JobError, printable
 
-__all__ = ["Source", "compile_glob", "list_files", "list_sources"]
+__all__ = ["Source", "compile_glob", "list_files", "list_sources", "open_source"]
 
 
 class Source(NamedTuple):
@@ -121,14 +129,16 @@ def compile_glob(pattern: str, where: str = "pattern") -> re.Pattern[str]:
 def _local_path(entry: str, where: str) -> tuple[str, bool]:
     """The local path an ``s3_paths`` entry names, and whether it was a ``file://`` URL."""
     if not entry:
-        raise JobError(f"the path is empty; expected a local path or a file:// URL - at `{where}`")
+        raise JobError(
+            f"the path is empty; expected an s3:// URL, a local path or a file:// URL - at `{where}`"
+        )
     m = _SCHEME.match(entry)
     if m is None:
         return entry, False
     if m.group(1).lower() != "file":
         raise JobError(
-            f"`{entry}` is in an object store; object stores are not supported in this build "
-            f"(use a local path or a file:// URL) - at `{where}`"
+            f"`{entry}` is in an object store other than S3, which is not supported "
+            f"(use an s3:// URL, a local path or a file:// URL) - at `{where}`"
         )
     rest = entry[m.end() :]
     host, slash, tail = rest.partition("/")
@@ -212,6 +222,18 @@ def list_sources(
     listed = included = 0  # files the paths select, and those the includes keep
     for i, entry in enumerate(paths):
         field = f"{pre}s3_paths[{i}]"
+        if objectstore.is_s3(entry):
+            objects = objectstore.list_objects(entry, field)
+            listed += len(objects)
+            for shown in objects:
+                if inc and not any(p.fullmatch(shown) for p in inc):
+                    continue
+                included += 1
+                if shown in seen or any(p.fullmatch(shown) for p in exc):
+                    continue
+                seen.add(shown)
+                result.append(Source(shown, shown))
+            continue
         local, is_url = _local_path(entry, field)
         if roots is not None:
             if not roots:
@@ -256,6 +278,33 @@ def list_sources(
     if not result:
         raise JobError(_none_left(paths, includes, excludes, listed, included, pre))
     return result
+
+
+class _Gunzip(gzip.GzipFile):
+    """Decompresses a stream it owns: closing it closes the stream too."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
+
+
+def open_source(src: Source) -> io.BufferedIOBase:
+    """The bytes of a selected file or object (decompressed when its name ends with ``.gz``)."""
+    if objectstore.is_s3(src.path):
+        raw = objectstore.open_object(src.path)
+        return _Gunzip(raw) if src.path.endswith(".gz") else raw
+    try:
+        if src.path.endswith(".gz"):
+            return gzip.open(src.path, "rb")
+        return open(src.path, "rb")
+    except OSError as e:
+        raise JobError(f"cannot open `{src.shown}` ({e.strerror or e})") from None
 
 
 def _why_nothing(local: str, entry: str) -> str:

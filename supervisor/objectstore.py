@@ -314,10 +314,10 @@ def list_objects(entry: str, where: str) -> list[str]:
     Raises :class:`JobError` naming ``entry`` and ``where`` when the listing fails or selects
     nothing.
     """
+    bucket, key = split_url(entry, where)
+    store, endpoint = _store(bucket, where)  # first: says which extra is missing
     import obstore
 
-    bucket, key = split_url(entry, where)
-    store, endpoint = _store(bucket, where)
     shown = f"s3://{bucket}/{key}"
     if not key or key.endswith("/"):
         folder, offset = key.rstrip("/") or None, None

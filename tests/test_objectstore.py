@@ -24,6 +24,7 @@ from supervisor.split import iter_batches, validate_submission
 from tests.helpers import (
     REPO,
     batches_of,
+    child_env,
     free_ports,
     read_records,
     recorder_api,
@@ -413,3 +414,56 @@ def test_profiles() -> None:
     assert profile_settings({}, None, None) == {}
     with pytest.raises(JobError, match=r"the AWS profile `ops` .* is in neither"):
         profile_settings({"AWS_PROFILE": "ops"}, creds, config)
+
+
+@pytest.mark.anyio
+async def test_a_bad_s3_path_over_http_is_a_400_and_stores_nothing(
+    s3env: Seaweed, bucket: str, tmp_path: Path
+) -> None:
+    """The job API answers the same sentence with 400, and the job is not created."""
+    import anyio
+
+    from tests.test_api import job_api
+
+    body = json.dumps(
+        {"workers": 1, "delimited_files": {"s3_paths": ["s3://no-such-bucket/x"], "batch_size": 1}}
+    ).encode()
+    request = (
+        b"POST /sum HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
+    async with job_api(tmp_path) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as s:
+            await s.send(request)
+            answer = b""
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        answer += await s.receive()
+                    except anyio.EndOfStream:
+                        break
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    message = json.loads(payload)["message"]
+    assert "s3://no-such-bucket" in message and "delimited_files.s3_paths[0]" in message
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in answer.decode(errors="replace")
+    assert not list((tmp_path / "root" / "jobs").glob("*"))
+
+
+def test_without_the_extra_the_error_names_it() -> None:
+    """obstore missing (the `s3` extra not installed): one sentence saying what to install."""
+    code = (
+        "import sys; sys.modules['obstore'] = None\n"
+        "from supervisor.errors import JobError\n"
+        "from supervisor.sources import list_files\n"
+        "try:\n"
+        "    list_files(['s3://bucket/prefix'])\n"
+        "except JobError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=child_env()
+    )
+    assert r.returncode == 0, r.stderr
+    assert "cortex-batch-supervisor[s3]" in r.stdout, r.stdout
+    assert len(r.stdout.strip().splitlines()) == 1

@@ -44,4 +44,5 @@ def test_bench_split_prints_a_table() -> None:
         speed = next(line for line in rows if "MB/s" in line)
         assert re.search(r"supervisor: [0-9.]+[kM]?\s", speed), speed
         assert re.search(r"stdlib json: [0-9.]+[kM]? -> [0-9.]+x", speed), speed
-    assert "n/a" not in out, out
+    # The S3 row needs SeaweedFS; tests/test_objectstore.py covers S3 for real.
+    assert not [line for line in out.splitlines() if "n/a" in line and "S3" not in line], out

@@ -414,14 +414,14 @@ class RedisQueue:
         """Admit ``pod_id`` while fewer than ``workers`` other pods are live (one script:
         two pods racing for the last place cannot both get it)."""
         key = S.job_keys(job_id).pods
-        args = [pod_id, workers, int(lease * 1000), GONE_AFTER]
+        args: list[str | int] = [pod_id, workers, int(lease * 1000), GONE_AFTER]
         joined = await self._do("joining a job", lambda: self._join(keys=[key], args=args))
         return bool(joined)
 
     async def heartbeat(self, job_id: str, pod_id: str, state: str, lease: float) -> None:
         """Note ``pod_id``'s state, by Redis's clock."""
         key = S.job_keys(job_id).pods
-        args = [pod_id, state, int(lease * 1000), GONE_AFTER]
+        args: list[str | int] = [pod_id, state, int(lease * 1000), GONE_AFTER]
         await self._do("sending a heartbeat", lambda: self._heartbeat(keys=[key], args=args))
 
     async def leave(self, job_id: str, pod_id: str) -> None:

@@ -32,8 +32,11 @@ from supervisor.cli_options import (
     add_client_timeouts,
     add_grace,
     add_listen,
+    add_queue,
     add_root,
     host_port,
+    non_negative_int,
+    positive_float,
     positive_int,
     write_stdout,
 )
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend(serve)
     add_listen(serve, "; any other address than loopback needs a token")
     add_root(serve, "the queue and the jobs' files")
+    add_queue(serve, note="; default: the embedded queue under --root, with local pods per job")
     serve.add_argument(
         "--data-dir",
         action="append",
@@ -164,6 +168,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_client_timeouts(serve)
 
+    worker = sub.add_parser(
+        "worker", help="one pod that works on its API's jobs from a shared (Redis) queue"
+    )
+    common(worker)
+    add_queue(worker, required=True)
+    add_root(worker)
+    add_batch_options(worker, split=False)
+    add_grace(worker)
+    worker.add_argument(
+        "--lease",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="a batch held by a pod silent this long goes to another pod, and the pod counts "
+        "as unknown in the job's worker_counts (default 30)",
+    )
+    worker.add_argument(
+        "--admin",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="serve /healthz, /status and /metrics there",
+    )
+    worker.add_argument(
+        "--port-offset",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="the containers listen on pod.port + K (several workers on one machine)",
+    )
+
     add_client_parsers(sub)  # submit, get, list, stop
     return parser
 
@@ -191,8 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command in CLIENT_COMMANDS:
             return run_client_command(args)
-        if args.command in ("run", "proxy", "serve"):
+        if args.command in ("run", "proxy", "serve", "worker"):
             tune_allocator()
+        if args.command == "worker":
+            return _worker(args)
         if args.command == "serve":
             return _serve(args)
         if args.command == "run":
@@ -339,9 +375,39 @@ def _serve(args: argparse.Namespace) -> int:
         batch_timeout=args.batch_timeout,
         max_batch_bytes=args.max_batch_bytes,
         max_body=args.max_submission_bytes,
+        queue_url=args.queue,
         timeouts=Timeouts(read=args.read_timeout, idle=args.idle_timeout),
         log=log,
         cwd=Path.cwd(),
     )
     with claim_root(layout):
         return _run_async(args.backend, serve)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from supervisor.queues import is_redis_url
+    from supervisor.worker_command import WorkerOptions, run_worker
+
+    api: BatchAPI = load_api(args.api, args.api_name)
+    if not is_redis_url(args.queue):
+        raise BadInput(
+            f"--queue {args.queue}: a worker needs a queue shared between machines, "
+            "redis://HOST:PORT/DB or rediss://... (one machine: `supervisor run` or `serve`)"
+        )
+    layout = Layout.at(args.root)
+    log = Logger(sys.stdout)
+    for path in api.ignored_fields():
+        log.info("ignored_field", api_name=api.name, field=path, reason="no local effect")
+    opts = WorkerOptions(
+        layout=layout,
+        queue_url=args.queue,
+        grace=args.grace,
+        concurrency=args.concurrency,
+        batch_timeout=args.batch_timeout,
+        lease=args.lease,
+        port_offset=args.port_offset,
+        admin=args.admin,
+        cwd=Path.cwd(),
+    )
+    with claim_root(layout):
+        return _run_async(args.backend, partial(run_worker, api, opts, log))

@@ -24,9 +24,11 @@ __all__ = [
     "add_client_timeouts",
     "add_grace",
     "add_listen",
+    "add_queue",
     "add_root",
     "host_port",
     "non_negative_float",
+    "non_negative_int",
     "positive_float",
     "positive_int",
     "write_stdout",
@@ -51,6 +53,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
 
 
@@ -116,6 +128,16 @@ def add_grace(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_queue(p: argparse.ArgumentParser, *, required: bool = False, note: str = "") -> None:
+    p.add_argument(
+        "--queue",
+        required=required,
+        metavar="URL",
+        help="the job queue: redis://[:PASSWORD@]HOST:PORT/DB or rediss://... shared by many "
+        f"machines{note}",
+    )
+
+
 def add_listen(p: argparse.ArgumentParser, note: str = "") -> None:
     p.add_argument(
         "--listen",
@@ -126,8 +148,11 @@ def add_listen(p: argparse.ArgumentParser, note: str = "") -> None:
     )
 
 
-def add_batch_options(p: argparse.ArgumentParser, *, dispatch: bool = True) -> None:
-    """``--max-batch-bytes``, and with ``dispatch`` ``--concurrency`` and ``--batch-timeout``."""
+def add_batch_options(
+    p: argparse.ArgumentParser, *, dispatch: bool = True, split: bool = True
+) -> None:
+    """``--max-batch-bytes`` (with ``split``), and with ``dispatch`` ``--concurrency`` and
+    ``--batch-timeout``."""
     if dispatch:
         p.add_argument(
             "--concurrency",
@@ -142,6 +167,8 @@ def add_batch_options(p: argparse.ArgumentParser, *, dispatch: bool = True) -> N
             metavar="S",
             help="fail an attempt after S seconds",
         )
+    if not split:
+        return
     p.add_argument(
         "--max-batch-bytes",
         type=positive_int,

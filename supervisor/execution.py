@@ -14,6 +14,15 @@ its one ``POST /on-job-complete``; the end state is recorded with its ``worker_c
 (unless the job is to be resumed), and the final status comes back with the exit code.
 
 ``status()`` is the live status (docs/operations.md) while the job runs, for the job API.
+
+Shared jobs (``supervisor worker``, :class:`Sharing`): this process runs one of the job's
+pods, others run elsewhere on the same queue. Then the pod sends a heartbeat with its state
+every third of its lease and reads the job's status: a job stopped, timed out or failed
+elsewhere ends here too (``Cause.ENDED_ELSEWHERE``, not recorded again). Its own container
+crash records ``worker_error`` for every pod. Whichever way, ``/on-job-complete`` goes
+through the queue's completion claim: only the pod that wins it sends the call and records
+``succeeded`` / ``completed_with_failures`` (with one pod per job, as under ``run`` and
+``serve``, it always wins); the others just stop.
 """
 
 from __future__ import annotations
@@ -44,16 +53,24 @@ from supervisor.jobs import (
     WorkerCounts,
 )
 from supervisor.layout import Layout
-from supervisor.lifecycle import Cause, Outcome, PodState, worker_counts
+from supervisor.lifecycle import Cause, Outcome, PodState, heartbeat_counts, worker_counts
 from supervisor.logs import Logger
 from supervisor.pod import Pod
 from supervisor.progress import ProgressReporter
-from supervisor.queues.base import AttemptRecord, Delivery, Feed, JobQueue, Progress
+from supervisor.queues.base import AttemptRecord, Delivery, Feed, JobQueue, JobRecord, Progress
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
     from supervisor.metrics import Metrics
 
-__all__ = ["ExecutionResult", "JobExecution", "Placement", "build_status", "write_spec"]
+__all__ = [
+    "ExecutionResult",
+    "JobExecution",
+    "Placement",
+    "Sharing",
+    "build_status",
+    "spec_of",
+    "write_spec",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +84,16 @@ class Placement:
     extra_env: Mapping[str, str] | None = None  # e.g. the job API's endpoint, for chaining
     owns_process_tree: bool = True  # False under the job API's server (see PodHost)
     endpoint: str | None = None  # the API's URL under the job API's server, for the status
+    pods: int | None = None  # how many of the job's pods run here (default: all, `workers`)
+
+
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """This process runs one pod of a job that pods elsewhere share (``supervisor worker``):
+    its id among them, and the lease its heartbeats promise."""
+
+    pod_id: str
+    lease: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +105,14 @@ class ExecutionResult:
 
 def parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def spec_of(record: JobRecord) -> JobSpec:
+    """The spec of a stored job, with its batch count and start time as stored."""
+    spec = msgspec.json.decode(record.spec_json, type=JobSpec)
+    spec.total_batch_count = record.total_batches
+    spec.start_time = record.start_time
+    return spec
 
 
 def write_spec(path: Path, spec: JobSpec) -> None:
@@ -106,8 +141,10 @@ class JobExecution:
         progress_tty: bool = False,
         handle_signals: bool = False,
         metrics: Metrics | None = None,
+        sharing: Sharing | None = None,
     ) -> None:
         self.api = api
+        self.sharing = sharing
         self.metrics = metrics
         self.spec = spec
         self.queue = queue
@@ -122,7 +159,7 @@ class JobExecution:
             api,
             placement.layout,
             job_id=spec.job_id,
-            workers=spec.workers,
+            workers=spec.workers if placement.pods is None else placement.pods,
             grace=grace,
             cwd=cwd,
             log=self.log,
@@ -136,6 +173,9 @@ class JobExecution:
         self._handle_signals = handle_signals
         self._feed: Feed | None = None
         self._dispatch_scope = anyio.CancelScope()
+        self._won_completion = False  # this pod sent the job's /on-job-complete
+        self._recorded = False  # this run recorded the job's end state
+        self._end_time: str | None = None  # as recorded
 
     @property
     def pods(self) -> list[Pod]:
@@ -237,13 +277,14 @@ class JobExecution:
         )
         progress = await self._run_pods()
         outcome = self.outcome
-        end_time = jobs.rfc3339()
+        end_time = self._end_time or jobs.rfc3339()
         final = outcome.final_status(progress.dead)
-        counts = worker_counts([pod.state for pod in self.pods], final)
-        if final is not None and not outcome.resumable:
-            await queue.set_status(
-                spec.job_id, final, end_time=end_time, worker_counts=msgspec.json.encode(counts)
-            )
+        if self.sharing is not None and not outcome.resumable:
+            await self._heartbeat(self.sharing, final=True)
+        counts = await self._counts(final)
+        records = outcome.cause is not None or self._won_completion
+        if final is not None and outcome.records_status and records and not self._recorded:
+            await self._record(final, end_time, counts)
         if outcome.cause is Cause.START_FAILED:
             log.error("job_not_started", reason=outcome.reason, resumable=True)
         else:
@@ -266,11 +307,57 @@ class JobExecution:
         )
         return ExecutionResult(status, outcome, outcome.exit_code(progress.dead))
 
+    async def _counts(self, final: str | None) -> WorkerCounts:
+        """The job's ``worker_counts``: its pods here, or every pod's heartbeat if shared."""
+        if self.sharing is None:
+            return worker_counts([pod.state for pod in self.pods], final)
+        beats = await self.queue.pods(self.spec.job_id)
+        return heartbeat_counts(beats, self.spec.workers, final)
+
+    async def _record(self, final: str, end_time: str, counts: WorkerCounts) -> None:
+        """Record the job's end state, unless (shared) another pod recorded one first."""
+        job_id = self.spec.job_id
+        if self.sharing is not None:
+            stored = await self.queue.get_job(job_id)
+            if stored is None or stored.status in jobs.END_STATES:
+                return
+        self._recorded = True
+        self._end_time = end_time
+        await self.queue.set_status(
+            job_id, final, end_time=end_time, worker_counts=msgspec.json.encode(counts)
+        )
+
+    async def _heartbeat(self, sharing: Sharing, *, final: bool = False) -> None:
+        """Tell the other pods this pod's state (``final``: the job is over for it)."""
+        state = self.pods[0].state
+        if final and state not in (PodState.FAILED, PodState.KILLED_OOM):
+            state = PodState.STOPPED
+        await self.queue.heartbeat(self.spec.job_id, sharing.pod_id, state.value, sharing.lease)
+
+    async def _share(self, sharing: Sharing) -> None:
+        """Every third of the lease: a heartbeat, and a look at the job's status (a job
+        stopped, timed out or failed elsewhere ends here too)."""
+        job_id = self.spec.job_id
+        while True:
+            await self._heartbeat(sharing)
+            record = await self.queue.get_job(job_id)
+            status = jobs.STOPPED if record is None else record.status
+            if status in jobs.END_STATES and not self._recorded:
+                reason = f"the job ended elsewhere ({status})"
+                if self.end(Cause.ENDED_ELSEWHERE, reason, status=status):
+                    self.log.warning("job_ended_elsewhere", status=status, grace=self.grace)
+            await anyio.sleep(sharing.lease / 3)
+
     async def _run_pods(self) -> Progress:
         spec, log = self.spec, self.log
+        # A shared job's pods hold only what they are about to send: batches read ahead by
+        # one pod would wait there while the others are idle.
+        buffer = 1024 if self.sharing is None else 2 * self.concurrency
         async with (
             self.host.running(),
-            self.queue.open_feed(spec.job_id, max_attempts=jobs.max_attempts(spec)) as opened,
+            self.queue.open_feed(
+                spec.job_id, max_attempts=jobs.max_attempts(spec), buffer=buffer
+            ) as opened,
         ):
             feed: Feed = opened
             if self.metrics is not None:
@@ -298,6 +385,8 @@ class JobExecution:
                     if reporter is not None:
                         services.start_soon(reporter.run)
                     services.start_soon(self._report_not_serving)
+                    if self.sharing is not None:
+                        services.start_soon(self._share, self.sharing)
                     await self._pods_and_dispatch(feed)
                     services.cancel_scope.cancel()
             finally:
@@ -348,7 +437,7 @@ class JobExecution:
                                 )
                             )
                 if self.outcome.sends_job_complete:
-                    await self._job_complete(feed)
+                    await self._complete(feed)
                 pod_group.cancel_scope.cancel()
         except* StartError as group:
             start_error = first_leaf(group, StartError)
@@ -359,10 +448,26 @@ class JobExecution:
             self.end(Cause.POD_FAILED, str(err), status=err.status)
             log.error("pod_failed", error=str(err), status=err.status)
 
-    async def _job_complete(self, feed: Feed) -> None:
+    async def _complete(self, feed: Feed) -> None:
+        """Claim the job's one ``/on-job-complete``; the winner sends it and records the end
+        state before the claim is marked done (a pod killed in between leaves the claim to
+        expire, and another pod to send it)."""
         # Every ack durable first: a crash after /on-job-complete must not resend.
         await feed.flush()
-        p = feed.progress()
+        async with self.queue.completion(self.spec.job_id) as mine:
+            if not mine:
+                self.log.info("job_complete_elsewhere")
+                return
+            self._won_completion = True
+            p = feed.progress()
+            await self._job_complete(p)
+            final = self.outcome.final_status(p.dead)
+            if final is not None and self.outcome.cause is None:
+                if self.sharing is not None:
+                    await self._heartbeat(self.sharing, final=True)
+                await self._record(final, jobs.rfc3339(), await self._counts(final))
+
+    async def _job_complete(self, p: Progress) -> None:
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as race:  # a pod, or a stop/timeout
 

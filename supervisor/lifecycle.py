@@ -11,6 +11,9 @@ tested here with tables of events, without sockets or processes.
   start leaves the job resumable), and the process exit code.
 * :class:`PodState` and :func:`worker_counts` -- a pod's state, and the ``worker_counts`` of
   the status as Cortex's code reports them.
+* :func:`may_join` and :func:`heartbeat_counts` -- for a job shared by pods on many machines
+  (``supervisor worker``): whether one more pod may join it, and its ``worker_counts`` from
+  the pods' heartbeats (a pod silent for longer than its lease is ``unknown``, then gone).
 """
 
 from __future__ import annotations
@@ -21,18 +24,21 @@ from dataclasses import dataclass
 
 from supervisor import jobs
 from supervisor.jobs import WorkerCounts
-from supervisor.queues.base import JobRecord
+from supervisor.queues.base import Heartbeat, JobRecord
 
 __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_FAILED",
     "EXIT_OK",
+    "GONE_AFTER",
     "Admission",
     "Cause",
     "Outcome",
     "PodState",
     "admit",
     "exit_code_for",
+    "heartbeat_counts",
+    "may_join",
     "next_pod_state",
     "worker_counts",
 ]
@@ -75,6 +81,7 @@ class Cause(enum.Enum):
     POD_FAILED = "pod_failed"  # a container died mid-job: worker_error / worker_oom
     START_FAILED = "start_failed"  # a pod could not start: the job stays resumable
     STOPPED = "stopped"  # stopped on request (the job API): stopped
+    ENDED_ELSEWHERE = "ended_elsewhere"  # another pod or the job API ended the shared job
 
 
 @dataclass(slots=True)
@@ -120,6 +127,12 @@ class Outcome:
     def resumable(self) -> bool:
         """The job is left as it is (not given an end state), to be resumed by the next run."""
         return self.cause in (Cause.SIGNAL, Cause.START_FAILED)
+
+    @property
+    def records_status(self) -> bool:
+        """This run records the job's end state (not when resumable, nor when it only
+        follows an end recorded elsewhere)."""
+        return not self.resumable and self.cause is not Cause.ENDED_ELSEWHERE
 
     def final_status(self, dead: int) -> str | None:
         """The job's status at the end of the run (``None``: not ended, see ``resumable``)."""
@@ -181,4 +194,46 @@ def worker_counts(states: Iterable[PodState], status: str | None) -> WorkerCount
             counts.creating += 1
         else:
             counts.unknown += 1
+    return counts
+
+
+GONE_AFTER = 3  # leases: a pod silent this long is gone (no longer counted at all)
+_FINAL_STATE_NAMES = frozenset(s.value for s in _FINAL_POD_STATES)
+
+
+def _live(beat: Heartbeat) -> bool:
+    """Working on the job: heard from within its lease, and not in a final state."""
+    return beat.age <= beat.lease and beat.state not in _FINAL_STATE_NAMES
+
+
+def may_join(beats: Iterable[Heartbeat], pod_id: str, workers: int) -> bool:
+    """May ``pod_id`` join a job of ``workers`` whose pods sent ``beats``? Yes while fewer
+    than ``workers`` other pods are live (a pod already in may always come back). The Redis
+    queue's JOIN script applies the same rule atomically."""
+    others = sum(1 for b in beats if b.pod_id != pod_id and _live(b))
+    return others < workers
+
+
+def heartbeat_counts(beats: Iterable[Heartbeat], workers: int, status: str | None) -> WorkerCounts:
+    """``worker_counts`` of a shared job in ``status`` (None: running) from its pods'
+    heartbeats: each pod by its last state (as :func:`worker_counts`); a pod silent for
+    longer than its lease is ``unknown``, for longer than ``GONE_AFTER`` leases not counted;
+    while the job runs, the pods it still lacks are ``pending``."""
+    states: list[PodState] = []
+    unknown = 0
+    for beat in beats:
+        if beat.age > beat.lease * GONE_AFTER:
+            continue
+        if beat.age > beat.lease:
+            unknown += 1
+            continue
+        try:
+            states.append(PodState(beat.state))
+        except ValueError:
+            unknown += 1
+    counts = worker_counts(states, status)
+    counts.unknown += unknown
+    if status is None:
+        working = unknown + sum(1 for s in states if s not in _FINAL_POD_STATES)
+        counts.pending = max(0, workers - working)
     return counts

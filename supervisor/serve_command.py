@@ -1,4 +1,6 @@
-"""``supervisor serve``: the job API for every API of the given files, with local pods per job.
+"""``supervisor serve``: the job API for every API of the given files, with local pods per job
+(the embedded queue) or none (``--queue redis://...``: ``supervisor worker`` pods do the work,
+and any number of ``serve`` instances answer for every job).
 
 Start-up: the root is claimed (cli), what a killed supervisor left running is ended, the queue
 is opened, unfinished jobs are resumed, and the listener logs each API's endpoint the way
@@ -11,6 +13,7 @@ containers, and kills whatever is left of them when it ends.
 from __future__ import annotations
 
 import signal
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import anyio
@@ -27,8 +30,8 @@ from supervisor.leftovers import end_leftovers
 from supervisor.linux import become_subreaper
 from supervisor.logs import Logger
 from supervisor.metrics import Metrics
-from supervisor.queues.base import QueueError
-from supervisor.queues.embedded import EmbeddedQueue
+from supervisor.queues import is_redis_url, open_queue
+from supervisor.queues.base import QueueConnectError, QueueError
 from supervisor.reaper import kill_descendants, reap_orphans
 from supervisor.rootlock import RootError
 from supervisor.service import JobService, ServiceSettings
@@ -65,14 +68,22 @@ async def run_serve(
     timeouts: Timeouts,
     log: Logger,
     cwd: Path | None = None,
+    queue_url: str | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve until a signal (exit 128+N)."""
     await end_leftovers(layout.state_dir, log)
+    stack = AsyncExitStack()
     try:
-        queue = await EmbeddedQueue.open(
-            layout.queue_path, dead_letter_root=layout.state_dir / "dead-letters"
+        queue = await stack.enter_async_context(
+            open_queue(
+                queue_url or layout.queue_path,
+                log=log,
+                dead_letter_root=layout.state_dir / "dead-letters",
+            )
         )
+    except QueueConnectError:
+        raise
     except QueueError as e:
         raise RootError(str(e)) from None
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
@@ -89,6 +100,7 @@ async def run_serve(
         grace=grace,
         cwd=cwd,
         token=token,
+        local_pods=queue_url is None or not is_redis_url(queue_url),
     )
     service = JobService(apis, queue, settings, log, metrics)
     admin = Admin(
@@ -101,7 +113,7 @@ async def run_serve(
     code = 0
     subreaper = become_subreaper()
     try:
-        async with queue, anyio.create_task_group() as tg:
+        async with stack, anyio.create_task_group() as tg:
             if subreaper:
                 tg.start_soon(reap_orphans, None)
             await tg.start(service.run)
@@ -114,7 +126,7 @@ async def run_serve(
                     )
 
             tg.start_soon(serve_http)
-            log.info("listening", host=host, port=bound, token=token is not None)
+            log.info("listening", host=host, port=bound, token=token is not None, queue=queue.url)
             for api in apis:
                 log.info("api_endpoint", api_name=api.name, endpoint=f"{endpoint}/{api.name}")
             task_status.started(bound)

@@ -13,6 +13,13 @@ listens on pod.port + offset + i), its own folder for ``job.json`` and ``mnt``
 
 Status comes from the running execution (live counters and pod states) or, for a job not
 running here, from the queue (the final ``worker_counts`` are stored with the end state).
+
+With a shared queue (``serve --queue redis://...``, ``local_pods`` False) the service starts
+no pods: a submission is enqueued and marked ``running``, and ``supervisor worker`` pods join
+it. Status, list, stop and dead letters then come from the queue alone, so any ``serve``
+instance answers for any job: a running job's ``worker_counts`` from its pods' heartbeats,
+a stop recorded in the queue for the pods to see within a heartbeat. Nothing is resumed at
+start-up (the workers carry on by themselves).
 Stopping a running job ends it ``stopped``; the server stopping (SIGTERM) ends every job the
 way a signal ends ``run``: in-flight batches get the grace period and the jobs stay
 resumable. At start-up every unfinished job is resumed, succeeded batches not sent again; a
@@ -38,15 +45,14 @@ import msgspec
 from supervisor import jobs
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, JobError
-from supervisor.execution import JobExecution, Placement, build_status
+from supervisor.execution import JobExecution, Placement, build_status, spec_of
 from supervisor.jobs import JobSpec, JobStatus, JobStatusResponse, WorkerCounts
 from supervisor.layout import Layout
-from supervisor.lifecycle import Cause, PodState, worker_counts
+from supervisor.lifecycle import Cause, PodState, heartbeat_counts, worker_counts
 from supervisor.logs import Logger
 from supervisor.metrics import Metrics
 from supervisor.ports import listening_ports
-from supervisor.queues.base import DeadLetter, JobRecord, progress_of
-from supervisor.queues.embedded import EmbeddedQueue
+from supervisor.queues.base import DeadLetter, JobQueue, JobRecord, progress_of
 from supervisor.sources import list_files
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
 
@@ -68,15 +74,16 @@ class ServiceSettings:
     grace: float = 30.0
     cwd: Path | None = None
     token: str | None = None  # the API's bearer token: containers get it, to chain
+    local_pods: bool = True  # False: `supervisor worker` pods do the work (a shared queue)
 
 
 class JobService:
-    """Jobs of ``apis`` on local pods, with the embedded ``queue`` (see the module doc)."""
+    """Jobs of ``apis`` in ``queue``, on local pods or on workers (see the module doc)."""
 
     def __init__(
         self,
         apis: list[BatchAPI],
-        queue: EmbeddedQueue,
+        queue: JobQueue,
         settings: ServiceSettings,
         log: Logger,
         metrics: Metrics | None = None,
@@ -108,7 +115,8 @@ class JobService:
         _write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            await self._resume_all()
+            if self.settings.local_pods:
+                await self._resume_all()
             task_status.started()
             await anyio.sleep_forever()
 
@@ -144,11 +152,14 @@ class JobService:
                 )
                 self.log.warning("job_enqueue_failed", job_id=record.job_id, reason="restarted")
                 continue
-            spec = _spec_of(record)
+            spec = spec_of(record)
             self.log.info("job_resumed", api_name=api.name, job_id=spec.job_id)
             await self._start(api, spec)
 
     async def _start(self, api: BatchAPI, spec: JobSpec) -> None:
+        if not self.settings.local_pods:  # the workers see it running and join it
+            await self.queue.set_status(spec.job_id, jobs.RUNNING)
+            return
         assert self._tg is not None
         listening = await anyio.to_thread.run_sync(listening_ports)  # /proc, off the loop
         first = self._allocate(api, spec.workers, spec.job_id, listening)
@@ -282,7 +293,7 @@ class JobService:
         letters = await self.dead_letters(api_name, job_id)
         if not letters:
             raise BadInput(f"job {job_id} has no dead letters to retry")
-        old = _spec_of(record)
+        old = spec_of(record)
         spec = self._new_spec(api, old.workers, old.config, old.timeout, old.sqs_dead_letter_queue)
         bodies: Iterator[bytes] = (bytes(letter.body) for letter in letters)
         self.log.info("dead_letters_retried", job_id=job_id, new_job_id=spec.job_id)
@@ -302,7 +313,7 @@ class JobService:
             workers=workers,
             config=config,
             api_id=api_id(api),
-            sqs_url=f"sqlite://{self.queue.path}",
+            sqs_url=self.queue.url,
             timeout=timeout,
             sqs_dead_letter_queue=dlq,
             created_time=jobs.rfc3339(),
@@ -373,7 +384,14 @@ class JobService:
     async def _stored_status(self, api: BatchAPI, record: JobRecord) -> JobStatusResponse:
         """The status of a job not running here: the record says it all (no feed is open,
         so nothing is in flight); no second read of the queue."""
-        spec = _spec_of(record)
+        spec = spec_of(record)
+        running = record.status not in jobs.END_STATES and record.total_batches is not None
+        if running and not self.settings.local_pods:  # on workers: ask the queue and them
+            progress = await self.queue.progress(record.job_id)
+            counts = heartbeat_counts(await self.queue.pods(record.job_id), spec.workers, None)
+            return build_status(
+                api, spec, record.status, progress, counts, None, self.endpoint_of(api)
+            )
         progress = progress_of(record)
         if record.worker_counts is not None:
             counts = msgspec.json.decode(record.worker_counts, type=WorkerCounts)
@@ -391,7 +409,7 @@ class JobService:
         return {
             "apis": sorted(self.apis),
             "endpoint": self.settings.endpoint,
-            "queue": str(self.queue.path),
+            "queue": self.queue.url,
             "jobs": [execution.describe() for execution in self.running.values()],
         }
 
@@ -402,13 +420,6 @@ class JobService:
     def refresh_metrics(self) -> None:
         for execution in self.running.values():
             execution.refresh_metrics()
-
-
-def _spec_of(record: JobRecord) -> JobSpec:
-    spec = msgspec.json.decode(record.spec_json, type=JobSpec)
-    spec.total_batch_count = record.total_batches
-    spec.start_time = record.start_time
-    return spec
 
 
 def _write_cli_config(directory: Path, endpoint: str) -> None:

@@ -29,8 +29,6 @@ import yaml
 from supervisor.admin import ADMIN_PATHS
 from supervisor.cli import build_parser
 from supervisor.cli_options import host_port as _host_port
-from supervisor.cli_options import non_negative_float as _non_negative_float
-from supervisor.cli_options import positive_int as _positive_int
 from supervisor.config import load_apis
 from tests.helpers import REPO
 
@@ -38,14 +36,6 @@ KUBE = REPO / "deploy" / "kubernetes"
 DOCKERFILE = REPO / "Dockerfile"
 USER_DOCKERFILE = REPO / "deploy" / "wordcount.Dockerfile"
 DOCS = REPO / "docs" / "deploy.md"
-
-# What the manifests use that this version's `supervisor` does not have yet: the shared queue
-# (`serve --queue`) and the `worker` command are being built. Their arguments are checked
-# against the documented interface below instead of the real parser. Each entry is also
-# checked to be still missing: the day one lands, the test says to remove it here, and the
-# real parser takes over.
-PENDING_OPTIONS = {("serve", "--queue")}
-PENDING_COMMANDS = {"worker"}
 
 # Objects the manifests refer to but do not contain: the token Secret is created by hand so
 # that no token is ever committed (the command is in serve.yaml and docs/deploy.md).
@@ -516,44 +506,6 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     raise AssertionError("no subcommands")
 
 
-def _worker_stand_in() -> argparse.ArgumentParser:
-    """``supervisor worker API --queue URL [--admin HOST:PORT] [--grace S] [--root DIR]
-    [--concurrency K]``, as docs/deploy.md gives it, until the real one lands."""
-    p = argparse.ArgumentParser(prog="supervisor worker", exit_on_error=False)
-    p.add_argument("api")
-    p.add_argument("--queue", required=True)
-    p.add_argument("--admin", type=_host_port)
-    p.add_argument("--grace", type=_non_negative_float)
-    p.add_argument("--root")
-    p.add_argument("--concurrency", type=_positive_int)
-    return p
-
-
-def without(args: list[str], name: str) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == name:
-            skip = True
-        elif not a.startswith(name + "="):
-            out.append(a)
-    return out
-
-
-def test_the_pending_interface_is_still_pending() -> None:
-    commands = _subcommands(build_parser())
-    for command, name in PENDING_OPTIONS:
-        assert name not in commands[command]._option_string_actions, (
-            f"`{command} {name}` exists now: remove it from PENDING_OPTIONS in tests/test_deploy.py"
-        )
-    for command in PENDING_COMMANDS:
-        assert command not in commands, (
-            f"`{command}` exists now: remove it from PENDING_COMMANDS in tests/test_deploy.py"
-        )
-
-
 @pytest.mark.parametrize("name", ["supervisor-serve", "wordcount-worker"])
 def test_every_container_args_parse(name: str) -> None:
     (container,) = named("Deployment", name)["spec"]["template"]["spec"]["containers"]
@@ -561,13 +513,7 @@ def test_every_container_args_parse(name: str) -> None:
     args = [str(a) for a in container["args"]]
     command = args[0]
     parser = build_parser()
-    if command in PENDING_COMMANDS:
-        _worker_stand_in().parse_args(args[1:])
-        return
     assert command in _subcommands(parser), f"`supervisor {command}` does not exist"
-    for pending_command, pending in PENDING_OPTIONS:
-        if pending_command == command:
-            args = without(args, pending)
     parsed = parser.parse_args(args)
     assert parsed.command == command
 

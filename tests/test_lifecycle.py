@@ -13,10 +13,12 @@ from supervisor.lifecycle import (
     PodState,
     admit,
     exit_code_for,
+    heartbeat_counts,
+    may_join,
     next_pod_state,
     worker_counts,
 )
-from supervisor.queues.base import JobRecord
+from supervisor.queues.base import Heartbeat, JobRecord
 
 
 def record(status: str, total: int | None = 10) -> JobRecord:
@@ -146,3 +148,77 @@ def test_pod_state_history(history: list[PodState], expected: PodState) -> None:
     for new in history:
         state = next_pod_state(state, new)
     assert state is expected
+
+
+def beat(pod: str, state: str, age: float, lease: float = 2.0) -> Heartbeat:
+    return Heartbeat(pod, state, age, lease)
+
+
+@pytest.mark.parametrize(
+    ("beats", "pod", "workers", "expected"),
+    [
+        ([], "a", 1, True),
+        ([beat("b", "ready", 0.5)], "a", 1, False),  # the one place is taken
+        ([beat("b", "ready", 0.5)], "a", 2, True),
+        ([beat("b", "ready", 2.5)], "a", 1, True),  # b is silent past its lease: replaced
+        ([beat("b", "stopped", 0.1)], "a", 1, True),  # b has left the job
+        ([beat("b", "failed", 0.1)], "a", 1, True),
+        ([beat("a", "ready", 0.1), beat("b", "ready", 0.1)], "a", 2, True),  # a comes back
+        ([beat("b", "creating", 0.1), beat("c", "not_ready", 0.1)], "a", 2, False),
+    ],
+)
+def test_may_join(beats: list[Heartbeat], pod: str, workers: int, expected: bool) -> None:
+    assert may_join(beats, pod, workers) is expected
+
+
+@pytest.mark.parametrize(
+    ("beats", "workers", "status", "expected"),
+    [
+        ([], 3, None, {"pending": 3}),
+        (
+            [beat("a", "ready", 0.1), beat("b", "creating", 1)],
+            3,
+            None,
+            {"ready": 1, "creating": 1, "pending": 1},
+        ),
+        ([beat("a", "ready", 2.5)], 2, None, {"unknown": 1, "pending": 1}),  # silent: unknown
+        ([beat("a", "ready", 6.5)], 2, None, {"pending": 2}),  # silent for 3 leases: gone
+        (
+            [beat("a", "failed", 0.1), beat("b", "ready", 0.1)],
+            2,
+            None,
+            {"failed": 1, "ready": 1, "pending": 1},
+        ),
+        ([beat("a", "ready", 0.1), beat("b", "stopped", 0.1)], 2, jobs.SUCCEEDED, {"succeeded": 2}),
+        (
+            [beat("a", "failed", 0.1), beat("b", "ready", 0.1)],
+            2,
+            jobs.WORKER_ERROR,
+            {"failed": 1, "killed": 1},
+        ),
+        ([beat("a", "ready", 2.5)], 1, jobs.STOPPED, {"unknown": 1}),
+        ([beat("a", "what", 0.1)], 1, None, {"unknown": 1}),
+    ],
+)
+def test_heartbeat_counts(
+    beats: list[Heartbeat], workers: int, status: str | None, expected: dict[str, int]
+) -> None:
+    counts = heartbeat_counts(beats, workers, status)
+    assert {k: v for k, v in msgspec.structs.asdict(counts).items() if v} == expected
+
+
+def test_an_end_seen_elsewhere_is_followed_not_recorded() -> None:
+    outcome = Outcome()
+    assert outcome.record(Cause.ENDED_ELSEWHERE, "stopped elsewhere", status=jobs.STOPPED)
+    assert outcome.final_status(0) == jobs.STOPPED
+    assert not outcome.records_status and not outcome.resumable
+    assert not outcome.sends_job_complete
+    assert outcome.exit_code(0) == 1
+    for cause in (Cause.SIGNAL, Cause.START_FAILED):
+        o = Outcome()
+        o.record(cause, "x")
+        assert not o.records_status
+    for cause in (Cause.TIMEOUT, Cause.POD_FAILED, Cause.STOPPED):
+        o = Outcome()
+        o.record(cause, "x")
+        assert o.records_status

@@ -299,3 +299,30 @@ async def test_a_failed_completion_can_be_claimed_again(queue: JobQueue) -> None
                 raise OSError("connection refused")
         async with queue.completion(JOB) as mine:
             assert mine
+
+
+async def test_pods_join_up_to_workers_and_heartbeat(queue: JobQueue) -> None:
+    await new_job(queue, 1)
+    with anyio.fail_after(10):
+        assert await queue.try_join(JOB, "a", 2, LEASE)
+        assert await queue.try_join(JOB, "b", 2, LEASE)
+        assert not await queue.try_join(JOB, "c", 2, LEASE)  # two live pods: full
+        assert await queue.try_join(JOB, "a", 2, LEASE)  # a pod already in may come back
+        await queue.heartbeat(JOB, "a", "ready", LEASE)
+        await queue.heartbeat(JOB, "b", "stopped", LEASE)  # b is done with the job
+        beats = {b.pod_id: b for b in await queue.pods(JOB)}
+        assert {p: b.state for p, b in beats.items()} == {"a": "ready", "b": "stopped"}
+        assert all(0 <= b.age < LEASE and b.lease == LEASE for b in beats.values())
+        assert await queue.try_join(JOB, "c", 2, LEASE)
+        await queue.leave(JOB, "c")
+        assert {b.pod_id for b in await queue.pods(JOB)} == {"a", "b"}
+        assert await queue.pods("7e5c6d1f0000ffff") == []
+
+
+async def test_a_silent_pod_leaves_its_place(queue: JobQueue) -> None:
+    await new_job(queue, 1)
+    with anyio.fail_after(10):
+        assert await queue.try_join(JOB, "a", 1, 0.2)
+        assert not await queue.try_join(JOB, "b", 1, LEASE)
+        await anyio.sleep(0.3)  # a's lease of 0.2 s runs out (no event to await: time is it)
+        assert await queue.try_join(JOB, "b", 1, LEASE)

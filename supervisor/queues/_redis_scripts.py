@@ -22,7 +22,10 @@ __all__ = [
     "CREATE",
     "GIVE_BACK",
     "GROUP",
+    "HEARTBEAT",
     "JOBS",
+    "JOIN",
+    "PODS",
     "READ_COUNTERS",
     "RENEW",
     "SET_STATUS",
@@ -48,6 +51,7 @@ class JobKeys(NamedTuple):
     dead: str  # stream: one entry per dead batch (seq, body, attempts)
     complete: str  # the /on-job-complete claim
     returned: str  # set: ids given back by a feed that left, claimable uncounted
+    pods: str  # hash: pod_id -> "<state> <ms of Redis TIME> <lease ms>", the last heartbeat
 
 
 def job_keys(job_id: str) -> JobKeys:
@@ -298,3 +302,73 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
+
+
+# Pods sharing a job. Times are Redis's own (TIME), so the pods' clocks never matter. A pod
+# is live while heard from within its lease and not in a final state; one silent for
+# GONE leases is deleted (and the whole hash expires when every pod is that silent).
+_PODS_LUA = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local final = {failed = true, killed_oom = true, stopped = true}
+local function parse(v)
+  local state, at, lease = string.match(v, '^(%S+) (%d+) (%d+)$')
+  return state, tonumber(at), tonumber(lease)
+end
+local function beat(key, pod, state, lease, gone)
+  redis.call('HSET', key, pod, state .. ' ' .. now_ms() .. ' ' .. lease)
+  redis.call('PEXPIRE', key, lease * gone)
+end
+"""
+
+# KEYS: pods. ARGV: pod_id, state, lease_ms, gone (leases).
+HEARTBEAT = (
+    _PODS_LUA
+    + """
+beat(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+return 1
+"""
+)
+
+# lifecycle.may_join, atomically: admit the pod (as 'creating') while fewer than `workers`
+# other pods are live. KEYS: pods. ARGV: pod_id, workers, lease_ms, gone. Returns 1 if in.
+JOIN = (
+    _PODS_LUA
+    + """
+local now, gone = now_ms(), tonumber(ARGV[4])
+local all = redis.call('HGETALL', KEYS[1])
+local live = 0
+for i = 1, #all, 2 do
+  local state, at, lease = parse(all[i + 1])
+  local age = now - at
+  if age > lease * gone then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif all[i] ~= ARGV[1] and age <= lease and not final[state] then
+    live = live + 1
+  end
+end
+if live >= tonumber(ARGV[2]) then return 0 end
+beat(KEYS[1], ARGV[1], 'creating', tonumber(ARGV[3]), gone)
+return 1
+"""
+)
+
+# KEYS: pods. Returns a flat list: pod_id, state, age_ms, lease_ms for each pod.
+PODS = (
+    _PODS_LUA
+    + """
+local now = now_ms()
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local state, at, lease = parse(all[i + 1])
+  table.insert(out, all[i])
+  table.insert(out, state)
+  table.insert(out, now - at)
+  table.insert(out, lease)
+end
+return out
+"""
+)

@@ -35,6 +35,7 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "Feed",
+    "Heartbeat",
     "JobQueue",
     "JobRecord",
     "Progress",
@@ -99,6 +100,16 @@ class JobRecord(msgspec.Struct, kw_only=True):
     failed_attempts: int = 0
     time_per_batch_sum: float = 0.0
     worker_counts: bytes | None = None  # JSON of the final worker_counts, once ended
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    """A pod's last word on a shared job: its state (a ``PodState`` value), how many
+    seconds ago it said so, and the lease it promised to speak again within."""
+
+    pod_id: str
+    state: str
+    age: float
+    lease: float
 
 
 class Progress(msgspec.Struct, kw_only=True):
@@ -246,6 +257,26 @@ class JobQueue(Protocol):
         """Claim the job's one ``/on-job-complete``: ``True`` for the one caller that is to
         send it (the job enqueued, nothing pending or in flight, not claimed before);
         leaving the block normally marks it sent for good, with an error releases it."""
+        ...
+
+    # -- pods sharing a job (``supervisor worker``) -------------------------------------------
+
+    async def try_join(self, job_id: str, pod_id: str, workers: int, lease: float) -> bool:
+        """Admit ``pod_id`` to the job if fewer than ``workers`` other pods are live
+        (:func:`supervisor.lifecycle.may_join`), atomically; an admitted pod counts as
+        ``creating`` with ``lease`` until its first :meth:`heartbeat`."""
+        ...
+
+    async def heartbeat(self, job_id: str, pod_id: str, state: str, lease: float) -> None:
+        """``pod_id`` is in ``state`` and promises its next heartbeat within ``lease``."""
+        ...
+
+    async def leave(self, job_id: str, pod_id: str) -> None:
+        """``pod_id`` no longer works on the job (its place is free at once)."""
+        ...
+
+    async def pods(self, job_id: str) -> list[Heartbeat]:
+        """The last heartbeat of each pod heard from recently (gone ones left out)."""
         ...
 
     async def aclose(self) -> None:

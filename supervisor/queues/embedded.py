@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -78,6 +79,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from supervisor.lifecycle import may_join
 from supervisor.queues._sqlite import (
     CHUNK_BYTES,
     JOB_COLUMNS,
@@ -92,6 +94,7 @@ from supervisor.queues._sqlite import (
 )
 from supervisor.queues.base import (
     DeadLetter,
+    Heartbeat,
     JobRecord,
     Progress,
     QueueError,
@@ -154,6 +157,8 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         self._dead_letter_root = dead_letter_root
         self._feeds: dict[str, EmbeddedFeed | None] = {}  # None while opening
         self._completions: set[str] = set()  # jobs whose /on-job-complete was claimed
+        # job_id -> pod_id -> (state, monotonic time, lease): in memory, this process only
+        self._beats: dict[str, dict[str, tuple[str, float, float]]] = {}
 
     @classmethod
     async def open(
@@ -354,6 +359,38 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             return [p for seq, p in sorted((s, p) for s, p in found if s is not None)]
 
         return await anyio.to_thread.run_sync(scan)
+
+    # -- pods sharing a job: in memory (one process shares nothing with another here) -------
+
+    async def try_join(self, job_id: str, pod_id: str, workers: int, lease: float) -> bool:
+        """Admit ``pod_id`` while fewer than ``workers`` other pods are live."""
+        await anyio.lowlevel.checkpoint()
+        if not may_join(self._heartbeats(job_id), pod_id, workers):
+            return False
+        self._beats.setdefault(job_id, {})[pod_id] = ("creating", time.monotonic(), lease)
+        return True
+
+    async def heartbeat(self, job_id: str, pod_id: str, state: str, lease: float) -> None:
+        """Note ``pod_id``'s state."""
+        await anyio.lowlevel.checkpoint()
+        self._beats.setdefault(job_id, {})[pod_id] = (state, time.monotonic(), lease)
+
+    async def leave(self, job_id: str, pod_id: str) -> None:
+        """Forget ``pod_id``'s heartbeat."""
+        await anyio.lowlevel.checkpoint()
+        self._beats.get(job_id, {}).pop(pod_id, None)
+
+    async def pods(self, job_id: str) -> list[Heartbeat]:
+        """The last heartbeat of each pod of the job."""
+        await anyio.lowlevel.checkpoint()
+        return self._heartbeats(job_id)
+
+    def _heartbeats(self, job_id: str) -> list[Heartbeat]:
+        now = time.monotonic()
+        return [
+            Heartbeat(pod_id, state, now - at, lease)
+            for pod_id, (state, at, lease) in self._beats.get(job_id, {}).items()
+        ]
 
     async def dead_letters(self, job_id: str) -> list[DeadLetter]:
         """The job's dead letters (the content of its files), by batch number."""

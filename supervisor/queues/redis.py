@@ -54,11 +54,13 @@ import coredis
 import coredis.exceptions
 import msgspec
 
+from supervisor.lifecycle import GONE_AFTER
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
 from supervisor.queues.base import (
     AttemptRecord,
     DeadLetter,
+    Heartbeat,
     JobRecord,
     Progress,
     QueueConnectError,
@@ -158,6 +160,9 @@ class RedisQueue:
         self._renew_completion = client.register_script(S.COMPLETE_RENEW)
         self._done_completion = client.register_script(S.COMPLETE_DONE)
         self._release_completion = client.register_script(S.COMPLETE_RELEASE)
+        self._heartbeat = client.register_script(S.HEARTBEAT)
+        self._join = client.register_script(S.JOIN)
+        self._pods = client.register_script(S.PODS)
 
     @classmethod
     @asynccontextmanager
@@ -266,7 +271,7 @@ class RedisQueue:
 
     async def _delete(self, job_id: str) -> None:
         k = S.job_keys(job_id)
-        await self._client.delete([k.job, k.stream, k.attempts, k.complete, k.returned])
+        await self._client.delete([k.job, k.stream, k.attempts, k.complete, k.returned, k.pods])
         await self._client.srem(S.JOBS, [job_id])
 
     async def set_status(
@@ -402,6 +407,41 @@ class RedisQueue:
                 _raise_single(group)
         finally:
             del self._feeds[job_id]
+
+    # -- pods sharing a job ---------------------------------------------------------------
+
+    async def try_join(self, job_id: str, pod_id: str, workers: int, lease: float) -> bool:
+        """Admit ``pod_id`` while fewer than ``workers`` other pods are live (one script:
+        two pods racing for the last place cannot both get it)."""
+        key = S.job_keys(job_id).pods
+        args: list[str | int] = [pod_id, workers, int(lease * 1000), GONE_AFTER]
+        joined = await self._do("joining a job", lambda: self._join(keys=[key], args=args))
+        return bool(joined)
+
+    async def heartbeat(self, job_id: str, pod_id: str, state: str, lease: float) -> None:
+        """Note ``pod_id``'s state, by Redis's clock."""
+        key = S.job_keys(job_id).pods
+        args: list[str | int] = [pod_id, state, int(lease * 1000), GONE_AFTER]
+        await self._do("sending a heartbeat", lambda: self._heartbeat(keys=[key], args=args))
+
+    async def leave(self, job_id: str, pod_id: str) -> None:
+        """Forget ``pod_id``'s heartbeat: its place is free at once."""
+        key = S.job_keys(job_id).pods
+        await self._do("leaving a job", lambda: self._client.hdel(key, [pod_id]))
+
+    async def pods(self, job_id: str) -> list[Heartbeat]:
+        """The last heartbeat of each pod of the job (ages by Redis's clock)."""
+        key = S.job_keys(job_id).pods
+        out: list[Any] = await self._do("reading heartbeats", lambda: self._pods(keys=[key]))
+        return [
+            Heartbeat(
+                S.as_bytes(out[i]).decode(),
+                S.as_bytes(out[i + 1]).decode(),
+                int(out[i + 2]) / 1000,
+                int(out[i + 3]) / 1000,
+            )
+            for i in range(0, len(out), 4)
+        ]
 
     # -- the one /on-job-complete ---------------------------------------------------------
 

@@ -1,0 +1,222 @@
+"""``supervisor worker``: one pod that works on the jobs of its API from a shared queue.
+
+Theory of operation
+-------------------
+Many workers (one per machine, or per Kubernetes pod) and any number of ``serve --queue``
+instances share one Redis queue. ``serve`` enqueues a job and marks it ``running``; each
+worker, while idle, looks every few seconds for the oldest running job of its API that has
+fewer live pods than its ``workers`` and joins it (:meth:`~supervisor.queues.base.JobQueue.
+try_join`, atomic: never more than ``workers`` pods at once; a pod that joins late helps).
+Then it does what a pod of ``run`` does (:class:`~supervisor.execution.JobExecution` with
+:class:`~supervisor.execution.Sharing`): writes ``job.json``, starts the API's containers,
+gates on readiness, dispatches ``--concurrency`` batches at a time from the shared feed,
+sends heartbeats (the job's ``worker_counts``), follows a stop, timeout or failure recorded
+elsewhere within a heartbeat, and stops its containers when the job ends; then it waits for
+the next job. A batch held by a worker that died goes to another after ``--lease``.
+
+The first SIGTERM/SIGINT/SIGHUP: take no new batch, let those in flight finish within
+``--grace``, stop the containers, leave the job (its other pods go on; what this one held is
+given back) and exit 128+N. A second one kills the containers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisor import jobs
+from supervisor.admin import Admin, serve_admin
+from supervisor.config import BatchAPI
+from supervisor.execution import JobExecution, Placement, Sharing, spec_of
+from supervisor.host import STOP_SIGNALS
+from supervisor.layout import Layout
+from supervisor.leftovers import end_leftovers
+from supervisor.lifecycle import Cause
+from supervisor.logs import Logger
+from supervisor.metrics import Metrics
+from supervisor.queues import open_queue
+from supervisor.queues.base import JobQueue, JobRecord
+
+__all__ = ["POLL", "Worker", "WorkerOptions", "new_pod_id", "run_worker"]
+
+POLL = 2.0  # seconds between looks for a job to join, while idle
+LEASE = 30.0  # seconds: a batch's lease, and the heartbeat's
+
+
+def new_pod_id() -> str:
+    """This pod's name among a job's pods: host, pid and a random part."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+@dataclass(slots=True)
+class WorkerOptions:
+    layout: Layout
+    queue_url: str
+    grace: float = 30.0
+    concurrency: int = 1
+    batch_timeout: float | None = None
+    lease: float = LEASE
+    port_offset: int = 0  # the containers listen on pod.port + port_offset
+    admin: tuple[str, int] | None = None  # --admin HOST:PORT
+    poll: float = POLL
+    cwd: Path | None = None
+
+
+class Worker:
+    """The loop of one worker pod on ``queue`` (see the module docstring)."""
+
+    def __init__(
+        self, api: BatchAPI, queue: JobQueue, opts: WorkerOptions, log: Logger, metrics: Metrics
+    ) -> None:
+        self.api = api
+        self.queue = queue
+        self.opts = opts
+        self.pod_id = new_pod_id()
+        self.log = log.bind(api_name=api.name, pod_id=self.pod_id)
+        self.metrics = metrics
+        self.execution: JobExecution | None = None
+        self.stopping = False
+        self.exit_code = 0
+        self._wakeup = anyio.Event()
+
+    # -- signals and the admin endpoints ----------------------------------------------------
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        """The first stop signal: finish what is in flight and leave; later ones: kill now."""
+        execution = self.execution
+        if self.stopping:
+            self.log.warning("signal", signal=sig.name, action="stop now")
+            if execution is not None:
+                execution.kill_now()
+            return
+        self.stopping = True
+        self.exit_code = 128 + sig
+        self._wakeup.set()
+        if execution is not None:
+            execution.on_signal(sig)
+        else:
+            self.log.warning("signal", signal=sig.name, action="exit (no job)")
+
+    def ready(self) -> bool:
+        """Healthy: idle (waiting for a job), or every container of the job's pod ready."""
+        return self.execution is None or self.execution.ready()
+
+    def status(self) -> dict[str, Any]:
+        execution = self.execution
+        return {
+            "pod_id": self.pod_id,
+            "api_name": self.api.name,
+            "queue": self.queue.url,
+            "state": "stopping" if self.stopping else "working" if execution else "waiting",
+            "job": None if execution is None else execution.describe(),
+        }
+
+    def refresh_metrics(self) -> None:
+        if self.execution is not None:
+            self.execution.refresh_metrics()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Join jobs and work on them, one at a time, until a stop signal."""
+        while not self.stopping:
+            record = await self._find_job()
+            if record is None:
+                await self._idle()
+                continue
+            await self._work(record)
+
+    async def _idle(self) -> None:
+        with anyio.move_on_after(min(self.opts.poll, self.opts.lease)):
+            await self._wakeup.wait()
+
+    async def _find_job(self) -> JobRecord | None:
+        """The oldest running job of the API that admits this pod (now joined), or None."""
+        for record in reversed(await self.queue.list_jobs(self.api.name)):
+            if record.status != jobs.RUNNING or record.total_batches is None:
+                continue
+            workers = spec_of(record).workers
+            if await self.queue.try_join(record.job_id, self.pod_id, workers, self.opts.lease):
+                return record
+        return None
+
+    async def _work(self, record: JobRecord) -> None:
+        opts, job_id = self.opts, record.job_id
+        spec = spec_of(record)
+        if self.stopping:
+            await self.queue.leave(job_id, self.pod_id)
+            return
+        layout = opts.layout
+        execution = JobExecution(
+            self.api,
+            spec,
+            self.queue,
+            Placement(
+                layout=layout, ledger_dir=layout.state_dir, first_pod=opts.port_offset, pods=1
+            ),
+            concurrency=opts.concurrency,
+            batch_timeout=opts.batch_timeout,
+            grace=opts.grace,
+            cwd=opts.cwd,
+            log=self.log,
+            metrics=self.metrics,
+            sharing=Sharing(self.pod_id, opts.lease),
+        )
+        self.execution = execution
+        self.log.info("job_joined", job_id=job_id, workers=spec.workers)
+        try:
+            result = await execution.run()
+        finally:
+            self.execution = None
+            if execution.outcome.resumable:  # a signal, or the pod could not start
+                with anyio.CancelScope(shield=True), anyio.move_on_after(opts.grace + 5):
+                    await self.queue.leave(job_id, self.pod_id)
+        self.log.info("job_left", job_id=job_id, status=result.status.job_status.status)
+        if result.outcome.cause is Cause.START_FAILED:
+            # Not the job's fault (a port taken, a command missing): wait, then try again.
+            self.log.error("job_not_started", job_id=job_id, reason=result.outcome.reason)
+            await self._idle()
+
+
+async def run_worker(
+    api: BatchAPI,
+    opts: WorkerOptions,
+    log: Logger,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> int:
+    """Work on the API's jobs until a stop signal (exit 128+N)."""
+    await end_leftovers(opts.layout.state_dir, log)  # what a killed worker left running
+    metrics = Metrics()
+    async with open_queue(opts.queue_url, log=log, lease=opts.lease) as queue:
+        worker = Worker(api, queue, opts, log, metrics)
+        async with anyio.create_task_group() as tg:
+            if opts.admin is not None:
+                admin = Admin(
+                    ready=worker.ready,
+                    status=worker.status,
+                    metrics=metrics,
+                    refresh=worker.refresh_metrics,
+                )
+                await tg.start(partial(serve_admin, *opts.admin, admin, logger=log))
+            tg.start_soon(_watch_signals, worker)
+            worker.log.info("worker_started", queue=queue.url, lease=opts.lease)
+            task_status.started()
+            await worker.run()
+            tg.cancel_scope.cancel()
+    return worker.exit_code
+
+
+async def _watch_signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async for signum in signals:
+            worker.on_signal(signal.Signals(signum))

@@ -1,0 +1,418 @@
+"""`supervisor worker` pods sharing jobs through a real redis-server, and `serve --queue`.
+
+Each worker is a real process with its own containers (the recording worker) on its own
+ports (``--port-offset``); jobs are put in the queue as ``serve --queue`` puts them, or
+submitted to a real ``serve``. Leases are short (``--lease 2``) so that a dead pod's batches
+move on quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+import requests
+
+from supervisor import jobs
+from supervisor.jobs import JobSpec
+from supervisor.proctable import scan_stats
+from supervisor.queues import open_queue
+from supervisor.queues.base import Heartbeat, JobRecord
+from tests.helpers import (
+    batches_of,
+    child_env,
+    free_ports,
+    probe_on,
+    read_records,
+    recorder_container,
+    run_supervisor,
+    supervisor_cmd,
+    write_api,
+)
+from tests.test_serve import start_serve
+
+LEASE = "2"
+WAIT = 60.0  # seconds: the longest any step here may take
+
+
+class Worker:
+    """One `supervisor worker` process (JSON logs in a file)."""
+
+    def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
+        self.proc, self.log = proc, log
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("event") == name:
+                    out.append(record)
+        return out
+
+    def wait_event(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        wait_for(lambda: len(self.events(name)) >= count or self._exited(), f"{name}")
+        assert self.proc.poll() is None, self.log.read_text()
+        return self.events(name)
+
+    def _exited(self) -> bool:
+        return self.proc.poll() is not None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc.pid)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    stats = scan_stats()
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [s.pid for s in stats.values() if s.ppid == parent]
+        out += children
+        frontier += children
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process under it at once: a machine that died."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> tuple[Path, Path, int]:
+    """An API of one recording container (slow batches), gated by /healthz."""
+    port = free_ports(4)
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    container = {
+        **recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.1"),
+        "readiness_probe": {**probe_on(port), "period_seconds": 1},
+    }
+    # the probe follows CORTEX_PORT: probes aimed at pod.port move with the pod's offset
+    return write_api(tmp_path / "api.yaml", [container], port=port), rec, port
+
+
+@pytest.fixture
+def workers(
+    tmp_path: Path, redis_url: str, api: tuple[Path, Path, int]
+) -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(index: int, *extra: str) -> Worker:
+        log = tmp_path / f"worker-{index}-{time.monotonic_ns()}.log"
+        args = [str(api[0]), "--queue", redis_url, "--root", str(tmp_path / f"w{index}")]
+        args += ["--lease", LEASE, "--grace", "5", "--port-offset", str(index), *extra]
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                supervisor_cmd("worker", *args),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=child_env(),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        worker = Worker(proc, log)
+        started.append(worker)
+        worker.wait_event("worker_started")
+        return worker
+
+    try:
+        yield start
+    finally:
+        for w in started:
+            w.stop()
+
+
+# -- the queue, as `serve --queue` uses it --------------------------------------------------
+
+
+def submit(
+    url: str, n: int, workers: int, timeout: int | None = None, attempts: int | None = None
+) -> str:
+    """Put a job of ``n`` one-item batches in the queue and mark it running (as serve does);
+    ``attempts``: its ``max_receive_count``."""
+    dlq = None if attempts is None else jobs.DeadLetterQueue(arn="dlq", max_receive_count=attempts)
+
+    async def go() -> str:
+        async with open_queue(url) as q:
+            spec = JobSpec(
+                job_id=jobs.new_job_id(),
+                api_name="test-api",
+                workers=workers,
+                config=None,
+                api_id="test",
+                sqs_url=q.url,
+                timeout=timeout,
+                sqs_dead_letter_queue=dlq,
+                created_time=jobs.rfc3339(),
+            )
+            body = msgspec.json.encode(spec)
+            await q.create_job(spec.job_id, "test-api", spec.job_id, body, spec.created_time)
+            await q.enqueue(spec.job_id, (b'[{"i": %d}]' % i for i in range(n)))
+            await q.set_status(spec.job_id, jobs.RUNNING)
+            return spec.job_id
+
+    return anyio.run(go)
+
+
+def job(url: str, job_id: str) -> JobRecord:
+    async def go() -> JobRecord | None:
+        async with open_queue(url) as q:
+            return await q.get_job(job_id)
+
+    record = anyio.run(go)
+    assert record is not None
+    return record
+
+
+def heartbeats(url: str, job_id: str) -> list[Heartbeat]:
+    async def go() -> list[Heartbeat]:
+        async with open_queue(url) as q:
+            return await q.pods(job_id)
+
+    return anyio.run(go)
+
+
+def set_status(url: str, job_id: str, status: str) -> None:
+    async def go() -> None:
+        async with open_queue(url) as q:
+            await q.set_status(job_id, status, end_time=jobs.rfc3339())
+
+    anyio.run(go)
+
+
+def wait_end(url: str, job_id: str) -> JobRecord:
+    holder: list[JobRecord] = []
+
+    def ended() -> bool:
+        holder[:] = [job(url, job_id)]
+        return holder[0].status in jobs.END_STATES
+
+    wait_for(ended, f"job {job_id} to end")
+    return holder[0]
+
+
+def batch_items(rec: Path) -> list[tuple[int, int]]:
+    """(item, port) of every batch the containers answered."""
+    return [(json.loads(b["body"])[0]["i"], b["port"]) for b in batches_of(read_records(rec))]
+
+
+def completions(rec: Path) -> list[dict[str, Any]]:
+    return [r for r in read_records(rec) if r["path"] == "/on-job-complete"]
+
+
+# -- the tests ---------------------------------------------------------------------------
+
+
+def test_three_workers_share_one_job(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    _, rec, port = api
+    pods = [workers(i) for i in range(3)]
+    n = 60
+    job_id = submit(redis_url, n, workers=3)
+    record = wait_end(redis_url, job_id)
+    assert record.status == jobs.SUCCEEDED, [p.log.read_text() for p in pods]
+    done = batch_items(rec)
+    assert sorted(i for i, _ in done) == list(range(n))  # each batch once: nobody died
+    helped = {p for _, p in done}
+    assert len(helped) >= 2, helped  # shared (three pods joined; at least two helped)
+    (complete,) = completions(rec)  # one /on-job-complete across all pods
+    assert complete["headers"] and ["X-Cortex-Batches-Succeeded", str(n)] in complete["headers"]
+    assert record.worker_counts is not None
+    counts = json.loads(record.worker_counts)
+    assert counts.get("succeeded", 0) >= 2 and set(counts) <= {"succeeded", "unknown"}, counts
+    for p in pods:  # each pod ran its containers for the job, stopped them, and waits again
+        assert p.events("job_joined")[0]["job_id"] == job_id
+        p.wait_event("job_left")
+        assert p.proc.poll() is None
+    assert {port + i for i in range(3)} >= {p for _, p in done}
+
+
+def test_a_killed_worker_s_batches_finish_elsewhere(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int], subreaper: None
+) -> None:
+    _, rec, port = api
+    pods = [workers(i) for i in range(3)]
+    n = 40
+    # Delivered up to 3 times: a delivery lost with its pod is an attempt (as SQS counts a
+    # receive whose visibility ran out), so a single attempt would dead-letter it.
+    job_id = submit(redis_url, n, workers=3, attempts=3)
+    victim = pods[0]
+    wait_for(lambda: any(p == port for _, p in batch_items(rec)), "the victim's first batch")
+    kill_tree(victim.proc.pid)  # the worker and its containers, as a machine that dies
+    victim.proc.wait()
+    record = wait_end(redis_url, job_id)
+    assert record.status == jobs.SUCCEEDED
+    assert (record.succeeded, record.dead) == (n, 0)
+    done = batch_items(rec)
+    seen = Counter(i for i, _ in done)
+    assert set(seen) == set(range(n))  # none lost
+    victims = {i for i, p in done if p == port}
+    assert {i for i, c in seen.items() if c > 1} <= victims  # re-sent only after the death
+    assert len(completions(rec)) == 1
+    for p in pods[1:]:
+        assert p.proc.poll() is None
+
+
+def test_a_worker_that_joins_late_helps(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    _, rec, port = api
+    first = workers(0)
+    job_id = submit(redis_url, 60, workers=2)
+    wait_for(lambda: len(batch_items(rec)) >= 3, "the first pod's batches")
+    # one pod of two, ready by its heartbeat (sent every third of the lease)
+    wait_for(lambda: [b.state for b in heartbeats(redis_url, job_id)] == ["ready"], "a beat")
+    late = workers(1)
+    late.wait_event("job_joined")
+    record = wait_end(redis_url, job_id)
+    assert record.status == jobs.SUCCEEDED, first.log.read_text()
+    ports = Counter(p for _, p in batch_items(rec))
+    assert ports[port + 1] >= 1  # the late pod took batches
+    assert sum(ports.values()) == 60
+    assert len(completions(rec)) == 1
+
+
+def test_a_third_pod_waits_when_two_are_enough(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    _, rec, _port = api
+    pods = [workers(i) for i in range(3)]
+    job_id = submit(redis_url, 30, workers=2)
+    record = wait_end(redis_url, job_id)
+    assert record.status == jobs.SUCCEEDED
+    joined = [p for p in pods if p.events("job_joined")]
+    assert len(joined) == 2  # at most `workers` pods on one job
+    assert len(completions(rec)) == 1
+
+
+@pytest.mark.parametrize("end", ["stopped", "timed_out"])
+def test_a_stop_or_timeout_reaches_every_pod(
+    workers: Callable[..., Worker],
+    redis_url: str,
+    api: tuple[Path, Path, int],
+    end: str,
+) -> None:
+    _, rec, _port = api
+    pods = [workers(i) for i in range(2)]
+    job_id = submit(redis_url, 400, workers=2, timeout=4 if end == "timed_out" else None)
+    for p in pods:
+        p.wait_event("job_joined")
+    wait_for(lambda: len(batch_items(rec)) >= 4, "batches")
+    if end == "stopped":
+        set_status(redis_url, job_id, jobs.STOPPED)  # what `serve`'s stop does
+    for p in pods:  # each pod stops its containers and waits for the next job
+        p.wait_event("job_left")
+        assert p.proc.poll() is None
+    record = job(redis_url, job_id)
+    assert record.status == end
+    assert record.succeeded < 400
+    assert completions(rec) == []
+    after = len(batch_items(rec))
+    # nothing is sent once every pod has left the job
+    assert len(batch_items(rec)) == after
+
+
+def test_serve_and_workers(
+    tmp_path: Path,
+    workers: Callable[..., Worker],
+    redis_url: str,
+    api: tuple[Path, Path, int],
+) -> None:
+    api_file, rec, _port = api
+    first = start_serve(tmp_path, [api_file], "--queue", redis_url, root=tmp_path / "s1")
+    second = start_serve(tmp_path, [api_file], "--queue", redis_url, root=tmp_path / "s2")
+    try:
+        first.wait_listening()
+        second.wait_listening()
+        pods = [workers(i, "--admin", "127.0.0.1:0") for i in range(2)]
+        job = {"workers": 2, "item_list": {"items": [{"i": i} for i in range(30)], "batch_size": 1}}
+        r = first.submit("test-api", job)
+        assert r.status_code == 200, r.text
+        spec = r.json()
+        job_id = spec["job_id"]
+        assert spec["sqs_url"] == redis_url
+        assert not first.events("container_started")  # serve starts no pods of its own
+        seen: list[dict[str, Any]] = []
+
+        def ready_seen() -> bool:
+            status = second.get("test-api", job_id)["job_status"]  # the other serve answers
+            seen.append(status)
+            return status["worker_counts"].get("ready", 0) >= 1 or status["status"] != "running"
+
+        wait_for(ready_seen, "a ready pod in worker_counts")
+        assert seen[-1]["status"] == "running", seen  # counts from the pods' heartbeats
+        admin = pods[0].events("admin_listening")[0]["port"]
+        assert requests.get(f"http://127.0.0.1:{admin}/status", timeout=10).json()["pod_id"]
+        final = second.wait_end("test-api", job_id)
+        assert final["job_status"]["status"] == "succeeded"
+        assert final["metrics"]["succeeded"] == 30
+        listed = requests.get(f"{first.url}/test-api", timeout=10).json()
+        assert [j["job_id"] for j in listed["batch_job_statuses"]] == [job_id]
+        letters = requests.get(
+            f"{second.url}/test-api/dead-letters", params={"jobID": job_id}, timeout=10
+        )
+        assert letters.status_code == 200 and letters.json()["dead_letters"] == []
+        assert len(completions(rec)) == 1
+        assert sorted(i for i, _ in batch_items(rec)) == list(range(30))
+        metrics = requests.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
+        assert "cortex_batch_succeeded_total" in metrics
+        assert requests.get(f"http://127.0.0.1:{admin}/healthz", timeout=10).status_code == 200
+        # a stop through either serve reaches the pods
+        r = first.submit(
+            "test-api",
+            {**job, "item_list": {**job["item_list"], "items": [{"i": i} for i in range(400)]}},
+        )
+        job_id = r.json()["job_id"]
+        wait_for(
+            lambda: (
+                second.get("test-api", job_id)["job_status"]["worker_counts"].get("ready", 0) == 2
+            ),
+            "both pods on the second job",
+        )
+        stop = requests.delete(f"{second.url}/test-api", params={"jobID": job_id}, timeout=10)
+        assert stop.status_code == 200, stop.text
+        for p in pods:
+            p.wait_event("job_left", 2)
+        assert first.get("test-api", job_id)["job_status"]["status"] == "stopped"
+    finally:
+        assert first.stop() == 128 + signal.SIGTERM
+        assert second.stop() == 128 + signal.SIGTERM
+
+
+def test_worker_refuses_a_queue_it_cannot_share(
+    tmp_path: Path, api: tuple[Path, Path, int]
+) -> None:
+    result = run_supervisor("worker", str(api[0]), "--queue", str(tmp_path / "q.db"))
+    assert result.returncode == 2
+    assert "redis://" in result.stderr and "Traceback" not in result.stderr

@@ -27,7 +27,6 @@ through the queue's completion claim: only the pod that wins it sends the call a
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Mapping
@@ -46,9 +45,7 @@ from supervisor.dispatch import dispatch_pod, send_job_complete
 from supervisor.errors import PodError, StartError, first_leaf
 from supervisor.host import PodHost
 from supervisor.jobs import (
-    JobMetrics,
     JobSpec,
-    JobStatus,
     JobStatusResponse,
     WorkerCounts,
 )
@@ -57,7 +54,8 @@ from supervisor.lifecycle import Cause, Outcome, PodState, heartbeat_counts, wor
 from supervisor.logs import Logger
 from supervisor.pod import Pod
 from supervisor.progress import ProgressReporter
-from supervisor.queues.base import AttemptRecord, Delivery, Feed, JobQueue, JobRecord, Progress
+from supervisor.queues.base import Feed, JobQueue, Progress
+from supervisor.status import build_status, write_spec
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
     from supervisor.metrics import Metrics
@@ -67,9 +65,6 @@ __all__ = [
     "JobExecution",
     "Placement",
     "Sharing",
-    "build_status",
-    "spec_of",
-    "write_spec",
 ]
 
 
@@ -105,21 +100,6 @@ class ExecutionResult:
 
 def parse_time(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def spec_of(record: JobRecord) -> JobSpec:
-    """The spec of a stored job, with its batch count and start time as stored."""
-    spec = msgspec.json.decode(record.spec_json, type=JobSpec)
-    spec.total_batch_count = record.total_batches
-    spec.start_time = record.start_time
-    return spec
-
-
-def write_spec(path: Path, spec: JobSpec) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgspec.json.encode(spec))
-    os.replace(tmp, path)
 
 
 class JobExecution:
@@ -362,6 +342,8 @@ class JobExecution:
             feed: Feed = opened
             if self.metrics is not None:
                 self.metrics.job_started(self.api.name, spec.job_id)
+                from supervisor.metrics import ObservedFeed  # only where metrics are served
+
                 feed = ObservedFeed(opened, self.metrics, self.api.name, spec.job_id)
             self._feed = feed
             if self.outcome.cause is not None:  # ended before the feed was open
@@ -487,30 +469,6 @@ class JobExecution:
             )
 
 
-class ObservedFeed:
-    """A feed that also counts each ack and failed attempt in the metrics."""
-
-    def __init__(self, feed: Feed, metrics: Metrics, api_name: str, job_id: str) -> None:
-        self._feed = feed
-        self._metrics = metrics
-        self._labels = (api_name, job_id)
-        self.receive = feed.receive
-        self.receive_nowait = feed.receive_nowait
-        self.release = feed.release
-        self.close = feed.close
-        self.wait_closed = feed.wait_closed
-        self.progress = feed.progress
-        self.flush = feed.flush
-
-    def ack(self, d: Delivery, elapsed: float) -> None:
-        self._feed.ack(d, elapsed)
-        self._metrics.batch_succeeded(*self._labels, elapsed)
-
-    def fail(self, d: Delivery, record: AttemptRecord) -> None:
-        self._feed.fail(d, record)
-        self._metrics.batch_failed(*self._labels)
-
-
 async def _first_serving(pods: list[Pod]) -> Pod:
     for pod in pods:
         if pod.serving:
@@ -526,36 +484,3 @@ async def _first_serving(pods: list[Pod]) -> Pod:
         for pod in pods:
             tg.start_soon(wait, pod)
     return result[0]
-
-
-def build_status(
-    api: BatchAPI,
-    spec: JobSpec,
-    status: str,
-    progress: Progress,
-    counts: WorkerCounts,
-    end_time: str | None,
-    endpoint: str | None = None,
-) -> JobStatusResponse:
-    """The job's status; ``endpoint`` is the API's URL where a job API serves it (else the
-    API file's ``networking.endpoint``, else ``/<api_name>``)."""
-    fields: dict[str, Any] = msgspec.structs.asdict(spec)
-    job_status = JobStatus(
-        **fields,
-        status=status,
-        batches_in_queue=progress.in_queue,
-        worker_counts=counts,
-        end_time=end_time,
-    )
-    return JobStatusResponse(
-        job_status=job_status,
-        endpoint=endpoint
-        or (api.networking.endpoint if api.networking is not None else None)
-        or f"/{api.name}",
-        api_spec=msgspec.to_builtins(api),
-        metrics=JobMetrics(
-            succeeded=progress.succeeded,
-            failed=progress.failed_attempts,
-            average_time_per_batch=progress.average_time_per_batch,
-        ),
-    )

@@ -34,7 +34,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE", "DEFAULT_RETENTION", "Metrics"]
+from supervisor.queues.base import AttemptRecord, Delivery, Feed
+
+__all__ = ["BATCH_BUCKETS", "CONTENT_TYPE", "DEFAULT_RETENTION", "Metrics", "ObservedFeed"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The ``Content-Type`` of :meth:`Metrics.render`'s output (Prometheus text format 0.0.4)."""
@@ -211,3 +213,27 @@ class _SetCounter(Collector):
         for labels, value in self._values.items():
             family.add_metric(list(labels), value)
         yield family
+
+
+class ObservedFeed:
+    """A feed that also counts each ack and failed attempt in the metrics."""
+
+    def __init__(self, feed: Feed, metrics: Metrics, api_name: str, job_id: str) -> None:
+        self._feed = feed
+        self._metrics = metrics
+        self._labels = (api_name, job_id)
+        self.receive = feed.receive
+        self.receive_nowait = feed.receive_nowait
+        self.release = feed.release
+        self.close = feed.close
+        self.wait_closed = feed.wait_closed
+        self.progress = feed.progress
+        self.flush = feed.flush
+
+    def ack(self, d: Delivery, elapsed: float) -> None:
+        self._feed.ack(d, elapsed)
+        self._metrics.batch_succeeded(*self._labels, elapsed)
+
+    def fail(self, d: Delivery, record: AttemptRecord) -> None:
+        self._feed.fail(d, record)
+        self._metrics.batch_failed(*self._labels)

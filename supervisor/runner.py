@@ -36,7 +36,7 @@ import msgspec
 from supervisor import jobs
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, StartError
-from supervisor.execution import ExecutionResult, JobExecution, Placement, build_status
+from supervisor.execution import ExecutionResult, JobExecution, Placement
 from supervisor.jobs import (
     JobSpec,
     JobStatusResponse,
@@ -59,6 +59,7 @@ from supervisor.queues.base import JobRecord, QueueError
 from supervisor.queues.embedded import EmbeddedQueue
 from supervisor.rootlock import RootError, claim_root
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches
+from supervisor.status import build_status
 
 if TYPE_CHECKING:
     from supervisor.metrics import Metrics

@@ -45,7 +45,7 @@ import msgspec
 from supervisor import jobs
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, JobError
-from supervisor.execution import JobExecution, Placement, build_status, spec_of
+from supervisor.execution import JobExecution, Placement
 from supervisor.jobs import JobSpec, JobStatus, JobStatusResponse, WorkerCounts
 from supervisor.layout import Layout
 from supervisor.lifecycle import Cause, PodState, heartbeat_counts, worker_counts
@@ -55,6 +55,7 @@ from supervisor.ports import listening_ports
 from supervisor.queues.base import DeadLetter, JobQueue, JobRecord, progress_of
 from supervisor.sources import list_files
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
+from supervisor.status import build_status, spec_of
 
 __all__ = ["JobService", "NotFound", "ServiceSettings"]
 

@@ -36,7 +36,7 @@ import anyio.abc
 from supervisor import jobs
 from supervisor.admin import Admin, serve_admin
 from supervisor.config import BatchAPI
-from supervisor.execution import JobExecution, Placement, Sharing, spec_of
+from supervisor.execution import JobExecution, Placement, Sharing
 from supervisor.host import STOP_SIGNALS
 from supervisor.layout import Layout
 from supervisor.leftovers import end_leftovers
@@ -45,6 +45,7 @@ from supervisor.logs import Logger
 from supervisor.metrics import Metrics
 from supervisor.queues import open_queue
 from supervisor.queues.base import JobQueue, JobRecord
+from supervisor.status import spec_of
 
 __all__ = ["POLL", "Worker", "WorkerOptions", "new_pod_id", "run_worker"]
 

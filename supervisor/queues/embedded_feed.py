@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -14,6 +13,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from supervisor.queues._feed import FeedBookkeeping
 from supervisor.queues._sqlite import (
     BUFFER_BYTES,
     COMMIT_WINDOW,
@@ -59,7 +59,7 @@ def _runs(seqs: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-class EmbeddedFeed:
+class EmbeddedFeed(FeedBookkeeping):
     """The consuming side of one job (:class:`~supervisor.queues.base.Feed`).
 
     Made by :meth:`EmbeddedQueue.open_feed`; see the module docstring for how it works.
@@ -71,10 +71,6 @@ class EmbeddedFeed:
         "_body_fd",
         "_body_path",
         "_buffer",
-        "_closed",
-        "_closed_event",
-        "_commit_done",
-        "_committer_wakeup",
         "_cursor",
         "_dead",
         "_dead_letter_dir",
@@ -85,17 +81,10 @@ class EmbeddedFeed:
         "_feeder_scope",
         "_feeder_wakeup",
         "_hurry",
-        "_in_flight",
         "_jid",
-        "_job_id",
         "_limit",
         "_low_water",
         "_max_attempts",
-        "_n_buffered",
-        "_n_committed",
-        "_ready",
-        "_receivers_wakeup",
-        "_stopped",
         "_stopping",
         "_storage",
         "_succeeded",
@@ -114,11 +103,11 @@ class EmbeddedFeed:
         body_fd: int,
         dead_letter_dir: Path,
     ) -> None:
+        super().__init__(job.job_id)
         self._storage = storage
         self._jid = jid
         self._body_fd = body_fd  # the job's body file, read-only; owned by open_feed
         self._body_path = storage.body_path(jid)
-        self._job_id = job.job_id
         self._dead_letter_dir = dead_letter_dir
         self._base = jid << SEQ_BITS
         self._max_attempts = max_attempts
@@ -132,12 +121,8 @@ class EmbeddedFeed:
         self._failed_attempts = job.failed_attempts
         self._time_sum = job.time_per_batch_sum
         # Delivery state.
-        self._ready: deque[Delivery] = deque()
-        self._in_flight: dict[int, int] = {}  # seq -> attempt
         self._cursor = -1  # the last seq read from the file
         self._exhausted = False  # every pending batch has been read into memory
-        self._closed = False
-        self._receivers_wakeup: anyio.Event | None = None
         self._feeder_wakeup: anyio.Event | None = None
         self._feeder_scope = anyio.CancelScope()
         # Commit buffers.
@@ -145,29 +130,10 @@ class EmbeddedFeed:
         self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, encoded AttemptRecord
         self._deads: list[tuple[int, bytes]] = []  # seq, body
         self._unsaved_time = 0.0
-        self._n_buffered = 0  # acks + failures reported
-        self._n_committed = 0  # ... of which committed
-        self._committer_wakeup: anyio.Event | None = None
-        self._commit_done: anyio.Event | None = None
         self._hurry: anyio.Event | None = None  # set to end a group-commit window early
         self._stopping = False  # leaving open_feed: commit what is left, then stop
-        self._stopped = False  # the committer has stopped: ack/fail are refused
-        self._closed_event: anyio.Event | None = None  # created by the first wait_closed()
 
     # -- the consumer's side --------------------------------------------------------------
-
-    async def receive(self) -> Delivery | None:
-        """The next batch, or ``None`` when the job has no more work or the feed is closed."""
-        await anyio.lowlevel.checkpoint()
-        while True:
-            try:
-                return self.receive_nowait()
-            except anyio.WouldBlock:
-                pass
-            wakeup = self._receivers_wakeup
-            if wakeup is None:
-                wakeup = self._receivers_wakeup = anyio.Event()
-            await wakeup.wait()
 
     def receive_nowait(self) -> Delivery | None:
         """Like :meth:`receive` without waiting: raises ``anyio.WouldBlock`` when no batch is
@@ -209,30 +175,6 @@ class EmbeddedFeed:
             self._deads.append((d.seq, d.body))
         self._buffered()
 
-    def release(self, d: Delivery) -> None:
-        """Give ``d`` back without counting an attempt (its container was restarted under it):
-        it is delivered again next, with the same attempt number."""
-        self._resolve(d)
-        self._ready.appendleft(d)
-        self._wake_receivers()
-
-    def close(self) -> None:
-        """Stop: ``receive`` returns ``None`` from now on; unsent batches stay pending."""
-        self._closed = True
-        if self._closed_event is not None:
-            self._closed_event.set()
-        self._wake_receivers()
-        self._wake_feeder()
-
-    async def wait_closed(self) -> None:
-        """Return once :meth:`close` has been called."""
-        if self._closed:
-            await anyio.lowlevel.checkpoint()
-            return
-        if self._closed_event is None:
-            self._closed_event = anyio.Event()
-        await self._closed_event.wait()
-
     def progress(self) -> Progress:
         """The job's counters now (including acks not committed yet)."""
         in_flight = len(self._in_flight)
@@ -247,32 +189,7 @@ class EmbeddedFeed:
             average_time_per_batch=self._time_sum / ok if ok else None,
         )
 
-    async def flush(self) -> None:
-        """Wait until every ack and failure reported so far is committed."""
-        target = self._n_buffered
-        if self._n_committed >= target:
-            await anyio.lowlevel.checkpoint()
-            return
-        while self._n_committed < target:
-            if self._stopped:
-                raise QueueError(f"the feed of job {self._job_id} stopped before committing.")
-            done = self._commit_done
-            if done is None:
-                done = self._commit_done = anyio.Event()
-            self._wake_committer()
-            self._hurry_committer()
-            await done.wait()
-
     # -- bookkeeping ----------------------------------------------------------------------
-
-    def _resolve(self, d: Delivery) -> None:
-        if self._stopped:
-            raise QueueError(f"the feed of job {self._job_id} is no longer open.")
-        attempt = self._in_flight.pop(d.seq, None)
-        if attempt != d.attempt:
-            if attempt is not None:
-                self._in_flight[d.seq] = attempt
-            raise QueueError(f"batch {d.seq} attempt {d.attempt} is not in flight.")
 
     def _buffered(self) -> None:
         self._n_buffered += 1
@@ -280,11 +197,8 @@ class EmbeddedFeed:
         if not self._in_flight and not self._ready and self._exhausted:
             self._wake_receivers()
 
-    def _wake_receivers(self) -> None:
-        wakeup = self._receivers_wakeup
-        if wakeup is not None:
-            self._receivers_wakeup = None
-            wakeup.set()
+    def _wake_producer(self) -> None:
+        self._wake_feeder()
 
     def _wake_feeder(self) -> None:
         wakeup = self._feeder_wakeup
@@ -297,12 +211,6 @@ class EmbeddedFeed:
         if hurry is not None:
             self._hurry = None
             hurry.set()
-
-    def _wake_committer(self) -> None:
-        wakeup = self._committer_wakeup
-        if wakeup is not None:
-            self._committer_wakeup = None
-            wakeup.set()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

@@ -18,7 +18,8 @@ import msgspec
 
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
-from supervisor.queues.base import AttemptRecord, Delivery, JobRecord, Progress, QueueError
+from supervisor.queues._feed import FeedBookkeeping
+from supervisor.queues.base import AttemptRecord, Delivery, JobRecord, Progress
 
 __all__ = ["RedisFeed", "consumer_name", "retrying"]
 
@@ -77,7 +78,7 @@ async def retrying(log: Logger, what: str, call: Any) -> Any:
         return result
 
 
-class RedisFeed:
+class RedisFeed(FeedBookkeeping):
     """The consuming side of one job on Redis (:class:`~supervisor.queues.base.Feed`).
 
     Made by :meth:`RedisQueue.open_feed`. Three tasks serve it: the *reader* keeps ``ready``
@@ -97,8 +98,8 @@ class RedisFeed:
         lease: float,
         log: Logger,
     ) -> None:
+        super().__init__(job.job_id)
         self._client = client
-        self._job_id = job.job_id
         self._keys = S.job_keys(job.job_id)
         self._max_attempts = max_attempts
         self._buffer = buffer
@@ -118,22 +119,12 @@ class RedisFeed:
         self._local_failed = 0
         self._local_time = 0.0
         # Delivery state.
-        self._ready: deque[Delivery] = deque()
-        self._in_flight: dict[int, int] = {}  # seq -> attempt
         self._done = False  # the job's stream is empty: nothing anywhere left to do
-        self._closed = False
-        self._receivers_wakeup: anyio.Event | None = None
         self._reader_wakeup: anyio.Event | None = None
-        self._closed_event: anyio.Event | None = None
         # Commit buffers.
         self._acks: list[tuple[int, float]] = []
         self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, record
-        self._n_buffered = 0
-        self._n_committed = 0
-        self._committer_wakeup: anyio.Event | None = None
-        self._commit_done: anyio.Event | None = None
         self._stopping = False
-        self._stopped = False
 
     @property
     def consumer(self) -> str:
@@ -141,19 +132,6 @@ class RedisFeed:
         return self._consumer
 
     # -- the consumer's side --------------------------------------------------------------
-
-    async def receive(self) -> Delivery | None:
-        """The next batch, or ``None`` when the job has no more work or the feed is closed."""
-        await anyio.lowlevel.checkpoint()
-        while True:
-            try:
-                return self.receive_nowait()
-            except anyio.WouldBlock:
-                pass
-            wakeup = self._receivers_wakeup
-            if wakeup is None:
-                wakeup = self._receivers_wakeup = anyio.Event()
-            await wakeup.wait()
 
     def receive_nowait(self) -> Delivery | None:
         """Like :meth:`receive` without waiting (``anyio.WouldBlock`` if nothing is ready)."""
@@ -192,29 +170,6 @@ class RedisFeed:
             self._local_dead += 1
         self._buffered()
 
-    def release(self, d: Delivery) -> None:
-        """Give ``d`` back uncounted: it is delivered again next, with the same attempt."""
-        self._resolve(d)
-        self._ready.appendleft(d)
-        self._wake_receivers()
-
-    def close(self) -> None:
-        """Stop: ``receive`` returns ``None`` from now on; held batches are given back."""
-        self._closed = True
-        if self._closed_event is not None:
-            self._closed_event.set()
-        self._wake_receivers()
-        self._wake_reader()
-
-    async def wait_closed(self) -> None:
-        """Return once :meth:`close` has been called."""
-        if self._closed:
-            await anyio.lowlevel.checkpoint()
-            return
-        if self._closed_event is None:
-            self._closed_event = anyio.Event()
-        await self._closed_event.wait()
-
     def progress(self) -> Progress:
         """The job's counters: Redis's as last seen, plus what is buffered here."""
         total, ok, dead, failed = self._remote
@@ -232,48 +187,17 @@ class RedisFeed:
             average_time_per_batch=time_sum / ok if ok else None,
         )
 
-    async def flush(self) -> None:
-        """Wait until every ack and failure reported so far is committed to Redis."""
-        target = self._n_buffered
-        if self._n_committed >= target:
-            await anyio.lowlevel.checkpoint()
-            return
-        while self._n_committed < target:
-            if self._stopped:
-                raise QueueError(f"the feed of job {self._job_id} stopped before committing.")
-            done = self._commit_done
-            if done is None:
-                done = self._commit_done = anyio.Event()
-            self._wake_committer()
-            await done.wait()
-
     # -- bookkeeping ----------------------------------------------------------------------
-
-    def _resolve(self, d: Delivery) -> None:
-        if self._stopped:
-            raise QueueError(f"the feed of job {self._job_id} is no longer open.")
-        attempt = self._in_flight.pop(d.seq, None)
-        if attempt != d.attempt:
-            if attempt is not None:
-                self._in_flight[d.seq] = attempt
-            raise QueueError(f"batch {d.seq} attempt {d.attempt} is not in flight.")
 
     def _buffered(self) -> None:
         self._n_buffered += 1
         self._wake_committer()
 
-    def _wake_receivers(self) -> None:
-        wakeup, self._receivers_wakeup = self._receivers_wakeup, None
-        if wakeup is not None:
-            wakeup.set()
+    def _wake_producer(self) -> None:
+        self._wake_reader()
 
     def _wake_reader(self) -> None:
         wakeup, self._reader_wakeup = self._reader_wakeup, None
-        if wakeup is not None:
-            wakeup.set()
-
-    def _wake_committer(self) -> None:
-        wakeup, self._committer_wakeup = self._committer_wakeup, None
         if wakeup is not None:
             wakeup.set()
 

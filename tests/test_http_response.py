@@ -352,6 +352,20 @@ def test_close_delimited_body_ends_at_eof() -> None:
     assert response.header(b"x") == b"y"
 
 
+@pytest.mark.parametrize("size_line", [b"6 ;a=b", b"6\t; name=v", b"6 \t;", b"6 "])
+def test_white_space_before_a_chunk_extension_is_legal(size_line: bytes) -> None:
+    # RFC 9112 7.1.1: chunk-ext = *( BWS ";" ... ). h11 refuses these; we read them.
+    parser = ResponseParser(keep_body=None)
+    parser.receive_data(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + size_line
+        + b"\r\nabcdef\r\n0 ;x\r\n\r\n"
+    )
+    response = parser.next_response()
+    assert response is not None
+    assert response.body_head == b"abcdef"
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -145,9 +145,9 @@ class ChunkedReader:
                     break
                 line = bytes(buf[:end])
                 del buf[: end + 2]
-                size, semicolon, _extensions = line.partition(b";")
-                if not semicolon:
-                    size = size.rstrip(b" \t")
+                # RFC 9112 7.1.1 allows white space (BWS) before a chunk extension's ";";
+                # h11 refuses it, but workers that send "6 ;ext" are legal.
+                size = line.partition(b";")[0].rstrip(b" \t")
                 if (
                     not size
                     or len(size) > MAX_LENGTH_DIGITS

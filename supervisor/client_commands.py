@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Final, TextIO
 
 import msgspec
@@ -29,6 +28,7 @@ from supervisor.cli_options import (
 )
 from supervisor.client import Client, ClientError, read_token_file
 from supervisor.errors import BadInput
+from supervisor.files import JOB_FILE_LIMIT, TooLarge, read_limited
 from supervisor.jobs import JobSpec, JobStatus, JobStatusResponse, WorkerCounts
 from supervisor.layout import Layout
 from supervisor.lifecycle import exit_code_for
@@ -170,9 +170,11 @@ def _submit(args: argparse.Namespace, client: Client) -> int:
 
 def _read_job(job: str) -> bytes:
     try:
-        return sys.stdin.buffer.read() if job == "-" else Path(job).read_bytes()
+        return read_limited(job, JOB_FILE_LIMIT)
     except OSError as e:
         raise BadInput(f"{job}: cannot read the job file ({e.strerror or e})") from None
+    except TooLarge as e:
+        raise BadInput(f"{job}: cannot read the job file ({e})") from None
 
 
 def _get(args: argparse.Namespace, client: Client) -> int:

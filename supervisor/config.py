@@ -12,7 +12,6 @@ import json
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -20,6 +19,7 @@ import msgspec
 import yaml
 
 from supervisor.errors import ConfigError
+from supervisor.files import API_FILE_LIMIT, TooLarge, read_limited
 
 __all__ = [
     "BatchAPI",
@@ -343,9 +343,11 @@ def load_apis(path: str | os.PathLike[str]) -> list[BatchAPI]:
     """Read and validate a Cortex API file (YAML or JSON)."""
     where = str(path)
     try:
-        text = Path(path).read_bytes()
+        text = read_limited(path, API_FILE_LIMIT)
     except OSError as e:
         raise ConfigError(f"{where}: cannot read the API file ({e.strerror or e})") from None
+    except TooLarge as e:
+        raise ConfigError(f"{where}: cannot read the API file ({e})") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as e:

@@ -13,16 +13,15 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
-import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Final
 
 import msgspec
 
 from supervisor.config import format_validation_error
 from supervisor.errors import JobError
+from supervisor.files import JOB_FILE_LIMIT, TooLarge, read_limited
 
 __all__ = [
     "END_STATES",
@@ -287,7 +286,9 @@ def load_submission(path: str | os.PathLike[str]) -> tuple[JobSubmission, bytes]
     """Read a job file (JSON; ``-`` for stdin). Returns the submission and its raw bytes."""
     where = str(path)
     try:
-        data = sys.stdin.buffer.read() if where == "-" else Path(path).read_bytes()
+        data = read_limited(path, JOB_FILE_LIMIT)
     except OSError as e:
         raise JobError(f"{where}: cannot read the job file ({e.strerror or e})") from None
+    except TooLarge as e:
+        raise JobError(f"{where}: cannot read the job file ({e})") from None
     return decode_submission(data, where), data

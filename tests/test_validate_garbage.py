@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,39 @@ def test_a_folder_or_a_missing_file(
         err = capsys.readouterr().err
         assert err.startswith(f"supervisor: {bad}: cannot read the {what} file ({reason}")
         assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("which", ["api", "job"])
+def test_an_endless_file_is_refused_past_its_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    # /dev/zero (or a FIFO that never ends) would otherwise be read until memory runs out.
+    monkeypatch.setattr(
+        f"supervisor.{'config.API' if which == 'api' else 'jobs.JOB'}_FILE_LIMIT", 1 << 20
+    )
+    (tmp_path / "api.yaml").write_bytes(API)
+    argv = ["validate", str(tmp_path / "api.yaml"), "--job", "/dev/zero"]
+    if which == "api":
+        argv = ["validate", "/dev/zero"]
+    assert main(argv) == 2
+    what = "API" if which == "api" else "job"
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"supervisor: /dev/zero: cannot read the {what} file (the file is larger than 1 MiB)\n"
+    )
+
+
+def test_a_job_file_from_a_fifo_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # What `supervisor validate api.yaml --job <(make-job)` hands over.
+    (tmp_path / "api.yaml").write_bytes(API)
+    fifo = tmp_path / "job.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(job(),), daemon=True)
+    writer.start()
+    assert main(["validate", str(tmp_path / "api.yaml"), "--job", str(fifo)]) == 0
+    writer.join(timeout=10)
+    assert not writer.is_alive()
 
 
 def test_name_keys_follows_the_types_and_gives_up_politely() -> None:

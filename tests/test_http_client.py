@@ -1,4 +1,4 @@
-"""ConnectionPool and request() (both driving ClientConnection) against real servers on
+"""request() and a keep-alive driver (both driving ClientConnection) against real servers on
 127.0.0.1.
 
 The servers here are raw anyio listeners scripted per test, so every byte the client writes
@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from supervisor.http.client import ConnectionPool, post_head_prefix, request
+from supervisor.http.client import post_head_prefix, request
 from supervisor.http.errors import (
     ConnectError,
     LocalProtocolError,
@@ -27,6 +27,7 @@ from supervisor.http.errors import (
 from supervisor.http.response import KEEP_BODY
 from supervisor.http.response import Response as ClientResponse
 from supervisor.http.server import Request, Response, start_server
+from tests.http_pool import ConnectionPool
 
 pytestmark = pytest.mark.anyio
 

@@ -2,7 +2,7 @@
 
 * ``response`` -- the fast sans-IO response parser (``ResponseParser``, ``Response``);
 * ``connection`` -- ``ClientConnection``, one client connection's protocol state (sans-IO);
-* ``client`` -- ``exchange()`` (the anyio loop driving it), ``ConnectionPool``, ``request()``;
+* ``client`` -- ``exchange()`` (the anyio loop driving it) and ``request()``;
 * ``request`` -- the fast sans-IO request parser (``RequestParser``, ``Request``);
 * ``server`` -- the server (``serve``, ``start_server``, ``Request``, ``Response``);
 * ``_timeouts`` -- when a client connection waited too long (``Timeouts``, ``overdue``);

@@ -1,4 +1,4 @@
-"""HTTP/1.1 clients over anyio: a keep-alive pool and a one-shot request, one exchange loop.
+"""HTTP/1.1 client calls over anyio: a one-shot request and the exchange loop it shares.
 
 Theory of operation
 -------------------
@@ -7,24 +7,18 @@ out, responses in, the reuse and retry decisions); here it is driven over a non-
 socket (:mod:`._rawsock`) by one short loop, :func:`exchange`: write the request, read until a
 response is complete. Every anyio client uses it:
 
-* :class:`ConnectionPool` keeps up to N connections to one target; any method,
-  target and headers. A connection goes back to the pool only when its
-  :class:`ClientConnection` is ``reusable`` after the exchange, and is checked
-  (:func:`~supervisor.http.connection.idle_socket_alive`) before it is reused; a request is
-  retried on a fresh connection only when ``send_failed()`` allows it.
 * :func:`request` is a one-shot exchange with ``Connection: close`` and a deadline, for rare
   calls such as ``/on-job-complete``; the HTTP probe drives :func:`exchange` the same way.
 
 The dispatch engine (:mod:`supervisor.dispatch.epoll`) drives the same ``ClientConnection``
-from its own epoll loop and builds its heads with :func:`post_head_prefix`.
-
-The pool has no timeouts of its own: wrap calls in ``anyio.fail_after``. A cancelled exchange
-leaves its connection in an unknown state, so the connection is closed, never reused.
+from its own epoll loop (keep-alive, reuse and retry) and builds its heads with
+:func:`post_head_prefix`. A cancelled exchange leaves its connection in an unknown state, so
+its socket is closed, never reused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import anyio
 import anyio.abc
@@ -32,7 +26,7 @@ import msgspec
 
 from supervisor.http._framing import TCHAR
 from supervisor.http._rawsock import RawSocket, connect
-from supervisor.http.connection import ClientConnection, State, idle_socket_alive
+from supervisor.http.connection import ClientConnection, State
 from supervisor.http.errors import (
     ConnectError,
     ConnectTimeout,
@@ -46,7 +40,6 @@ from supervisor.http.errors import (
 from supervisor.http.response import Response
 
 __all__ = [
-    "ConnectionPool",
     "Response",
     "WriteFailed",
     "exchange",
@@ -171,151 +164,6 @@ def post_head_prefix(
     head without its framing (``Content-Length``) and the blank line, built once per client
     (``ClientConnection.start_post`` completes it)."""
     return request_head("POST", host, port, path, headers)
-
-
-class _Connection:
-    """One pooled TCP connection: its socket, its protocol state and the port it goes to."""
-
-    __slots__ = ("conn", "port", "sock")
-
-    def __init__(self, sock: RawSocket, port: int, keep_body: int | None) -> None:
-        self.sock = sock
-        self.conn = ClientConnection(keep_body=keep_body)
-        self.port = port
-
-    @classmethod
-    async def open(cls, host: str, port: int, keep_body: int | None) -> _Connection:
-        return cls(await open_connection(host, port), port, keep_body)
-
-    def is_reusable(self) -> bool:
-        """Whether the idle connection is still usable and its socket open and silent."""
-        return self.conn.reusable and idle_socket_alive(self.sock.sock)
-
-    def close(self) -> None:
-        self.conn.close()
-        self.sock.close()
-
-
-class ConnectionPool(anyio.abc.AsyncResource):
-    """Up to ``max_connections`` keep-alive connections to one target.
-
-    ``port`` may be a callable read before each request (the port owner may change); idle
-    connections to another port are dropped. ``keep_body=None`` keeps whole response bodies.
-    """
-
-    def __init__(
-        self,
-        host: str,
-        port: int | Callable[[], int | None],
-        *,
-        max_connections: int = 64,
-        keep_body: int | None = None,
-    ) -> None:
-        self._host = host
-        self._port: Callable[[], int | None] = port if callable(port) else (lambda: port)
-        self._keep_body = keep_body
-        self._idle: list[_Connection] = []
-        self._limiter = anyio.Semaphore(max_connections)
-        self._closed = False
-
-    @property
-    def idle_connections(self) -> int:
-        """How many connections wait in the pool for reuse."""
-        return len(self._idle)
-
-    async def request(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]] = (),
-        body: bytes = b"",
-    ) -> Response:
-        """Send one request and return its response.
-
-        ``headers`` are written in order, as given; ``Host`` is added first if missing and
-        ``Content-Length`` last if missing (a given one must equal ``len(body)``);
-        ``Transfer-Encoding`` is refused (bodies are always sent whole).
-        """
-        async with self._limiter:
-            if self._closed:
-                raise LocalProtocolError("ConnectionPool.request() was called after aclose().")
-            port = self._port()
-            if port is None:
-                raise ConnectError("The target port is not known yet.")
-            head = self._encode(method, target, headers, body, port)
-            pooled = await self._checkout(port)
-            head_request = method == b"HEAD"
-            try:
-                try:
-                    out = pooled.conn.start(head, body, head_request=head_request)
-                    response = await exchange(pooled.sock, pooled.conn, out)
-                except WriteFailed as exc:
-                    if not exc.retry:
-                        raise
-                    # The server closed the reused connection before the request arrived.
-                    pooled.close()
-                    pooled = await _Connection.open(self._host, port, self._keep_body)
-                    out = pooled.conn.start(head, body, head_request=head_request)
-                    response = await exchange(pooled.sock, pooled.conn, out)
-            except BaseException:
-                pooled.close()
-                raise
-            if pooled.conn.reusable and not self._closed:
-                self._idle.append(pooled)
-            else:
-                pooled.close()
-            return response
-
-    def _encode(
-        self,
-        method: bytes,
-        target: bytes,
-        headers: Sequence[tuple[bytes, bytes]],
-        body: bytes,
-        port: int,
-    ) -> bytes:
-        if not method or method.translate(None, TCHAR):
-            raise LocalProtocolError(f"Illegal request method {method[:50]!r}.")
-        if not target or any(c <= 0x20 or c >= 0x7F for c in target):
-            raise LocalProtocolError(f"Illegal request target {target[:100]!r}.")
-        lines = [method + b" " + target + b" HTTP/1.1\r\n"]
-        has_host = has_length = False
-        for name, value in headers:
-            _check_header(name, value)
-            lower = name.lower()
-            if lower == b"host":
-                has_host = True
-            elif lower == b"content-length":
-                if not value.strip().isdigit() or int(value) != len(body):
-                    raise LocalProtocolError(
-                        f"Content-Length {value!r} does not match the body ({len(body)} bytes)."
-                    )
-                has_length = True
-            elif lower == b"transfer-encoding":
-                raise LocalProtocolError("Transfer-Encoding is not supported; send whole bodies.")
-            lines.append(name + b": " + value + b"\r\n")
-        if not has_host:
-            lines.insert(1, f"Host: {_authority(self._host, port)}\r\n".encode("ascii"))
-        if not has_length and (body or method not in (b"GET", b"HEAD")):
-            lines.append(b"Content-Length: %d\r\n" % len(body))
-        lines.append(b"\r\n")
-        return b"".join(lines)
-
-    async def _checkout(self, port: int) -> _Connection:
-        idle = self._idle
-        while idle:
-            pooled = idle.pop()
-            if pooled.port == port and pooled.is_reusable():
-                return pooled
-            pooled.close()
-        return await _Connection.open(self._host, port, self._keep_body)
-
-    async def aclose(self) -> None:
-        """Close idle connections; connections in use are closed when their request ends."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for pooled in idle:
-            pooled.close()
 
 
 async def request(

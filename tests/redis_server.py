@@ -33,9 +33,10 @@ class RedisServer:
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def url(self, db: int = 0, password: str | None = None) -> str:
+    def url(self, db: int = 0, password: str | None = None, host: str = "127.0.0.1") -> str:
+        """``host``: one of the addresses it listens on (``--bind`` in the extra arguments)."""
         auth = f":{password}@" if password is not None else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+        return f"redis://{auth}{host}:{self.port}/{db}"
 
     def start(self) -> None:
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]

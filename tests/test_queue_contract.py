@@ -239,6 +239,16 @@ async def test_jobs_are_listed_found_and_deleted(queue: JobQueue) -> None:
         await queue.set_status(a, "running")
 
 
+async def test_the_first_start_time_is_kept(queue: JobQueue) -> None:
+    # Every pod that joins a shared job marks it running with its own clock: the job started
+    # when the first one did.
+    await new_job(queue, 1)
+    await queue.set_status(JOB, "running", start_time="t1")
+    await queue.set_status(JOB, "running", start_time="t2")
+    job = await queue.get_job(JOB)
+    assert job is not None and (job.status, job.start_time) == ("running", "t1")
+
+
 async def test_misuse_is_refused(queue: JobQueue) -> None:
     await queue.create_job(JOB, "api", "d", b"{}", "t0")
     with pytest.raises(QueueError, match="not finished enqueueing"):

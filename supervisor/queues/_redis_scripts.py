@@ -116,10 +116,12 @@ return 1
 """
 
 # KEYS: job. ARGV: status, start_time, end_time, worker_counts ('' = keep). 0 if no job.
+# The start time is set once: every pod that joins a shared job marks it running, and the
+# job started with the first.
 SET_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'start_time', ARGV[2]) end
+if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'start_time', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'end_time', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'worker_counts', ARGV[4]) end
 return 1

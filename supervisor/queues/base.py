@@ -215,7 +215,11 @@ class JobQueue(Protocol):
         end_time: str | None = None,
         worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status (and the times and final worker counts that are given)."""
+        """Set the job's status (and the times and final worker counts that are given).
+
+        ``start_time`` is kept only if the job has none yet: the job started when its first
+        pod did, and later pods joining it do not move that.
+        """
         ...
 
     async def get_job(self, job_id: str) -> JobRecord | None:

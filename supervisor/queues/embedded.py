@@ -267,12 +267,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         end_time: str | None = None,
         worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status, and its start/end time and final worker counts when given."""
+        """Set the job's status, and its end time and final worker counts when given; the
+        start time only if none is stored (the first pod to start the job sets it)."""
 
         def update(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 cursor = conn.execute(
-                    "UPDATE jobs SET status = ?, start_time = coalesce(?, start_time), "
+                    "UPDATE jobs SET status = ?, start_time = coalesce(start_time, ?), "
                     "end_time = coalesce(?, end_time), "
                     "worker_counts = coalesce(?, worker_counts) WHERE job_id = ?",
                     (status, start_time, end_time, worker_counts, job_id),

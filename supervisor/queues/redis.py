@@ -283,7 +283,8 @@ class RedisQueue:
         end_time: str | None = None,
         worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status, and its start/end time and final worker counts when given."""
+        """Set the job's status, and its end time and final worker counts when given; the
+        start time only if none is stored (the first pod to start the job sets it)."""
         k = S.job_keys(job_id)
         args: list[str | bytes] = [status, start_time or "", end_time or "", worker_counts or b""]
         found = await self._do(

@@ -340,7 +340,10 @@ class JobExecution:
         async with (
             self.host.running(),
             self.queue.open_feed(
-                spec.job_id, max_attempts=jobs.max_attempts(spec), buffer=buffer
+                spec.job_id,
+                max_attempts=jobs.max_attempts(spec),
+                count_lost=jobs.counts_lost_deliveries(spec),
+                buffer=buffer,
             ) as opened,
         ):
             feed: Feed = opened

@@ -60,7 +60,11 @@ Counters change in the same transactions as batch states, so after a crash the j
 agrees with its batches. What was acked but not yet committed is delivered again, which is
 the at-least-once promise; ``flush()`` (and leaving ``open_feed``) makes every ack so far
 durable. An attempt in flight at a crash is not counted: the batch comes back with the
-attempt number after the last *persisted* failed attempt.
+attempt number after the last *persisted* failed attempt. That is the rule of a lost
+delivery without a dead-letter setting (``base.after_lost_delivery``), which the Redis
+queue shares; here it holds with a dead-letter setting too, and there is no cap on lost
+deliveries: only the process itself loses a delivery, and only a person re-running the
+command delivers it again, so nothing loops by itself.
 """
 
 from __future__ import annotations
@@ -424,11 +428,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
     @asynccontextmanager
     async def open_feed(
-        self, job_id: str, *, max_attempts: int, buffer: int = 1024
+        self, job_id: str, *, max_attempts: int, count_lost: bool = True, buffer: int = 1024
     ) -> AsyncIterator[EmbeddedFeed]:
         """Consume the job's pending batches (one feed per job at a time).
 
         Leaving the block closes the feed and commits every ack and failure reported.
+        ``count_lost`` changes nothing here: a delivery is lost only with this process, and
+        the resume delivers it again uncounted (see the module docstring).
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")

@@ -19,9 +19,13 @@ job is deleted. At-least-once with leases:
   (``XCLAIM ... JUSTID``: idle time reset, delivery not counted), so a batch that takes
   longer than the lease is never handed to another pod while this one is alive.
 * A batch idle for longer than the lease (its consumer died, or lost Redis for that long) is
-  claimed by another feed (``XAUTOCLAIM``, in the CLAIM script), counting a delivery: the
-  lost delivery is recorded as a failed attempt, and a batch whose deliveries reached
-  ``max_attempts`` (``max_receive_count``) is dead-lettered there and then.
+  claimed by another feed (``XAUTOCLAIM``, in the CLAIM script). The lost delivery is
+  recorded and decided as :func:`~supervisor.queues.base.after_lost_delivery` says: with a
+  dead-letter setting (``count_lost``) it is a failed attempt, and a batch whose deliveries
+  reached ``max_attempts`` (``max_receive_count``) is dead-lettered there and then; without
+  one it is delivered again as the same attempt, until its lost deliveries reach
+  ``LOST_DELIVERY_CAP`` (a per-job hash counts them): then it is dead-lettered, with each
+  lost delivery's record.
 * Acks and failures are buffered and sent in one script call per group (COMMIT): acked
   entries are acknowledged, deleted (a long job does not grow Redis) and counted once even
   if two pods acked the same batch; a failure records its attempt and either raises the
@@ -239,7 +243,7 @@ class RedisQueue:
         client = self._client
         if not await client.exists([k.job]):
             raise QueueError(f"there is no job {job_id}.")
-        await client.delete([k.stream, k.attempts, k.complete, k.returned])
+        await client.delete([k.stream, k.attempts, k.complete, k.returned, k.lost])
         await client.hset(
             k.job, {"succeeded": 0, "dead": 0, "failed_attempts": 0, "time_per_batch_sum": 0}
         )
@@ -271,7 +275,9 @@ class RedisQueue:
 
     async def _delete(self, job_id: str) -> None:
         k = S.job_keys(job_id)
-        await self._client.delete([k.job, k.stream, k.attempts, k.complete, k.returned, k.pods])
+        await self._client.delete(
+            [k.job, k.stream, k.attempts, k.complete, k.returned, k.pods, k.lost]
+        )
         await self._client.srem(S.JOBS, [job_id])
 
     async def set_status(
@@ -373,11 +379,13 @@ class RedisQueue:
 
     @asynccontextmanager
     async def open_feed(
-        self, job_id: str, *, max_attempts: int, buffer: int = 1024
+        self, job_id: str, *, max_attempts: int, count_lost: bool = True, buffer: int = 1024
     ) -> AsyncIterator[RedisFeed]:
         """Consume the job's batches as one consumer among any number of pods.
 
         Leaving the block commits every ack and failure and gives back what is held.
+        ``count_lost``: whether a delivery lost with its consumer is a failed attempt
+        (:func:`~supervisor.queues.base.after_lost_delivery`).
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -396,6 +404,7 @@ class RedisQueue:
                 self._client,
                 job,
                 max_attempts=max_attempts,
+                count_lost=count_lost,
                 buffer=buffer,
                 lease=self._lease,
                 log=self._log.bind(job_id=job_id),

@@ -27,6 +27,7 @@ from supervisor.queues.base import (
     AttemptRecord,
     Delivery,
     QueueConnectError,
+    QueueFullError,
 )
 from supervisor.queues.redis import RedisQueue, forward_redis_logs
 from tests.helpers import child_env
@@ -256,6 +257,29 @@ async def test_a_redis_restart_mid_job_loses_no_acknowledged_batch(tmp_path: Pat
         server.kill()
     assert sorted(got) == list(range(n))
     assert (p.succeeded, p.in_queue, p.dead) == (n, 0, 0)
+
+
+async def test_a_full_redis_refuses_the_job_in_one_sentence_and_keeps_none_of_it(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    try:
+        async with open_queue(server.url()) as q, coredis.Redis.from_url(server.url()) as r:
+            await q.create_job(JOB, "api", "digest", b"{}", "t0")
+            big = (b'{"item": "%s"}' % (b"x" * 4096) for _ in range(2000))  # 8 MiB
+            with anyio.fail_after(30), pytest.raises(QueueFullError) as caught:
+                await q.enqueue(JOB, big, chunk=64)
+            message = str(caught.value)
+            assert "maxmemory" in message and JOB in message and "xxxx" not in message
+            assert await r.keys(f"supervisor:{{{JOB}}}:*") == set()
+            assert not await r.sismember(S.JOBS, JOB)
+            assert await q.get_job(JOB) is None
+            # Redis itself keeps working: with room again, the same job goes in.
+            await q.create_job(JOB, "api", "digest", b"{}", "t0")
+            assert await q.enqueue(JOB, (body(i) for i in range(10))) == 10
+    finally:
+        server.kill()
 
 
 async def test_unreachable_redis_is_one_sentence(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ __all__ = [
     "Progress",
     "QueueConnectError",
     "QueueError",
+    "QueueFullError",
     "after_lost_delivery",
     "dead_letter_name",
     "progress_of",
@@ -91,6 +92,11 @@ def after_lost_delivery(
     if count_lost:
         return LostDelivery.NEXT_ATTEMPT if attempt < max_attempts else LostDelivery.DEAD
     return LostDelivery.SAME_ATTEMPT if lost < LOST_DELIVERY_CAP else LostDelivery.DEAD
+
+
+class QueueFullError(QueueError):
+    """The queue has no room for the job (Redis at its ``maxmemory`` refuses writes): one
+    sentence; what the job had stored is deleted."""
 
 
 class QueueConnectError(QueueError, BadInput):

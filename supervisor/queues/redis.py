@@ -11,7 +11,8 @@ attempts' records, a dead-letter stream and a completion key; a set lists the jo
 Enqueueing deletes whatever the job had, then adds the batches in pipelined chunks, one
 chunk in flight at a time (Redis's replies pace the producer: backpressure), then creates the
 consumer group and sets ``total_batches``, which lets feeds open. If the iterator raises, the
-job is deleted. At-least-once with leases:
+job is deleted; so it is if Redis, at its ``maxmemory``, refuses a write, and then
+:class:`QueueFullError` says so in one sentence. At-least-once with leases:
 
 * A :class:`RedisFeed` is one consumer. It reads ``XREADGROUP COUNT n`` into a buffer; every
   entry read is *pending* for it, with an idle time and a delivery count kept by Redis.
@@ -69,6 +70,7 @@ from supervisor.queues.base import (
     Progress,
     QueueConnectError,
     QueueError,
+    QueueFullError,
 )
 from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, consumer_name, retrying
 
@@ -114,6 +116,11 @@ def _job_from_hash(job_id: str, h: dict[bytes, bytes]) -> JobRecord:
         time_per_batch_sum=float(h.get(b"time_per_batch_sum", 0.0)),
         worker_counts=h.get(b"worker_counts"),
     )
+
+
+def _is_oom(e: coredis.exceptions.ResponseError) -> bool:
+    """Redis refused a write at its ``maxmemory`` (policy ``noeviction``)."""
+    return "OOM command not allowed" in str(e)
 
 
 class _Forward(logging.Handler):
@@ -228,9 +235,14 @@ class RedisQueue:
     ) -> None:
         """Store a new job with status ``enqueuing`` and no batches."""
         k = S.job_keys(job_id)
-        created: int = await self._create(
-            keys=[k.job, S.JOBS], args=[job_id, api_name, digest, spec_json, created_time]
-        )
+        try:
+            created: int = await self._create(
+                keys=[k.job, S.JOBS], args=[job_id, api_name, digest, spec_json, created_time]
+            )
+        except coredis.exceptions.ResponseError as e:
+            if _is_oom(e):
+                raise self._full(job_id) from None
+            raise
         if not created:
             raise QueueError(f"job {job_id} already exists.")
 
@@ -243,13 +255,13 @@ class RedisQueue:
         client = self._client
         if not await client.exists([k.job]):
             raise QueueError(f"there is no job {job_id}.")
-        await client.delete([k.stream, k.attempts, k.complete, k.returned, k.lost])
-        await client.hset(
-            k.job, {"succeeded": 0, "dead": 0, "failed_attempts": 0, "time_per_batch_sum": 0}
-        )
-        await client.hdel(k.job, ["total_batches"])
         count = 0
         try:
+            await client.delete([k.stream, k.attempts, k.complete, k.returned, k.lost])
+            await client.hset(
+                k.job, {"succeeded": 0, "dead": 0, "failed_attempts": 0, "time_per_batch_sum": 0}
+            )
+            await client.hdel(k.job, ["total_batches"])
             done = False
             while not done:
                 bodies: list[bytes] = []
@@ -267,11 +279,21 @@ class RedisQueue:
                     await anyio.lowlevel.checkpoint()
             await client.xgroup_create(k.stream, S.GROUP, b"0", mkstream=True)
             await client.hset(k.job, {"total_batches": count})
-        except BaseException:
+        except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self._delete(job_id)
+            # coredis's message quotes the refused command, batch body and all: not that.
+            if isinstance(e, coredis.exceptions.ResponseError) and _is_oom(e):
+                raise self._full(job_id, count) from None
             raise
         return count
+
+    def _full(self, job_id: str, stored: int = 0) -> QueueFullError:
+        return QueueFullError(
+            f"Redis at {self._url} is at its memory limit (maxmemory, policy noeviction) and "
+            f"refused job {job_id} after {stored} batch(es): the job was not stored; free "
+            "memory in Redis or raise its maxmemory, then submit again."
+        )
 
     async def _delete(self, job_id: str) -> None:
         k = S.job_keys(job_id)

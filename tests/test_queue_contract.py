@@ -325,6 +325,25 @@ async def test_the_first_start_time_is_kept(queue: JobQueue) -> None:
     assert job is not None and (job.status, job.start_time) == ("running", "t1")
 
 
+async def test_running_jobs_are_those_running_of_the_api(queue: JobQueue) -> None:
+    # What an idle worker reads every few seconds: only the running jobs of its API.
+    a, b, c = "7e5c6d1f00000001", "7e5c6d1f00000002", "7e5c6d1f00000003"
+    for job_id in (a, b):
+        await new_job(queue, 1, job_id)
+    await queue.create_job(c, "other", "d", b"{}", "t0")
+    await queue.enqueue(c, iter([body(0)]))
+    assert await queue.running_jobs("api") == []
+    for job_id in (a, b, c):
+        await queue.set_status(job_id, "running", start_time="t1")
+    assert [j.job_id for j in await queue.running_jobs("api")] == [a, b]
+    assert [j.job_id for j in await queue.running_jobs("other")] == [c]
+    await queue.set_status(a, "succeeded", end_time="t2")
+    await queue.delete_job(b)
+    assert await queue.running_jobs("api") == []
+    (job,) = await queue.running_jobs("other")
+    assert (job.status, job.total_batches) == ("running", 1)
+
+
 async def test_misuse_is_refused(queue: JobQueue) -> None:
     await queue.create_job(JOB, "api", "d", b"{}", "t0")
     with pytest.raises(QueueError, match="not finished enqueueing"):

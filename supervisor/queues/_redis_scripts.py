@@ -28,6 +28,7 @@ __all__ = [
     "PODS",
     "READ_COUNTERS",
     "RENEW",
+    "RUNNING",
     "SET_STATUS",
     "JobKeys",
     "as_bytes",
@@ -38,6 +39,7 @@ __all__ = [
 
 GROUP = b"dispatch"  # the one consumer group of every job stream
 JOBS = "supervisor:jobs"  # the set of job ids
+RUNNING = "supervisor:running"  # hash: job_id -> api_name, of the jobs whose status is running
 RETURNED = "returned"  # the consumer that holds batches given back on close (free to claim)
 
 # The counters every script returns, in this order, after its changes.
@@ -116,15 +118,22 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: job. ARGV: status, start_time, end_time, worker_counts ('' = keep). 0 if no job.
+# KEYS: job, running. ARGV: status, start_time, end_time, worker_counts ('' = keep), job_id,
+# running (the status that puts a job in the running index). 0 if no job.
 # The start time is set once: every pod that joins a shared job marks it running, and the
-# job started with the first.
+# job started with the first. The running index (job_id -> api_name) changes with the
+# status, so an idle worker reads the running jobs only.
 SET_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'start_time', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'end_time', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'worker_counts', ARGV[4]) end
+if ARGV[1] == ARGV[6] then
+  redis.call('HSET', KEYS[2], ARGV[5], redis.call('HGET', KEYS[1], 'api_name'))
+else
+  redis.call('HDEL', KEYS[2], ARGV[5])
+end
 return 1
 """
 

@@ -41,9 +41,11 @@ from typing import Final, Protocol
 import msgspec
 
 from supervisor.errors import BadInput, SupervisorError
+from supervisor.jobs import RUNNING
 
 __all__ = [
     "LOST_DELIVERY_CAP",
+    "RUNNING",
     "AttemptRecord",
     "DeadLetter",
     "Delivery",
@@ -277,6 +279,11 @@ class JobQueue(Protocol):
 
     async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
         """Jobs (of one API, or all), newest first."""
+        ...
+
+    async def running_jobs(self, api_name: str) -> list[JobRecord]:
+        """The jobs of ``api_name`` whose status is ``running``, in :meth:`list_jobs`'s order;
+        read without looking at the other jobs (an idle worker asks every few seconds)."""
         ...
 
     async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:

@@ -97,6 +97,7 @@ from supervisor.queues._sqlite import (
     writing,
 )
 from supervisor.queues.base import (
+    RUNNING,
     DeadLetter,
     Heartbeat,
     JobRecord,
@@ -309,6 +310,18 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? ORDER BY job_id",
                     (api_name,),
                 )
+            return [job_from_row(row) for row in rows]
+
+        return await self._storage.run(select)
+
+    async def running_jobs(self, api_name: str) -> list[JobRecord]:
+        """The running jobs of ``api_name``, newest first."""
+
+        def select(conn: sqlite3.Connection) -> list[JobRecord]:
+            rows = conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? AND status = ? ORDER BY job_id",
+                (api_name, RUNNING),
+            )
             return [job_from_row(row) for row in rows]
 
         return await self._storage.run(select)

@@ -6,7 +6,9 @@ Theory of operation
 -------------------
 Keys (``_redis_scripts.py``): per job a hash (the :class:`JobRecord`), a stream of its
 batches (entry id ``0-<seq + 1>``, field ``body``) with one consumer group, a hash of failed
-attempts' records, a dead-letter stream and a completion key; a set lists the job ids.
+attempts' records, a dead-letter stream and a completion key; a set lists the job ids, and a hash indexes the
+running ones (with their API), kept by the script that sets a status, so an idle worker
+reads those only (:meth:`RedisQueue.running_jobs`).
 
 Enqueueing deletes whatever the job had, then adds the batches in pipelined chunks, one
 chunk in flight at a time (Redis's replies pace the producer: backpressure), then creates the
@@ -63,6 +65,7 @@ from supervisor.lifecycle import GONE_AFTER
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
 from supervisor.queues.base import (
+    RUNNING,
     AttemptRecord,
     DeadLetter,
     Heartbeat,
@@ -301,6 +304,7 @@ class RedisQueue:
             [k.job, k.stream, k.attempts, k.complete, k.returned, k.pods, k.lost]
         )
         await self._client.srem(S.JOBS, [job_id])
+        await self._client.hdel(S.RUNNING, [job_id])
 
     async def set_status(
         self,
@@ -315,8 +319,10 @@ class RedisQueue:
         start time only if none is stored (the first pod to start the job sets it)."""
         k = S.job_keys(job_id)
         args: list[str | bytes] = [status, start_time or "", end_time or "", worker_counts or b""]
+        args += [job_id, RUNNING]
         found = await self._do(
-            "setting a job's status", lambda: self._set_status(keys=[k.job], args=args)
+            "setting a job's status",
+            lambda: self._set_status(keys=[k.job, S.RUNNING], args=args),
         )
         if not found:
             raise QueueError(f"there is no job {job_id}.")
@@ -329,16 +335,29 @@ class RedisQueue:
     async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
         """Jobs of ``api_name`` (or all), in the embedded queue's order (by job id)."""
         ids = sorted(m.decode() for m in await self._client.smembers(S.JOBS))
+        jobs = await self._read_jobs(ids)
+        return [j for j in jobs if api_name is None or j.api_name == api_name]
+
+    async def _read_jobs(self, ids: list[str]) -> list[JobRecord]:
+        """The jobs ``ids`` that exist, in one pipelined round trip."""
+        if not ids:
+            return []
         async with self._client.pipeline(transaction=False) as pipe:
             replies = [pipe.hgetall(S.job_keys(i).job) for i in ids]
         jobs = []
         for job_id, reply in zip(ids, replies, strict=True):
             h = await reply
             if h:
-                job = _job_from_hash(job_id, dict(h))
-                if api_name is None or job.api_name == api_name:
-                    jobs.append(job)
+                jobs.append(_job_from_hash(job_id, dict(h)))
         return jobs
+
+    async def running_jobs(self, api_name: str) -> list[JobRecord]:
+        """The running jobs of ``api_name``, from the running index (the other jobs are not
+        read), in :meth:`list_jobs`'s order."""
+        index = await self._client.hgetall(S.RUNNING)
+        ids = sorted(k.decode() for k, v in index.items() if v.decode() == api_name)
+        jobs = await self._read_jobs(ids)
+        return [j for j in jobs if j.api_name == api_name and j.status == RUNNING]
 
     async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
         """The newest job of ``api_name`` with ``digest``, in any state."""

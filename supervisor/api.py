@@ -15,7 +15,8 @@ of the method and target (:func:`route`), tested with a table; :class:`JobAPI` c
 out. Errors are JSON ``{"kind", "message"}`` with one sentence: 400 bad input (nothing
 stored), 401 a missing or wrong bearer token (when the server has one; ``/healthz`` and
 ``/metrics`` stay open for probes and scrapers), 404 an unknown API, job or route, 405 a
-method the route does not take.
+method the route does not take, 507 a queue with no room for the job (Redis at its memory
+limit; nothing of the job is kept).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from supervisor.admin import Admin
 from supervisor.errors import BadInput
 from supervisor.http.server import Request, Response, error_response, json_response
 from supervisor.logs import Logger
+from supervisor.queues.base import QueueFullError
 from supervisor.service import JobService, NotFound
 
 __all__ = ["Action", "JobAPI", "Route", "route"]
@@ -136,6 +138,8 @@ class JobAPI:
             return _error(404, "not_found", str(e))
         except BadInput as e:
             return _error(400, "bad_request", str(e))
+        except QueueFullError as e:  # Redis at its memory limit: nothing of the job is kept
+            return _error(507, "insufficient_storage", str(e))
 
     async def _do(self, r: Route, request: Request) -> Response:
         service = self.service

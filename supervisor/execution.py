@@ -246,8 +246,12 @@ class JobExecution:
         spec, queue, log = self.spec, self.queue, self.log
         if spec.start_time is None:
             spec.start_time = jobs.rfc3339()
-        write_spec(self.placement.layout.spec_path, spec)
         await queue.set_status(spec.job_id, jobs.RUNNING, start_time=spec.start_time)
+        if self.sharing is not None:  # the job started when its first pod did
+            record = await queue.get_job(spec.job_id)
+            if record is not None and record.start_time is not None:
+                spec.start_time = record.start_time
+        write_spec(self.placement.layout.spec_path, spec)
         log.info(
             "job_started",
             total_batches=spec.total_batch_count,
@@ -336,7 +340,10 @@ class JobExecution:
         async with (
             self.host.running(),
             self.queue.open_feed(
-                spec.job_id, max_attempts=jobs.max_attempts(spec), buffer=buffer
+                spec.job_id,
+                max_attempts=jobs.max_attempts(spec),
+                count_lost=jobs.counts_lost_deliveries(spec),
+                buffer=buffer,
             ) as opened,
         ):
             feed: Feed = opened

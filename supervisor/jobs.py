@@ -35,6 +35,7 @@ __all__ = [
     "JobStatusResponse",
     "JobSubmission",
     "WorkerCounts",
+    "counts_lost_deliveries",
     "decode_submission",
     "load_submission",
     "max_attempts",
@@ -185,6 +186,13 @@ def max_attempts(job: JobSubmission | JobSpec) -> int:
     """Attempts per batch: once without a dead-letter queue (Cortex), else max_receive_count."""
     dlq = job.sqs_dead_letter_queue
     return 1 if dlq is None else dlq.max_receive_count
+
+
+def counts_lost_deliveries(job: JobSubmission | JobSpec) -> bool:
+    """Whether a delivery lost with its pod counts as a failed attempt: with a dead-letter
+    queue, whose ``max_receive_count`` counts receives as SQS does; without one it is
+    delivered again (see ``supervisor.queues.base.after_lost_delivery``)."""
+    return job.sqs_dead_letter_queue is not None
 
 
 _MAX_INT64: Final = (1 << 63) - 1

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Many workers (one per machine, or per Kubernetes pod) and any number of ``serve --queue``
 instances share one Redis queue. ``serve`` enqueues a job and marks it ``running``; each
-worker, while idle, looks every few seconds for the oldest running job of its API that has
+worker, while idle, looks every few seconds for the oldest running job of its API (reading
+the running jobs only: :meth:`~supervisor.queues.base.JobQueue.running_jobs`) that has
 fewer live pods than its ``workers`` and joins it (:meth:`~supervisor.queues.base.JobQueue.
 try_join`, atomic: never more than ``workers`` pods at once; a pod that joins late helps).
 Then it does what a pod of ``run`` does (:class:`~supervisor.execution.JobExecution` with
@@ -33,7 +34,6 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from supervisor import jobs
 from supervisor.admin import Admin, serve_admin
 from supervisor.config import BatchAPI
 from supervisor.execution import JobExecution, Placement, Sharing
@@ -142,8 +142,8 @@ class Worker:
 
     async def _find_job(self) -> JobRecord | None:
         """The oldest running job of the API that admits this pod (now joined), or None."""
-        for record in reversed(await self.queue.list_jobs(self.api.name)):
-            if record.status != jobs.RUNNING or record.total_batches is None:
+        for record in reversed(await self.queue.running_jobs(self.api.name)):
+            if record.total_batches is None:
                 continue
             workers = spec_of(record).workers
             if await self.queue.try_join(record.job_id, self.pod_id, workers, self.opts.lease):

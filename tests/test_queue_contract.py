@@ -3,6 +3,9 @@ and trio."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +14,17 @@ import anyio
 import pytest
 
 from supervisor.queues import open_queue
-from supervisor.queues.base import AttemptRecord, Delivery, Feed, JobQueue, QueueError
+from supervisor.queues.base import (
+    LOST_DELIVERY_CAP,
+    AttemptRecord,
+    Delivery,
+    Feed,
+    JobQueue,
+    LostDelivery,
+    QueueError,
+    after_lost_delivery,
+)
+from tests.helpers import child_env
 
 pytestmark = pytest.mark.anyio
 
@@ -187,6 +200,69 @@ async def test_resume_delivers_only_what_was_not_acked(queue_url: str) -> None:
     assert (p.succeeded, p.in_queue, p.in_flight) == (n, 0, 0)
 
 
+NEXT, SAME, DEAD = LostDelivery.NEXT_ATTEMPT, LostDelivery.SAME_ATTEMPT, LostDelivery.DEAD
+
+
+@pytest.mark.parametrize(
+    ("attempt", "lost", "max_attempts", "count_lost", "expected"),
+    [
+        # A dead-letter setting: a lost delivery is an attempt, as SQS counts receives.
+        (1, 1, 3, True, NEXT),
+        (2, 2, 3, True, NEXT),
+        (3, 3, 3, True, DEAD),
+        (1, 1, 1, True, DEAD),
+        (2, 1, 3, True, NEXT),  # one failure, then a loss: the loss is the second attempt
+        # None: delivered again as the same attempt, until the cap.
+        (1, 1, 1, False, SAME),
+        (1, LOST_DELIVERY_CAP - 1, 1, False, SAME),
+        (1, LOST_DELIVERY_CAP, 1, False, DEAD),
+        (3, 1, 3, False, SAME),  # even on the last attempt: the loss is not the batch's fault
+        (2, LOST_DELIVERY_CAP, 3, False, DEAD),
+    ],
+)
+def test_after_a_lost_delivery(
+    attempt: int, lost: int, max_attempts: int, count_lost: bool, expected: LostDelivery
+) -> None:
+    assert after_lost_delivery(attempt, lost, max_attempts, count_lost=count_lost) is expected
+
+
+LOSER = """
+import os, signal, sys, anyio
+from supervisor.queues import open_queue
+
+async def main(url, lease, job, n):
+    async with open_queue(url, lease=lease) as q:
+        async with q.open_feed(job, max_attempts=1, count_lost=False) as feed:
+            for _ in range(n):
+                await feed.receive()
+            os.kill(os.getpid(), signal.SIGKILL)  # dies holding them
+
+anyio.run(main, sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+"""
+
+
+async def test_a_lost_delivery_without_dead_letters_comes_back_uncounted(queue_url: str) -> None:
+    # Without a dead-letter setting a batch is tried once; a pod killed under it must not
+    # use that one attempt: the batch is delivered again, as attempt 1, to whoever is left.
+    n = 3
+    async with open_queue(queue_url, lease=LEASE) as q:
+        await new_job(q, n)
+    with anyio.fail_after(30):
+        child = await anyio.run_process(
+            [sys.executable, "-c", textwrap.dedent(LOSER), queue_url, str(LEASE), JOB, str(n)],
+            env=child_env(),
+            check=False,
+        )
+        assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+        async with open_queue(queue_url, lease=LEASE) as q:
+            async with q.open_feed(JOB, max_attempts=1, count_lost=False) as feed:
+                got = await drain(feed)
+            p = await q.progress(JOB)
+            assert await q.dead_letters(JOB) == []
+    assert sorted((d.seq, d.attempt) for d in got) == [(i, 1) for i in range(n)]
+    assert (p.succeeded, p.dead, p.failed_attempts) == (n, 0, 0)
+
+
 async def test_an_empty_job_ends_at_once(queue: JobQueue) -> None:
     await new_job(queue, 0)
     with anyio.fail_after(10):
@@ -237,6 +313,35 @@ async def test_jobs_are_listed_found_and_deleted(queue: JobQueue) -> None:
     assert [j.job_id for j in await queue.list_jobs()] == [b]
     with pytest.raises(QueueError, match="no job"):
         await queue.set_status(a, "running")
+
+
+async def test_the_first_start_time_is_kept(queue: JobQueue) -> None:
+    # Every pod that joins a shared job marks it running with its own clock: the job started
+    # when the first one did.
+    await new_job(queue, 1)
+    await queue.set_status(JOB, "running", start_time="t1")
+    await queue.set_status(JOB, "running", start_time="t2")
+    job = await queue.get_job(JOB)
+    assert job is not None and (job.status, job.start_time) == ("running", "t1")
+
+
+async def test_running_jobs_are_those_running_of_the_api(queue: JobQueue) -> None:
+    # What an idle worker reads every few seconds: only the running jobs of its API.
+    a, b, c = "7e5c6d1f00000001", "7e5c6d1f00000002", "7e5c6d1f00000003"
+    for job_id in (a, b):
+        await new_job(queue, 1, job_id)
+    await queue.create_job(c, "other", "d", b"{}", "t0")
+    await queue.enqueue(c, iter([body(0)]))
+    assert await queue.running_jobs("api") == []
+    for job_id in (a, b, c):
+        await queue.set_status(job_id, "running", start_time="t1")
+    assert [j.job_id for j in await queue.running_jobs("api")] == [a, b]
+    assert [j.job_id for j in await queue.running_jobs("other")] == [c]
+    await queue.set_status(a, "succeeded", end_time="t2")
+    await queue.delete_job(b)
+    assert await queue.running_jobs("api") == []
+    (job,) = await queue.running_jobs("other")
+    assert (job.status, job.total_batches) == ("running", 1)
 
 
 async def test_misuse_is_refused(queue: JobQueue) -> None:

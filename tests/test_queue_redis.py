@@ -22,7 +22,13 @@ import pytest
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
 from supervisor.queues import open_queue
-from supervisor.queues.base import AttemptRecord, Delivery, QueueConnectError
+from supervisor.queues.base import (
+    LOST_DELIVERY_CAP,
+    AttemptRecord,
+    Delivery,
+    QueueConnectError,
+    QueueFullError,
+)
 from supervisor.queues.redis import RedisQueue, forward_redis_logs
 from tests.helpers import child_env
 from tests.redis_server import RedisServer
@@ -73,7 +79,9 @@ from supervisor.queues import open_queue
 
 async def main():
     async with open_queue(sys.argv[1], lease=float(sys.argv[2])) as q:
-        async with q.open_feed(sys.argv[3], max_attempts=int(sys.argv[4])) as feed:
+        async with q.open_feed(
+            sys.argv[3], max_attempts=int(sys.argv[4]), count_lost=sys.argv[6] == "1"
+        ) as feed:
             n = 0
             while n < int(sys.argv[5]):
                 await feed.receive()
@@ -85,12 +93,13 @@ anyio.run(main)
 """
 
 
-async def _kill_a_consumer_holding(redis_url: str, n: int, max_attempts: int) -> None:
+async def _kill_a_consumer_holding(
+    redis_url: str, n: int, max_attempts: int, *, count_lost: bool = True
+) -> None:
     """A consumer in another process receives ``n`` batches and is SIGKILLed holding them."""
     args = [sys.executable, "-c", textwrap.dedent(CONSUMER), redis_url, str(LEASE), JOB]
-    proc = await anyio.open_process(
-        [*args, str(max_attempts), str(n)], env=child_env(), stderr=subprocess.DEVNULL
-    )
+    args += [str(max_attempts), str(n), "1" if count_lost else "0"]
+    proc = await anyio.open_process(args, env=child_env(), stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         with anyio.fail_after(20):
@@ -132,6 +141,24 @@ async def test_a_batch_lost_on_its_last_delivery_is_dead_lettered(redis_url: str
     assert [a.attempt for a in letters[0].attempts] == [1]
     assert "lease expired" in (letters[0].attempts[0].error or "")
     assert (p.dead, p.succeeded, p.in_queue) == (2, 0, 0)
+
+
+async def test_a_batch_that_kills_every_pod_is_dead_after_the_cap(redis_url: str) -> None:
+    # Without a dead-letter setting lost deliveries are not attempts, but a batch that kills
+    # each pod it reaches must not go round for ever: after LOST_DELIVERY_CAP it is dead.
+    async with open_queue(redis_url, lease=LEASE) as q:
+        assert isinstance(q, RedisQueue)
+        await new_job(q, 1)
+        for _ in range(LOST_DELIVERY_CAP):
+            await _kill_a_consumer_holding(redis_url, 1, max_attempts=1, count_lost=False)
+        with anyio.fail_after(20):
+            async with q.open_feed(JOB, max_attempts=1, count_lost=False) as feed:
+                assert await feed.receive() is None
+        (letter,) = await q.dead_letters(JOB)
+        p = await q.progress(JOB)
+    assert [a.attempt for a in letter.attempts] == [1] * LOST_DELIVERY_CAP
+    assert all("lease expired" in (a.error or "") for a in letter.attempts)
+    assert (p.dead, p.succeeded, p.failed_attempts, p.in_queue) == (1, 0, 1, 0)
 
 
 async def test_dead_lettering_moves_acks_and_counts_in_one_step(redis_url: str) -> None:
@@ -230,6 +257,29 @@ async def test_a_redis_restart_mid_job_loses_no_acknowledged_batch(tmp_path: Pat
         server.kill()
     assert sorted(got) == list(range(n))
     assert (p.succeeded, p.in_queue, p.dead) == (n, 0, 0)
+
+
+async def test_a_full_redis_refuses_the_job_in_one_sentence_and_keeps_none_of_it(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    try:
+        async with open_queue(server.url()) as q, coredis.Redis.from_url(server.url()) as r:
+            await q.create_job(JOB, "api", "digest", b"{}", "t0")
+            big = (b'{"item": "%s"}' % (b"x" * 4096) for _ in range(2000))  # 8 MiB
+            with anyio.fail_after(30), pytest.raises(QueueFullError) as caught:
+                await q.enqueue(JOB, big, chunk=64)
+            message = str(caught.value)
+            assert "maxmemory" in message and JOB in message and "xxxx" not in message
+            assert await r.keys(f"supervisor:{{{JOB}}}:*") == set()
+            assert not await r.sismember(S.JOBS, JOB)
+            assert await q.get_job(JOB) is None
+            # Redis itself keeps working: with room again, the same job goes in.
+            await q.create_job(JOB, "api", "digest", b"{}", "t0")
+            assert await q.enqueue(JOB, (body(i) for i in range(10))) == 10
+    finally:
+        server.kill()
 
 
 async def test_unreachable_redis_is_one_sentence(tmp_path: Path) -> None:

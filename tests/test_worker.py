@@ -39,6 +39,7 @@ from tests.helpers import (
     supervisor_cmd,
     write_api,
 )
+from tests.redis_server import RedisServer
 from tests.test_serve import start_serve
 
 LEASE = "2"
@@ -408,6 +409,30 @@ def test_serve_and_workers(
     finally:
         assert first.stop() == 128 + signal.SIGTERM
         assert second.stop() == 128 + signal.SIGTERM
+
+
+def test_serve_answers_a_full_redis_with_one_sentence(
+    tmp_path: Path, api: tuple[Path, Path, int]
+) -> None:
+    server = RedisServer(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    server.start()
+    serve = None
+    try:
+        serve = start_serve(tmp_path, [api[0]], "--queue", server.url(), root=tmp_path / "s")
+        items = [{"i": i, "pad": "x" * 4096} for i in range(1000)]  # 4 MiB of batches
+        r = serve.submit("test-api", {"workers": 1, "item_list": {"items": items, "batch_size": 1}})
+        assert r.status_code == 507, r.text
+        error = r.json()
+        assert error["kind"] == "insufficient_storage"
+        assert "maxmemory" in error["message"] and "xxxx" not in error["message"]
+        listed = requests.get(f"{serve.url}/test-api", timeout=10)  # serve is still up
+        assert listed.status_code == 200 and listed.json()["batch_job_statuses"] == []
+        small = {"workers": 1, "item_list": {"items": [{"i": 0}], "batch_size": 1}}
+        assert serve.submit("test-api", small).status_code == 200  # room again: accepted
+    finally:
+        if serve is not None:
+            assert serve.stop() == 128 + signal.SIGTERM
+        server.kill()
 
 
 def test_worker_refuses_a_queue_it_cannot_share(

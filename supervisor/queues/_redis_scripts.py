@@ -28,6 +28,7 @@ __all__ = [
     "PODS",
     "READ_COUNTERS",
     "RENEW",
+    "RUNNING",
     "SET_STATUS",
     "JobKeys",
     "as_bytes",
@@ -38,6 +39,7 @@ __all__ = [
 
 GROUP = b"dispatch"  # the one consumer group of every job stream
 JOBS = "supervisor:jobs"  # the set of job ids
+RUNNING = "supervisor:running"  # hash: job_id -> api_name, of the jobs whose status is running
 RETURNED = "returned"  # the consumer that holds batches given back on close (free to claim)
 
 # The counters every script returns, in this order, after its changes.
@@ -52,6 +54,7 @@ class JobKeys(NamedTuple):
     complete: str  # the /on-job-complete claim
     returned: str  # set: ids given back by a feed that left, claimable uncounted
     pods: str  # hash: pod_id -> "<state> <ms of Redis TIME> <lease ms>", the last heartbeat
+    lost: str  # hash: seq -> how many of the batch's deliveries were lost with their consumer
 
 
 def job_keys(job_id: str) -> JobKeys:
@@ -115,13 +118,22 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: job. ARGV: status, start_time, end_time, worker_counts ('' = keep). 0 if no job.
+# KEYS: job, running. ARGV: status, start_time, end_time, worker_counts ('' = keep), job_id,
+# running (the status that puts a job in the running index). 0 if no job.
+# The start time is set once: every pod that joins a shared job marks it running, and the
+# job started with the first. The running index (job_id -> api_name) changes with the
+# status, so an idle worker reads the running jobs only.
 SET_STATUS = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'start_time', ARGV[2]) end
+if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'start_time', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'end_time', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'worker_counts', ARGV[4]) end
+if ARGV[1] == ARGV[6] then
+  redis.call('HSET', KEYS[2], ARGV[5], redis.call('HGET', KEYS[1], 'api_name'))
+else
+  redis.call('HDEL', KEYS[2], ARGV[5])
+end
 return 1
 """
 
@@ -186,16 +198,23 @@ return out
 )
 
 # Take over batches whose lease ran out (their consumer died or was cut off) or that a
-# leaving feed gave back. KEYS: job, stream, attempts, dead, returned. ARGV: group,
-# consumer, min_idle_ms, count, max_attempts, time (RFC3339, for a lost attempt's record).
-# A given-back batch keeps its delivery count. A lost delivery is recorded as a failed
-# attempt; a batch whose deliveries are used up is dead-lettered instead of delivered.
+# leaving feed gave back. KEYS: job, stream, attempts, dead, returned, lost. ARGV: group,
+# consumer, min_idle_ms, count, max_attempts, time (RFC3339, for a lost attempt's record),
+# count_lost ('1' or '0'), cap (LOST_DELIVERY_CAP).
+# A given-back batch keeps its delivery count. A lost delivery is recorded, then decided as
+# base.after_lost_delivery decides it: with count_lost it is a failed attempt (the delivery
+# count XAUTOCLAIM raised is the next attempt) and a batch whose deliveries are used up is
+# dead-lettered; without, the delivery count is put back (the same attempt again) until the
+# batch's lost deliveries reach the cap, and then it is dead-lettered, counted as one failed
+# attempt. The delivery count stays the attempt number, which COMMIT checks.
 # Returns {n, then n triples (id, body, attempt)}, then the counters.
 CLAIM = (
     _COUNTERS_LUA
     + """
-local job, stream, attempts, dead, returned = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job, stream, attempts, dead, returned, lostk = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6]
 local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local count_lost, cap = ARGV[7] == '1', tonumber(ARGV[8])
 local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[3], '0-0', 'COUNT', ARGV[4])
 local got = {}
 for _, e in ipairs(r[2]) do
@@ -206,17 +225,32 @@ for _, e in ipairs(r[2]) do
   local body = ''
   for k = 1, #e[2], 2 do if e[2][k] == 'body' then body = e[2][k + 1] end end
   local records = redis.call('HGET', attempts, seq)
+  local is_dead = false
   if redis.call('SREM', returned, id) == 1 then
     count = math.max(1, count - 1)
     redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count, 'JUSTID')
   elseif count > 1 then
-    -- the previous delivery was lost with its consumer: that attempt failed
-    local record = cjson.encode({attempt = count - 1,
-      error = 'lease expired: its consumer stopped renewing it', time = ARGV[6]})
+    -- the previous delivery was lost with its consumer
+    local attempt = count - 1
+    local lost = redis.call('HINCRBY', lostk, seq, 1)
+    local error = 'lease expired: its consumer stopped renewing it'
+    if not count_lost then
+      error = error .. ' (lost delivery ' .. lost .. ' of at most ' .. cap .. ')'
+    end
+    local record = cjson.encode({attempt = attempt, error = error, time = ARGV[6]})
     records = records and (records .. '\\n' .. record) or record
-    redis.call('HINCRBY', job, 'failed_attempts', 1)
+    if count_lost then
+      redis.call('HINCRBY', job, 'failed_attempts', 1)
+      is_dead = count > max
+    elseif lost >= cap then
+      redis.call('HINCRBY', job, 'failed_attempts', 1)
+      is_dead = true
+    else
+      count = attempt
+      redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count, 'JUSTID')
+    end
   end
-  if count > max then
+  if is_dead or count > max then
     dead_letter(stream, attempts, dead, job, id, records or '')
   else
     if records then redis.call('HSET', attempts, seq, records) end

@@ -16,21 +16,36 @@ is persisted; when ``attempt == max_attempts`` fails, the batch is dead-lettered
 each attempt's record (:meth:`JobQueue.dead_letters`; the embedded queue writes
 ``dead_letter_dir(job_id)/batch-<seq>.json``) and counted as ``dead``.
 
+A *lost* delivery is one whose consumer died holding it (its pod was killed, its process
+SIGKILLed): nobody acked or failed it. What happens next is :func:`after_lost_delivery`:
+with ``count_lost`` (the job has a dead-letter setting, whose ``max_receive_count`` counts
+receives as SQS does) the lost delivery is a failed attempt; without it the batch is
+delivered again as the same attempt, up to :data:`LOST_DELIVERY_CAP` lost deliveries, after
+which it is dead (a batch that kills every pod it reaches must not loop for ever). The
+Redis queue applies this rule when it claims a batch whose lease ran out. The embedded queue
+loses deliveries only with its own process, and a resume (a person re-running the command)
+delivers them again uncounted, whatever ``count_lost`` says: the same rule without a
+dead-letter setting, with the person as the cap.
+
 The embedded backend (``embedded.py``, one SQLite file) implements this for one machine; the
 Redis backend (``redis.py``) for many.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Final, Protocol
 
 import msgspec
 
 from supervisor.errors import BadInput, SupervisorError
+from supervisor.jobs import RUNNING
 
 __all__ = [
+    "LOST_DELIVERY_CAP",
+    "RUNNING",
     "AttemptRecord",
     "DeadLetter",
     "Delivery",
@@ -38,9 +53,12 @@ __all__ = [
     "Heartbeat",
     "JobQueue",
     "JobRecord",
+    "LostDelivery",
     "Progress",
     "QueueConnectError",
     "QueueError",
+    "QueueFullError",
+    "after_lost_delivery",
     "dead_letter_name",
     "progress_of",
 ]
@@ -48,6 +66,39 @@ __all__ = [
 
 class QueueError(SupervisorError):
     """The queue was used wrongly (unknown job, a second feed, a stale delivery) or is broken."""
+
+
+LOST_DELIVERY_CAP: Final = 3
+"""Lost deliveries after which a batch fails for good when they are not counted as attempts.
+
+Three: a pod dying under a batch for reasons of its own (a node drained, an eviction, an OOM
+kill caused by something else) three times in a row is rare, so a healthy batch is not
+given up; and a batch that kills every pod it reaches costs three pods and three leases
+before it is dead-lettered, instead of taking the job's pods down one after the other for
+ever."""
+
+
+class LostDelivery(enum.Enum):
+    """What becomes of a batch whose delivery was lost (:func:`after_lost_delivery`)."""
+
+    NEXT_ATTEMPT = "next_attempt"  # the lost delivery was a failed attempt; deliver the next
+    SAME_ATTEMPT = "same_attempt"  # not counted: deliver it again as the same attempt
+    DEAD = "dead"  # failed for good: dead-letter it, with each lost delivery's record
+
+
+def after_lost_delivery(
+    attempt: int, lost: int, max_attempts: int, *, count_lost: bool
+) -> LostDelivery:
+    """The decision for a batch whose delivery as ``attempt`` was lost, ``lost`` being its
+    lost deliveries so far, this one included (see the module docstring)."""
+    if count_lost:
+        return LostDelivery.NEXT_ATTEMPT if attempt < max_attempts else LostDelivery.DEAD
+    return LostDelivery.SAME_ATTEMPT if lost < LOST_DELIVERY_CAP else LostDelivery.DEAD
+
+
+class QueueFullError(QueueError):
+    """The queue has no room for the job (Redis at its ``maxmemory`` refuses writes): one
+    sentence; what the job had stored is deleted."""
 
 
 class QueueConnectError(QueueError, BadInput):
@@ -215,7 +266,11 @@ class JobQueue(Protocol):
         end_time: str | None = None,
         worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status (and the times and final worker counts that are given)."""
+        """Set the job's status (and the times and final worker counts that are given).
+
+        ``start_time`` is kept only if the job has none yet: the job started when its first
+        pod did, and later pods joining it do not move that.
+        """
         ...
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -224,6 +279,11 @@ class JobQueue(Protocol):
 
     async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
         """Jobs (of one API, or all), newest first."""
+        ...
+
+    async def running_jobs(self, api_name: str) -> list[JobRecord]:
+        """The jobs of ``api_name`` whose status is ``running``, in :meth:`list_jobs`'s order;
+        read without looking at the other jobs (an idle worker asks every few seconds)."""
         ...
 
     async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
@@ -248,9 +308,14 @@ class JobQueue(Protocol):
         ...
 
     def open_feed(
-        self, job_id: str, *, max_attempts: int, buffer: int = 1024
+        self, job_id: str, *, max_attempts: int, count_lost: bool = True, buffer: int = 1024
     ) -> AbstractAsyncContextManager[Feed]:
-        """Consume the job's batches; leaving it commits everything acked or failed."""
+        """Consume the job's batches; leaving it commits everything acked or failed.
+
+        ``count_lost``: a lost delivery counts as a failed attempt (the job has a dead-letter
+        setting); else it is delivered again uncounted, up to :data:`LOST_DELIVERY_CAP`
+        times (:func:`after_lost_delivery`).
+        """
         ...
 
     def completion(self, job_id: str) -> AbstractAsyncContextManager[bool]:

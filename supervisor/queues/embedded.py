@@ -60,7 +60,11 @@ Counters change in the same transactions as batch states, so after a crash the j
 agrees with its batches. What was acked but not yet committed is delivered again, which is
 the at-least-once promise; ``flush()`` (and leaving ``open_feed``) makes every ack so far
 durable. An attempt in flight at a crash is not counted: the batch comes back with the
-attempt number after the last *persisted* failed attempt.
+attempt number after the last *persisted* failed attempt. That is the rule of a lost
+delivery without a dead-letter setting (``base.after_lost_delivery``), which the Redis
+queue shares; here it holds with a dead-letter setting too, and there is no cap on lost
+deliveries: only the process itself loses a delivery, and only a person re-running the
+command delivers it again, so nothing loops by itself.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ from supervisor.queues._sqlite import (
     writing,
 )
 from supervisor.queues.base import (
+    RUNNING,
     DeadLetter,
     Heartbeat,
     JobRecord,
@@ -267,12 +272,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         end_time: str | None = None,
         worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status, and its start/end time and final worker counts when given."""
+        """Set the job's status, and its end time and final worker counts when given; the
+        start time only if none is stored (the first pod to start the job sets it)."""
 
         def update(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 cursor = conn.execute(
-                    "UPDATE jobs SET status = ?, start_time = coalesce(?, start_time), "
+                    "UPDATE jobs SET status = ?, start_time = coalesce(start_time, ?), "
                     "end_time = coalesce(?, end_time), "
                     "worker_counts = coalesce(?, worker_counts) WHERE job_id = ?",
                     (status, start_time, end_time, worker_counts, job_id),
@@ -304,6 +310,18 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? ORDER BY job_id",
                     (api_name,),
                 )
+            return [job_from_row(row) for row in rows]
+
+        return await self._storage.run(select)
+
+    async def running_jobs(self, api_name: str) -> list[JobRecord]:
+        """The running jobs of ``api_name``, newest first."""
+
+        def select(conn: sqlite3.Connection) -> list[JobRecord]:
+            rows = conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE api_name = ? AND status = ? ORDER BY job_id",
+                (api_name, RUNNING),
+            )
             return [job_from_row(row) for row in rows]
 
         return await self._storage.run(select)
@@ -423,11 +441,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
 
     @asynccontextmanager
     async def open_feed(
-        self, job_id: str, *, max_attempts: int, buffer: int = 1024
+        self, job_id: str, *, max_attempts: int, count_lost: bool = True, buffer: int = 1024
     ) -> AsyncIterator[EmbeddedFeed]:
         """Consume the job's pending batches (one feed per job at a time).
 
         Leaving the block closes the feed and commits every ack and failure reported.
+        ``count_lost`` changes nothing here: a delivery is lost only with this process, and
+        the resume delivers it again uncounted (see the module docstring).
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")

@@ -6,12 +6,15 @@ Theory of operation
 -------------------
 Keys (``_redis_scripts.py``): per job a hash (the :class:`JobRecord`), a stream of its
 batches (entry id ``0-<seq + 1>``, field ``body``) with one consumer group, a hash of failed
-attempts' records, a dead-letter stream and a completion key; a set lists the job ids.
+attempts' records, a dead-letter stream and a completion key; a set lists the job ids, and a hash indexes the
+running ones (with their API), kept by the script that sets a status, so an idle worker
+reads those only (:meth:`RedisQueue.running_jobs`).
 
 Enqueueing deletes whatever the job had, then adds the batches in pipelined chunks, one
 chunk in flight at a time (Redis's replies pace the producer: backpressure), then creates the
 consumer group and sets ``total_batches``, which lets feeds open. If the iterator raises, the
-job is deleted. At-least-once with leases:
+job is deleted; so it is if Redis, at its ``maxmemory``, refuses a write, and then
+:class:`QueueFullError` says so in one sentence. At-least-once with leases:
 
 * A :class:`RedisFeed` is one consumer. It reads ``XREADGROUP COUNT n`` into a buffer; every
   entry read is *pending* for it, with an idle time and a delivery count kept by Redis.
@@ -19,9 +22,13 @@ job is deleted. At-least-once with leases:
   (``XCLAIM ... JUSTID``: idle time reset, delivery not counted), so a batch that takes
   longer than the lease is never handed to another pod while this one is alive.
 * A batch idle for longer than the lease (its consumer died, or lost Redis for that long) is
-  claimed by another feed (``XAUTOCLAIM``, in the CLAIM script), counting a delivery: the
-  lost delivery is recorded as a failed attempt, and a batch whose deliveries reached
-  ``max_attempts`` (``max_receive_count``) is dead-lettered there and then.
+  claimed by another feed (``XAUTOCLAIM``, in the CLAIM script). The lost delivery is
+  recorded and decided as :func:`~supervisor.queues.base.after_lost_delivery` says: with a
+  dead-letter setting (``count_lost``) it is a failed attempt, and a batch whose deliveries
+  reached ``max_attempts`` (``max_receive_count``) is dead-lettered there and then; without
+  one it is delivered again as the same attempt, until its lost deliveries reach
+  ``LOST_DELIVERY_CAP`` (a per-job hash counts them): then it is dead-lettered, with each
+  lost delivery's record.
 * Acks and failures are buffered and sent in one script call per group (COMMIT): acked
   entries are acknowledged, deleted (a long job does not grow Redis) and counted once even
   if two pods acked the same batch; a failure records its attempt and either raises the
@@ -58,6 +65,7 @@ from supervisor.lifecycle import GONE_AFTER
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
 from supervisor.queues.base import (
+    RUNNING,
     AttemptRecord,
     DeadLetter,
     Heartbeat,
@@ -65,6 +73,7 @@ from supervisor.queues.base import (
     Progress,
     QueueConnectError,
     QueueError,
+    QueueFullError,
 )
 from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, consumer_name, retrying
 
@@ -110,6 +119,11 @@ def _job_from_hash(job_id: str, h: dict[bytes, bytes]) -> JobRecord:
         time_per_batch_sum=float(h.get(b"time_per_batch_sum", 0.0)),
         worker_counts=h.get(b"worker_counts"),
     )
+
+
+def _is_oom(e: coredis.exceptions.ResponseError) -> bool:
+    """Redis refused a write at its ``maxmemory`` (policy ``noeviction``)."""
+    return "OOM command not allowed" in str(e)
 
 
 class _Forward(logging.Handler):
@@ -224,9 +238,14 @@ class RedisQueue:
     ) -> None:
         """Store a new job with status ``enqueuing`` and no batches."""
         k = S.job_keys(job_id)
-        created: int = await self._create(
-            keys=[k.job, S.JOBS], args=[job_id, api_name, digest, spec_json, created_time]
-        )
+        try:
+            created: int = await self._create(
+                keys=[k.job, S.JOBS], args=[job_id, api_name, digest, spec_json, created_time]
+            )
+        except coredis.exceptions.ResponseError as e:
+            if _is_oom(e):
+                raise self._full(job_id) from None
+            raise
         if not created:
             raise QueueError(f"job {job_id} already exists.")
 
@@ -239,13 +258,13 @@ class RedisQueue:
         client = self._client
         if not await client.exists([k.job]):
             raise QueueError(f"there is no job {job_id}.")
-        await client.delete([k.stream, k.attempts, k.complete, k.returned])
-        await client.hset(
-            k.job, {"succeeded": 0, "dead": 0, "failed_attempts": 0, "time_per_batch_sum": 0}
-        )
-        await client.hdel(k.job, ["total_batches"])
         count = 0
         try:
+            await client.delete([k.stream, k.attempts, k.complete, k.returned, k.lost])
+            await client.hset(
+                k.job, {"succeeded": 0, "dead": 0, "failed_attempts": 0, "time_per_batch_sum": 0}
+            )
+            await client.hdel(k.job, ["total_batches"])
             done = False
             while not done:
                 bodies: list[bytes] = []
@@ -263,16 +282,29 @@ class RedisQueue:
                     await anyio.lowlevel.checkpoint()
             await client.xgroup_create(k.stream, S.GROUP, b"0", mkstream=True)
             await client.hset(k.job, {"total_batches": count})
-        except BaseException:
+        except BaseException as e:
             with anyio.CancelScope(shield=True):
                 await self._delete(job_id)
+            # coredis's message quotes the refused command, batch body and all: not that.
+            if isinstance(e, coredis.exceptions.ResponseError) and _is_oom(e):
+                raise self._full(job_id, count) from None
             raise
         return count
 
+    def _full(self, job_id: str, stored: int = 0) -> QueueFullError:
+        return QueueFullError(
+            f"Redis at {self._url} is at its memory limit (maxmemory, policy noeviction) and "
+            f"refused job {job_id} after {stored} batch(es): the job was not stored; free "
+            "memory in Redis or raise its maxmemory, then submit again."
+        )
+
     async def _delete(self, job_id: str) -> None:
         k = S.job_keys(job_id)
-        await self._client.delete([k.job, k.stream, k.attempts, k.complete, k.returned, k.pods])
+        await self._client.delete(
+            [k.job, k.stream, k.attempts, k.complete, k.returned, k.pods, k.lost]
+        )
         await self._client.srem(S.JOBS, [job_id])
+        await self._client.hdel(S.RUNNING, [job_id])
 
     async def set_status(
         self,
@@ -283,11 +315,14 @@ class RedisQueue:
         end_time: str | None = None,
         worker_counts: bytes | None = None,
     ) -> None:
-        """Set the job's status, and its start/end time and final worker counts when given."""
+        """Set the job's status, and its end time and final worker counts when given; the
+        start time only if none is stored (the first pod to start the job sets it)."""
         k = S.job_keys(job_id)
         args: list[str | bytes] = [status, start_time or "", end_time or "", worker_counts or b""]
+        args += [job_id, RUNNING]
         found = await self._do(
-            "setting a job's status", lambda: self._set_status(keys=[k.job], args=args)
+            "setting a job's status",
+            lambda: self._set_status(keys=[k.job, S.RUNNING], args=args),
         )
         if not found:
             raise QueueError(f"there is no job {job_id}.")
@@ -300,16 +335,29 @@ class RedisQueue:
     async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
         """Jobs of ``api_name`` (or all), in the embedded queue's order (by job id)."""
         ids = sorted(m.decode() for m in await self._client.smembers(S.JOBS))
+        jobs = await self._read_jobs(ids)
+        return [j for j in jobs if api_name is None or j.api_name == api_name]
+
+    async def _read_jobs(self, ids: list[str]) -> list[JobRecord]:
+        """The jobs ``ids`` that exist, in one pipelined round trip."""
+        if not ids:
+            return []
         async with self._client.pipeline(transaction=False) as pipe:
             replies = [pipe.hgetall(S.job_keys(i).job) for i in ids]
         jobs = []
         for job_id, reply in zip(ids, replies, strict=True):
             h = await reply
             if h:
-                job = _job_from_hash(job_id, dict(h))
-                if api_name is None or job.api_name == api_name:
-                    jobs.append(job)
+                jobs.append(_job_from_hash(job_id, dict(h)))
         return jobs
+
+    async def running_jobs(self, api_name: str) -> list[JobRecord]:
+        """The running jobs of ``api_name``, from the running index (the other jobs are not
+        read), in :meth:`list_jobs`'s order."""
+        index = await self._client.hgetall(S.RUNNING)
+        ids = sorted(k.decode() for k, v in index.items() if v.decode() == api_name)
+        jobs = await self._read_jobs(ids)
+        return [j for j in jobs if j.api_name == api_name and j.status == RUNNING]
 
     async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
         """The newest job of ``api_name`` with ``digest``, in any state."""
@@ -372,11 +420,13 @@ class RedisQueue:
 
     @asynccontextmanager
     async def open_feed(
-        self, job_id: str, *, max_attempts: int, buffer: int = 1024
+        self, job_id: str, *, max_attempts: int, count_lost: bool = True, buffer: int = 1024
     ) -> AsyncIterator[RedisFeed]:
         """Consume the job's batches as one consumer among any number of pods.
 
         Leaving the block commits every ack and failure and gives back what is held.
+        ``count_lost``: whether a delivery lost with its consumer is a failed attempt
+        (:func:`~supervisor.queues.base.after_lost_delivery`).
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
@@ -395,6 +445,7 @@ class RedisQueue:
                 self._client,
                 job,
                 max_attempts=max_attempts,
+                count_lost=count_lost,
                 buffer=buffer,
                 lease=self._lease,
                 log=self._log.bind(job_id=job_id),

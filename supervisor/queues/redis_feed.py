@@ -19,7 +19,13 @@ import msgspec
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
 from supervisor.queues._feed import FeedBookkeeping
-from supervisor.queues.base import AttemptRecord, Delivery, JobRecord, Progress
+from supervisor.queues.base import (
+    LOST_DELIVERY_CAP,
+    AttemptRecord,
+    Delivery,
+    JobRecord,
+    Progress,
+)
 
 __all__ = ["RedisFeed", "consumer_name", "retrying"]
 
@@ -94,6 +100,7 @@ class RedisFeed(FeedBookkeeping):
         job: JobRecord,
         *,
         max_attempts: int,
+        count_lost: bool = True,
         buffer: int,
         lease: float,
         log: Logger,
@@ -102,6 +109,7 @@ class RedisFeed(FeedBookkeeping):
         self._client = client
         self._keys = S.job_keys(job.job_id)
         self._max_attempts = max_attempts
+        self._count_lost = count_lost
         self._buffer = buffer
         self._low_water = buffer // 2
         self._lease = lease
@@ -253,7 +261,7 @@ class RedisFeed(FeedBookkeeping):
     async def _run_reader(self) -> None:
         backoff = _Backoff(self._log, "reading batches")
         keys = self._keys
-        claim_keys = [keys.job, keys.stream, keys.attempts, keys.dead, keys.returned]
+        claim_keys = [keys.job, keys.stream, keys.attempts, keys.dead, keys.returned, keys.lost]
         new = True  # XREADGROUP may still have entries never delivered
         while not self._closed and not self._done:
             if len(self._ready) > self._low_water:
@@ -282,6 +290,8 @@ class RedisFeed(FeedBookkeeping):
                             want,
                             self._max_attempts,
                             _rfc3339(),
+                            int(self._count_lost),
+                            LOST_DELIVERY_CAP,
                         ],
                     )
                     n = int(out[0])

@@ -29,8 +29,6 @@ job cut while it was being enqueued (its submission was never answered) is marke
 
 from __future__ import annotations
 
-import os
-import secrets
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ import anyio.abc
 import msgspec
 
 from supervisor import jobs
+from supervisor.client import chaining_env, write_cli_config
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, JobError
 from supervisor.execution import JobExecution, Placement
@@ -99,12 +98,7 @@ class JobService:
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = False
         self._idle: anyio.Event | None = None
-        self._env = {
-            "CORTEX_OPERATOR_ENDPOINT": settings.endpoint,
-            "CORTEX_CLI_CONFIG_DIR": str(settings.layout.cli_config_dir),
-        }
-        if settings.token is not None:
-            self._env["SUPERVISOR_TOKEN"] = settings.token  # the client reads it
+        self._env = chaining_env(settings.endpoint, settings.layout.cli_config_dir, settings.token)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -113,7 +107,7 @@ class JobService:
     ) -> None:
         """Resume unfinished jobs, then run jobs as they are submitted, until cancelled or
         :meth:`shutdown` (which waits for the jobs' pods to stop)."""
-        _write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
+        write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if self.settings.local_pods:
@@ -421,17 +415,3 @@ class JobService:
     def refresh_metrics(self) -> None:
         for execution in self.running.values():
             execution.refresh_metrics()
-
-
-def _write_cli_config(directory: Path, endpoint: str) -> None:
-    """``cli.yaml`` in Cortex's format, so clients inside containers find the job API."""
-    directory.mkdir(parents=True, exist_ok=True)
-    text = (
-        "environments:\n"
-        "  - name: supervisor\n"
-        f"    operator_endpoint: {endpoint}\n"
-        "default_environment: supervisor\n"
-    )
-    tmp = directory / f".cli.yaml.{secrets.token_hex(4)}"
-    tmp.write_text(text)
-    os.replace(tmp, directory / "cli.yaml")

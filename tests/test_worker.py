@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import anyio
 import msgspec
 import pytest
 import requests
+import yaml
 
 from supervisor import jobs
 from supervisor.jobs import JobSpec
@@ -126,9 +128,15 @@ def workers(
 ) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start(index: int, *extra: str) -> Worker:
+    def start(index: int, *extra: str, api_file: Path | None = None) -> Worker:
         log = tmp_path / f"worker-{index}-{time.monotonic_ns()}.log"
-        args = [str(api[0]), "--queue", redis_url, "--root", str(tmp_path / f"w{index}")]
+        args = [
+            str(api_file or api[0]),
+            "--queue",
+            redis_url,
+            "--root",
+            str(tmp_path / f"w{index}"),
+        ]
         args += ["--lease", LEASE, "--grace", "5", "--port-offset", str(index), *extra]
         with log.open("w") as out:
             proc = subprocess.Popen(
@@ -416,3 +424,85 @@ def test_worker_refuses_a_queue_it_cannot_share(
     result = run_supervisor("worker", str(api[0]), "--queue", str(tmp_path / "q.db"))
     assert result.returncode == 2
     assert "redis://" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_worker_s_containers_chain_through_serve(
+    tmp_path: Path, workers: Callable[..., Worker], redis_url: str
+) -> None:
+    """With --operator-endpoint, a worker's containers get the chaining environment serve
+    gives its own: a container of API `first` submits jobs to API `second` through serve,
+    with the Python client (cli.yaml) and with plain requests (the endpoint and token)."""
+    rec = tmp_path / "chain-rec"
+    rec.mkdir()
+    port = free_ports(4)
+    second = write_api(
+        tmp_path / "second.yaml",
+        [recorder_container(RECORD_DIR=str(rec))],
+        port=port + 2,
+        name="second",
+    )
+    out = tmp_path / "chained.json"
+    code = (
+        "import json, os, requests\n"
+        "from supervisor.client import Client\n"
+        "spec = Client().submit('second', {'workers': 1, 'item_list': {'items': [1, 2], 'batch_size': 1}})\n"
+        "auth = {'Authorization': 'Bearer ' + os.environ['SUPERVISOR_TOKEN']}\n"
+        "r = requests.post(os.environ['CORTEX_OPERATOR_ENDPOINT'] + '/second', headers=auth,\n"
+        "                  json={'workers': 1, 'item_list': {'items': [3], 'batch_size': 1}})\n"
+        "found = [spec.job_id, r.json()['job_id'], os.environ['CORTEX_OPERATOR_ENDPOINT']]\n"
+        f"open({str(out)!r}, 'w').write(json.dumps(found))\n"
+        "import time; time.sleep(3600)\n"
+    )
+    first = write_api(
+        tmp_path / "first.yaml",
+        [
+            {"name": "chain", "command": [sys.executable, "-c", code]},
+            recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.1"),
+        ],
+        port=port,
+        name="first",
+    )
+    token = tmp_path / "token"
+    token.write_text("chain-token")  # the chain must authenticate, with what the worker gives
+    s = start_serve(
+        tmp_path,
+        [first, second],
+        "--queue",
+        redis_url,
+        "--token-file",
+        str(token),
+        root=tmp_path / "s",
+        token="chain-token",
+    )
+    try:
+        chaining = workers(
+            0, "--operator-endpoint", s.url, "--token-file", str(token), api_file=first
+        )
+        workers(1, api_file=second)  # runs the chained jobs (on port + 2 + 1)
+        job_id = s.submit(
+            "first", {"workers": 1, "item_list": {"items": list(range(400)), "batch_size": 1}}
+        ).json()["job_id"]
+        wait_for(lambda: out.exists() and bool(out.read_text()), "the chained submissions")
+        *chained, endpoint = json.loads(out.read_text())
+        assert endpoint == s.url
+        for chained_id in chained:
+            assert s.wait_end("second", chained_id)["job_status"]["status"] == "succeeded"
+        stop = requests.delete(
+            f"{s.url}/first", params={"jobID": job_id}, headers=s.headers(), timeout=10
+        )
+        assert stop.status_code == 200, stop.text
+        chaining.wait_event("job_left")
+        cli_yaml = tmp_path / "w0" / "cortex" / "client" / "cli.yaml"
+        assert yaml.safe_load(cli_yaml.read_text())["environments"][0]["operator_endpoint"] == s.url
+    finally:
+        assert s.stop() == 128 + signal.SIGTERM
+
+
+def test_worker_refuses_an_operator_endpoint_that_is_no_url(
+    tmp_path: Path, redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    result = run_supervisor(
+        "worker", str(api[0]), "--queue", redis_url, "--operator-endpoint", "supervisor-serve:8888"
+    )
+    assert result.returncode == 2
+    assert "--operator-endpoint" in result.stderr and "Traceback" not in result.stderr

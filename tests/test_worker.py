@@ -34,6 +34,7 @@ from tests.helpers import (
     batches_of,
     child_env,
     free_ports,
+    pid_alive,
     probe_on,
     read_records,
     recorder_container,
@@ -506,3 +507,49 @@ def test_worker_refuses_an_operator_endpoint_that_is_no_url(
     )
     assert result.returncode == 2
     assert "--operator-endpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_pod_s_container_crash_ends_the_job_on_every_pod(
+    tmp_path: Path, workers: Callable[..., Worker], redis_url: str
+) -> None:
+    """A container of one pod of three exits on its own mid-job: the job ends worker_error
+    with that pod counted failed, no /on-job-complete, and every pod stops its containers
+    and waits, healthy, for the next job."""
+    port = free_ports(4)
+    rec = tmp_path / "crash-rec"
+    rec.mkdir()
+    crash = tmp_path / "crash-now"
+    container = {
+        **recorder_container(
+            RECORD_DIR=str(rec),
+            SLEEP_PER_BATCH="0.1",
+            CRASH_FILE=str(crash),
+            CRASH_ON_PORT=str(port + 1),
+        ),
+        "readiness_probe": {**probe_on(port), "period_seconds": 1},
+    }
+    api_file = write_api(tmp_path / "crash.yaml", [container], port=port)
+    pods = [workers(i, "--admin", "127.0.0.1:0", api_file=api_file) for i in range(3)]
+    job_id = submit(redis_url, 400, workers=3)
+    # every pod at work, then the container of the second pod exits at its next batch
+    wait_for(lambda: {p for _, p in batch_items(rec)} == {port, port + 1, port + 2}, "3 pods")
+    crash.touch()
+    record = wait_end(redis_url, job_id)
+    assert record.status == jobs.WORKER_ERROR, [p.log.read_text() for p in pods]
+    assert record.succeeded < 400
+    for p in pods:  # each pod leaves the job and stops its containers, but lives on
+        p.wait_event("job_left")
+        wait_for(lambda p=p: not [c for c in descendants(p.proc.pid) if pid_alive(c)], "stopped")
+        admin = p.events("admin_listening")[0]["port"]
+        health = requests.get(f"http://127.0.0.1:{admin}/healthz", timeout=10)
+        assert health.status_code == 200
+        status = requests.get(f"http://127.0.0.1:{admin}/status", timeout=10).json()
+        assert status["state"] == "waiting" and status["job"] is None
+    assert completions(rec) == []  # /on-job-complete follows only a job that completed
+    assert record.worker_counts is not None
+    counts = json.loads(record.worker_counts)
+    assert counts.get("failed") == 1, counts  # the pod whose container crashed
+    assert set(counts) <= {"failed", "killed", "unknown"}, counts
+    crashed = pods[1]
+    assert crashed.events("pod_failed")
+    assert all(not p.events("pod_failed") for p in (pods[0], pods[2]))

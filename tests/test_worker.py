@@ -24,9 +24,10 @@ import msgspec
 import pytest
 import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor import jobs
-from supervisor.jobs import JobSpec
+from supervisor.jobs import JobSpec, WorkerCounts
 from supervisor.proctable import scan_stats
 from supervisor.queues import open_queue
 from supervisor.queues.base import Heartbeat, JobRecord
@@ -45,6 +46,7 @@ from tests.helpers import (
 from tests.test_serve import start_serve
 
 LEASE = "2"
+WORKER_STATES = WorkerCounts.__struct_fields__
 WAIT = 60.0  # seconds: the longest any step here may take
 
 
@@ -553,3 +555,65 @@ def test_one_pod_s_container_crash_ends_the_job_on_every_pod(
     crashed = pods[1]
     assert crashed.events("pod_failed")
     assert all(not p.events("pod_failed") for p in (pods[0], pods[2]))
+
+
+def job_samples(url: str, job_id: str) -> dict[tuple[str, str], float]:
+    """(sample name, state label) -> value, of ``job_id``'s series on ``url``/metrics."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, sample.labels.get("state", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("job_id") == job_id and not sample.name.endswith("_created")
+    }
+
+
+def test_serve_metrics_add_up_every_pod(
+    tmp_path: Path, workers: Callable[..., Worker], redis_url: str
+) -> None:
+    """serve --queue runs no pod, yet its /metrics show each job's figures from the queue,
+    summed over the pods: the same series as run --admin, matching the job's status."""
+    port = free_ports(4)
+    rec = tmp_path / "metrics-rec"
+    rec.mkdir()
+    container = {
+        **recorder_container(
+            RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.05", FAIL_ITEMS='[{"i": 3}, {"i": 7}]'
+        ),
+        "readiness_probe": {**probe_on(port), "period_seconds": 1},
+    }
+    api_file = write_api(tmp_path / "metrics.yaml", [container], port=port)
+    s = start_serve(tmp_path, [api_file], "--queue", redis_url, root=tmp_path / "s")
+    try:
+        pods = [workers(i, api_file=api_file) for i in range(2)]
+        job = {
+            "workers": 2,
+            "item_list": {"items": [{"i": i} for i in range(60)], "batch_size": 1},
+            "sqs_dead_letter_queue": {"arn": "dlq", "max_receive_count": 2},
+        }
+        job_id = s.submit("test-api", job).json()["job_id"]
+        running = job_samples(s.url, job_id)  # seen running: exported from now on
+        assert running[("supervisor_job_batches", "")] == 60, running
+        assert ("supervisor_job_workers", "pending") in running
+        final = s.wait_end("test-api", job_id)
+        assert final["job_status"]["status"] == "completed_with_failures", [
+            p.log.read_text() for p in pods
+        ]
+        counts = final["job_status"]["worker_counts"]
+        want = {
+            ("cortex_batch_succeeded_total", ""): final["metrics"]["succeeded"],
+            ("cortex_batch_failed_total", ""): final["metrics"]["failed"],
+            ("supervisor_job_batches", ""): 60,
+            ("supervisor_job_dead_batches", ""): 2,
+            **{("supervisor_job_workers", k): counts.get(k, 0) for k in WORKER_STATES},
+        }
+        assert final["metrics"]["succeeded"] == 58 and final["metrics"]["failed"] == 4
+        seen: list[dict[tuple[str, str], float]] = []
+
+        def matches() -> bool:
+            seen[:] = [job_samples(s.url, job_id)]
+            return all(seen[0].get(k) == v for k, v in want.items())
+
+        wait_for(matches, f"serve's /metrics to match the status: {want} vs {seen}")
+    finally:
+        assert s.stop() == 128 + signal.SIGTERM

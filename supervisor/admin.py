@@ -20,7 +20,7 @@ routes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -56,15 +56,16 @@ class Admin:
         ready: Callable[[], bool],
         status: Callable[[], Mapping[str, Any]],
         metrics: Metrics | None = None,
-        refresh: Callable[[], None] | None = None,
+        refresh: Callable[[], Awaitable[None] | None] | None = None,
     ) -> None:
-        """``refresh`` runs before each scrape: the command sets its gauges from live state."""
+        """``refresh`` runs (and is awaited, if async) before each scrape: the command sets
+        its gauges from live state."""
         self._ready = ready
         self._status = status
         self._metrics = metrics
         self._refresh = refresh
 
-    def route(self, request: Request) -> Response | None:
+    async def route(self, request: Request) -> Response | None:
         """The answer to an admin request, or ``None`` when the path is not an admin one."""
         path = request.path
         if path not in ADMIN_PATHS:
@@ -78,12 +79,14 @@ class Admin:
         if self._metrics is None:
             return _NO_METRICS
         if self._refresh is not None:
-            self._refresh()
+            pending = self._refresh()
+            if pending is not None:
+                await pending
         return Response(200, _METRICS_HEADERS, self._metrics.render())
 
     async def handle(self, request: Request) -> Response:
         """A server handler answering the admin routes, and 404 for anything else."""
-        response = self.route(request)
+        response = await self.route(request)
         return _NOT_FOUND if response is None else response
 
 

@@ -119,7 +119,7 @@ class JobAPI:
     async def handle(self, request: Request) -> Response:
         if not self._authorized(request):
             return _UNAUTHORIZED
-        answer = self.admin.route(request)
+        answer = await self.admin.route(request)
         if answer is not None:
             return answer
         r = route(request.method, request.target)

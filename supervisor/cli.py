@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
@@ -34,6 +35,7 @@ from supervisor.cli_options import (
     add_listen,
     add_queue,
     add_root,
+    add_token_file,
     host_port,
     non_negative_int,
     positive_float,
@@ -146,10 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a folder submissions may read local files from (repeatable; default: none)",
     )
-    serve.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="bearer token clients must send (default: $SUPERVISOR_TOKEN; needed off loopback)",
+    add_token_file(
+        serve, "bearer token clients must send (default: $SUPERVISOR_TOKEN; needed off loopback)"
     )
     add_batch_options(serve)
     add_grace(serve)
@@ -196,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="K",
         help="the containers listen on pod.port + K (several workers on one machine)",
+    )
+    worker.add_argument(
+        "--operator-endpoint",
+        default=os.environ.get("SUPERVISOR_OPERATOR_ENDPOINT") or None,
+        metavar="URL",
+        help="the job API (`serve`) the containers may submit jobs to, as they reach it: "
+        "they get CORTEX_OPERATOR_ENDPOINT and a cli.yaml naming it "
+        "(default: $SUPERVISOR_OPERATOR_ENDPOINT; none)",
+    )
+    add_token_file(
+        worker,
+        "the job API's bearer token, given to the containers with --operator-endpoint "
+        "(default: $SUPERVISOR_TOKEN)",
     )
 
     add_client_parsers(sub)  # submit, get, list, stop
@@ -408,6 +421,18 @@ def _worker(args: argparse.Namespace) -> int:
         port_offset=args.port_offset,
         admin=args.admin,
         cwd=Path.cwd(),
+        operator_endpoint=_operator_endpoint(args.operator_endpoint),
+        token=_token(args),
     )
     with claim_root(layout):
         return _run_async(args.backend, partial(run_worker, api, opts, log))
+
+
+def _operator_endpoint(url: str | None) -> str | None:
+    """``--operator-endpoint``: an http(s) URL, without a trailing slash."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BadInput(f"--operator-endpoint {url}: expected http://HOST:PORT or https://...")
+    return url.rstrip("/")

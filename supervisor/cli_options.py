@@ -26,6 +26,7 @@ __all__ = [
     "add_listen",
     "add_queue",
     "add_root",
+    "add_token_file",
     "host_port",
     "non_negative_float",
     "non_negative_int",
@@ -136,6 +137,10 @@ def add_queue(p: argparse.ArgumentParser, *, required: bool = False, note: str =
         help="the job queue: redis://[:PASSWORD@]HOST:PORT/DB or rediss://... shared by many "
         f"machines{note}",
     )
+
+
+def add_token_file(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--token-file", metavar="FILE", help=help)
 
 
 def add_listen(p: argparse.ArgumentParser, note: str = "") -> None:

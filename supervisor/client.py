@@ -30,6 +30,7 @@ from __future__ import annotations
 import builtins
 import http.client
 import os
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,7 +44,15 @@ from supervisor.errors import BadInput, SupervisorError
 from supervisor.jobs import END_STATES, JobSpec, JobStatus, JobStatusResponse, JobSubmission
 from supervisor.queues.base import DeadLetter
 
-__all__ = ["DEFAULT_URL", "Client", "ClientError", "resolve_token", "resolve_url"]
+__all__ = [
+    "DEFAULT_URL",
+    "Client",
+    "ClientError",
+    "chaining_env",
+    "resolve_token",
+    "resolve_url",
+    "write_cli_config",
+]
 
 DEFAULT_URL: Final = "http://127.0.0.1:8888"
 CONFIG_DIR_ENV: Final = "CORTEX_CLI_CONFIG_DIR"
@@ -103,6 +112,30 @@ def _endpoint_from_cli_yaml(directory: str) -> str:
         if env.operator_endpoint:
             return env.operator_endpoint
     raise ClientError(f"{path} names no operator_endpoint", kind="config")
+
+
+def write_cli_config(directory: Path, endpoint: str) -> None:
+    """``directory/cli.yaml`` in Cortex's format, naming ``endpoint`` (what
+    :func:`resolve_url` reads inside a container)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (
+        "environments:\n"
+        "  - name: supervisor\n"
+        f"    operator_endpoint: {endpoint}\n"
+        "default_environment: supervisor\n"
+    )
+    tmp = directory / f".cli.yaml.{secrets.token_hex(4)}"
+    tmp.write_text(text)
+    os.replace(tmp, directory / "cli.yaml")
+
+
+def chaining_env(endpoint: str, config_dir: Path, token: str | None) -> dict[str, str]:
+    """What a container gets to submit jobs to the job API at ``endpoint`` (chaining): the
+    URL, the folder of its ``cli.yaml`` (:func:`write_cli_config`) and the bearer token."""
+    env = {"CORTEX_OPERATOR_ENDPOINT": endpoint, CONFIG_DIR_ENV: str(config_dir)}
+    if token is not None:
+        env[TOKEN_ENV] = token
+    return env
 
 
 def resolve_url(url: str | None = None, environ: Mapping[str, str] | None = None) -> str:

@@ -221,12 +221,16 @@ class JobExecution:
         return all(p.state is PodState.READY for p in self.pods)
 
     def refresh_metrics(self) -> None:
-        """Set the gauges (in flight, containers' readiness and restarts) before a scrape."""
+        """Set the gauges (in flight, the job's figures, containers' readiness and restarts)
+        before a scrape (the job's figures as its pods here see them)."""
         metrics, name = self.metrics, self.api.name
         if metrics is None:
             return
         progress = self.progress()
         metrics.in_flight(name, self.spec.job_id, 0 if progress is None else progress.in_flight)
+        if progress is not None:
+            counts = worker_counts([p.state for p in self.pods], None)
+            metrics.job_figures(name, self.spec.job_id, progress, counts)
         for pod in self.pods:
             for container, ok in pod.gate.states().items():
                 metrics.container_ready(name, pod.index, container, ok)
@@ -266,6 +270,8 @@ class JobExecution:
         if self.sharing is not None and not outcome.resumable:
             await self._heartbeat(self.sharing, final=True)
         counts = await self._counts(final)
+        if self.metrics is not None:  # the last figures, kept until the series expire
+            self.metrics.job_figures(self.api.name, spec.job_id, progress, counts)
         records = outcome.cause is not None or self._won_completion
         if final is not None and outcome.records_status and records and not self._recorded:
             await self._record(final, end_time, counts)

@@ -16,6 +16,11 @@ seconds ahead on the injected ``now()`` clock; every :meth:`Metrics.render` firs
 label sets whose deadline has passed. No background task is involved, and tests move the
 clock by hand.
 
+Besides, each job's figures as a scrape finds them (:meth:`Metrics.job_figures`): batches in
+all, batches failed for good, and its pods by state as ``worker_counts`` counts them. ``serve
+--queue redis://...`` runs no pod, so it counts no batch itself: it sets each job's batch
+counters to the queue's counts, summed over every pod (:meth:`Metrics.job_counted`).
+
 Per-container series (readiness, restarts) are labelled ``api_name``, ``pod`` (the pod's
 index) and ``container``. Restarts are exported as a counter (``..._restarts_total``): the
 count only grows, so ``rate()`` and ``increase()`` are the queries that make sense on it. The
@@ -34,7 +39,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from supervisor.queues.base import AttemptRecord, Delivery, Feed
+from supervisor.jobs import WorkerCounts
+from supervisor.queues.base import AttemptRecord, Delivery, Feed, Progress
 
 __all__ = ["BATCH_BUCKETS", "CONTENT_TYPE", "DEFAULT_RETENTION", "Metrics", "ObservedFeed"]
 
@@ -64,6 +70,7 @@ BATCH_BUCKETS = (
 """Upper bounds (seconds) of the time-per-batch histogram; ``+Inf`` is added by the library."""
 
 _JOB_LABELS = ("api_name", "job_id")
+_WORKER_STATES = tuple(WorkerCounts.__struct_fields__)
 _CONTAINER_LABELS = ("api_name", "pod", "container")
 _RESTARTS_NAME = "supervisor_container_restarts"
 _RESTARTS_HELP = "Restarts of each container of each pod since the supervisor started it."
@@ -111,6 +118,25 @@ class Metrics:
             _JOB_LABELS,
             registry=self.registry,
         )
+        self._batches = Gauge(
+            "supervisor_job_batches",
+            "Batches the job was split into.",
+            _JOB_LABELS,
+            registry=self.registry,
+        )
+        self._dead = Gauge(
+            "supervisor_job_dead_batches",
+            "Batches of the job that failed for good (dead letters).",
+            _JOB_LABELS,
+            registry=self.registry,
+        )
+        self._workers = Gauge(
+            "supervisor_job_workers",
+            "The job's pods in each state, as its status's worker_counts counts them.",
+            (*_JOB_LABELS, "state"),
+            registry=self.registry,
+        )
+        self._counted: dict[tuple[str, str], tuple[int, int]] = {}
         self._ready = Gauge(
             "supervisor_container_ready",
             "1 when the container passes its readiness probe, else 0.",
@@ -141,6 +167,25 @@ class Metrics:
     def in_flight(self, api_name: str, job_id: str, n: int) -> None:
         """The job now has ``n`` batches sent and not yet answered."""
         self._in_flight.labels(api_name, job_id).set(n)
+
+    def job_figures(
+        self, api_name: str, job_id: str, progress: Progress, counts: WorkerCounts
+    ) -> None:
+        """The job's batches in all and failed for good, and its pods by state, now."""
+        if progress.total is not None:
+            self._batches.labels(api_name, job_id).set(progress.total)
+        self._dead.labels(api_name, job_id).set(progress.dead)
+        for state in _WORKER_STATES:
+            self._workers.labels(api_name, job_id, state).set(getattr(counts, state))
+
+    def job_counted(self, api_name: str, job_id: str, succeeded: int, failed: int) -> None:
+        """The job's batch counters, set to counts kept elsewhere (a shared queue's, over
+        every pod) instead of counted batch by batch; counts never go back."""
+        key = (api_name, job_id)
+        was_ok, was_failed = self._counted.get(key, (0, 0))
+        self._succeeded.labels(*key).inc(max(0, succeeded - was_ok))
+        self._failed.labels(*key).inc(max(0, failed - was_failed))
+        self._counted[key] = (max(succeeded, was_ok), max(failed, was_failed))
 
     def job_ended(self, api_name: str, job_id: str) -> None:
         """The job is over: its series stay ``retention`` seconds more, then go.
@@ -179,8 +224,18 @@ class Metrics:
         due = [key for key, deadline in self._ending.items() if deadline <= now]
         for key in due:
             del self._ending[key]
-            for metric in (self._succeeded, self._failed, self._time, self._in_flight):
+            self._counted.pop(key, None)
+            for metric in (
+                self._succeeded,
+                self._failed,
+                self._time,
+                self._in_flight,
+                self._batches,
+                self._dead,
+            ):
                 _remove(metric, key)
+            for state in _WORKER_STATES:
+                _remove(self._workers, (*key, state))
 
 
 def _remove(metric: Counter | Gauge | Histogram, labels: tuple[str, ...]) -> None:

@@ -29,9 +29,8 @@ job cut while it was being enqueued (its submission was never answered) is marke
 
 from __future__ import annotations
 
-import os
-import secrets
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -43,6 +42,7 @@ import anyio.abc
 import msgspec
 
 from supervisor import jobs
+from supervisor.client import chaining_env, write_cli_config
 from supervisor.config import BatchAPI, api_id
 from supervisor.errors import BadInput, JobError
 from supervisor.execution import JobExecution, Placement
@@ -52,12 +52,14 @@ from supervisor.lifecycle import Cause, PodState, heartbeat_counts, worker_count
 from supervisor.logs import Logger
 from supervisor.metrics import Metrics
 from supervisor.ports import listening_ports
-from supervisor.queues.base import DeadLetter, JobQueue, JobRecord, progress_of
+from supervisor.queues.base import DeadLetter, JobQueue, JobRecord, QueueError, progress_of
 from supervisor.sources import list_files
 from supervisor.split import DEFAULT_MAX_BATCH_BYTES, iter_batches, validate_submission
 from supervisor.status import build_status, spec_of
 
-__all__ = ["JobService", "NotFound", "ServiceSettings"]
+__all__ = ["SHARED_METRICS_TTL", "JobService", "NotFound", "ServiceSettings"]
+
+SHARED_METRICS_TTL = 2.0  # seconds: /metrics reads a shared queue at most this often
 
 
 class NotFound(LookupError):
@@ -99,12 +101,9 @@ class JobService:
         self._tg: anyio.abc.TaskGroup | None = None
         self._stopping = False
         self._idle: anyio.Event | None = None
-        self._env = {
-            "CORTEX_OPERATOR_ENDPOINT": settings.endpoint,
-            "CORTEX_CLI_CONFIG_DIR": str(settings.layout.cli_config_dir),
-        }
-        if settings.token is not None:
-            self._env["SUPERVISOR_TOKEN"] = settings.token  # the client reads it
+        self._shared_jobs: set[tuple[str, str]] = set()  # exported running, by /metrics
+        self._shared_due = 0.0  # time.monotonic() of the next read for /metrics
+        self._env = chaining_env(settings.endpoint, settings.layout.cli_config_dir, settings.token)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -113,7 +112,7 @@ class JobService:
     ) -> None:
         """Resume unfinished jobs, then run jobs as they are submitted, until cancelled or
         :meth:`shutdown` (which waits for the jobs' pods to stop)."""
-        _write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
+        write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if self.settings.local_pods:
@@ -387,22 +386,33 @@ class JobService:
         so nothing is in flight); no second read of the queue."""
         spec = spec_of(record)
         running = record.status not in jobs.END_STATES and record.total_batches is not None
+        counts = await self._counts(record, spec)
         if running and not self.settings.local_pods:  # on workers: ask the queue and them
             progress = await self.queue.progress(record.job_id)
-            counts = heartbeat_counts(await self.queue.pods(record.job_id), spec.workers, None)
             return build_status(
                 api, spec, record.status, progress, counts, None, self.endpoint_of(api)
             )
-        progress = progress_of(record)
-        if record.worker_counts is not None:
-            counts = msgspec.json.decode(record.worker_counts, type=WorkerCounts)
-        elif record.status in jobs.END_STATES:
-            counts = worker_counts([PodState.STOPPED] * spec.workers, record.status)
-        else:
-            counts = WorkerCounts(pending=spec.workers)
         return build_status(
-            api, spec, record.status, progress, counts, record.end_time, self.endpoint_of(api)
+            api,
+            spec,
+            record.status,
+            progress_of(record),
+            counts,
+            record.end_time,
+            self.endpoint_of(api),
         )
+
+    async def _counts(self, record: JobRecord, spec: JobSpec) -> WorkerCounts:
+        """The ``worker_counts`` of a job not running here: from its pods' heartbeats while
+        it runs on workers, else as stored with its end state."""
+        running = record.status not in jobs.END_STATES and record.total_batches is not None
+        if running and not self.settings.local_pods:
+            return heartbeat_counts(await self.queue.pods(record.job_id), spec.workers, None)
+        if record.worker_counts is not None:
+            return msgspec.json.decode(record.worker_counts, type=WorkerCounts)
+        if record.status in jobs.END_STATES:
+            return worker_counts([PodState.STOPPED] * spec.workers, record.status)
+        return WorkerCounts(pending=spec.workers)
 
     # -- what /status and /metrics show ---------------------------------------------------------
 
@@ -418,20 +428,43 @@ class JobService:
         """Healthy: serving, and every running job's pods ready."""
         return all(execution.ready() for execution in self.running.values())
 
-    def refresh_metrics(self) -> None:
+    async def refresh_metrics(self) -> None:
+        """Before a scrape: the running jobs' gauges; with a shared queue, each job's figures
+        from the queue (see :meth:`_refresh_shared`)."""
         for execution in self.running.values():
             execution.refresh_metrics()
+        if not self.settings.local_pods:
+            await self._refresh_shared()
 
-
-def _write_cli_config(directory: Path, endpoint: str) -> None:
-    """``cli.yaml`` in Cortex's format, so clients inside containers find the job API."""
-    directory.mkdir(parents=True, exist_ok=True)
-    text = (
-        "environments:\n"
-        "  - name: supervisor\n"
-        f"    operator_endpoint: {endpoint}\n"
-        "default_environment: supervisor\n"
-    )
-    tmp = directory / f".cli.yaml.{secrets.token_hex(4)}"
-    tmp.write_text(text)
-    os.replace(tmp, directory / "cli.yaml")
+    async def _refresh_shared(self) -> None:
+        """Each job of the shared queue that runs, or ran when last seen, exported with the
+        figures its pods keep there (summed over every pod): its batch counters, batches in
+        all and failed for good, its pods by state from their heartbeats. One read of the
+        jobs and one of each running job's heartbeats, at most every ``SHARED_METRICS_TTL``
+        seconds; an ended job's series go after the usual retention."""
+        metrics = self.metrics
+        now = time.monotonic()
+        if metrics is None or now < self._shared_due:
+            return
+        self._shared_due = now + SHARED_METRICS_TTL
+        try:
+            records = await self.queue.list_jobs()
+            running = set()
+            for record in records:
+                key = (record.api_name, record.job_id)
+                if record.api_name not in self.apis:
+                    continue
+                live = record.status not in jobs.END_STATES and record.total_batches is not None
+                if not live and key not in self._shared_jobs:
+                    continue  # ended before this server saw it run
+                counts = await self._counts(record, spec_of(record))
+                metrics.job_counted(*key, record.succeeded, record.failed_attempts)
+                metrics.job_figures(*key, progress_of(record), counts)
+                if live:
+                    running.add(key)
+        except QueueError as e:  # /metrics still answers (a liveness probe asks it)
+            self.log.warning("metrics_not_refreshed", error=str(e))
+            return
+        for key in self._shared_jobs - running:  # ended (or deleted) since the last look
+            metrics.job_ended(*key)
+        self._shared_jobs = running

@@ -14,6 +14,9 @@ gates on readiness, dispatches ``--concurrency`` batches at a time from the shar
 sends heartbeats (the job's ``worker_counts``), follows a stop, timeout or failure recorded
 elsewhere within a heartbeat, and stops its containers when the job ends; then it waits for
 the next job. A batch held by a worker that died goes to another after ``--lease``.
+With ``--operator-endpoint`` (the job API of ``serve``), its containers get the chaining
+environment that ``serve`` gives its own (``CORTEX_OPERATOR_ENDPOINT``, ``cli.yaml``, the
+token), so a job's container may submit other jobs.
 
 The first SIGTERM/SIGINT/SIGHUP: take no new batch, let those in flight finish within
 ``--grace``, stop the containers, leave the job (its other pods go on; what this one held is
@@ -35,6 +38,7 @@ import anyio
 import anyio.abc
 
 from supervisor.admin import Admin, serve_admin
+from supervisor.client import chaining_env, write_cli_config
 from supervisor.config import BatchAPI
 from supervisor.execution import JobExecution, Placement, Sharing
 from supervisor.host import STOP_SIGNALS
@@ -70,6 +74,8 @@ class WorkerOptions:
     admin: tuple[str, int] | None = None  # --admin HOST:PORT
     poll: float = POLL
     cwd: Path | None = None
+    operator_endpoint: str | None = None  # the job API the containers submit jobs to
+    token: str | None = None  # its bearer token, for the containers
 
 
 class Worker:
@@ -88,6 +94,10 @@ class Worker:
         self.stopping = False
         self.exit_code = 0
         self._wakeup = anyio.Event()
+        self._env: dict[str, str] | None = None
+        if opts.operator_endpoint is not None:  # chaining, as under `serve`
+            config_dir = opts.layout.cli_config_dir
+            self._env = chaining_env(opts.operator_endpoint, config_dir, opts.token)
 
     # -- signals and the admin endpoints ----------------------------------------------------
 
@@ -162,7 +172,11 @@ class Worker:
             spec,
             self.queue,
             Placement(
-                layout=layout, ledger_dir=layout.state_dir, first_pod=opts.port_offset, pods=1
+                layout=layout,
+                ledger_dir=layout.state_dir,
+                first_pod=opts.port_offset,
+                pods=1,
+                extra_env=self._env,
             ),
             concurrency=opts.concurrency,
             batch_timeout=opts.batch_timeout,
@@ -197,6 +211,8 @@ async def run_worker(
 ) -> int:
     """Work on the API's jobs until a stop signal (exit 128+N)."""
     await end_leftovers(opts.layout.state_dir, log)  # what a killed worker left running
+    if opts.operator_endpoint is not None:
+        write_cli_config(opts.layout.cli_config_dir, opts.operator_endpoint)
     metrics = Metrics()
     async with open_queue(opts.queue_url, log=log, lease=opts.lease) as queue:
         worker = Worker(api, queue, opts, log, metrics)
@@ -210,7 +226,12 @@ async def run_worker(
                 )
                 await tg.start(partial(serve_admin, *opts.admin, admin, logger=log))
             tg.start_soon(_watch_signals, worker)
-            worker.log.info("worker_started", queue=queue.url, lease=opts.lease)
+            worker.log.info(
+                "worker_started",
+                queue=queue.url,
+                lease=opts.lease,
+                operator_endpoint=opts.operator_endpoint,
+            )
             task_status.started()
             await worker.run()
             tg.cancel_scope.cancel()

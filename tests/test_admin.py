@@ -149,7 +149,7 @@ async def test_route_leaves_other_paths_to_the_caller() -> None:
     admin = Admin(lambda: True, lambda: {"jobs": []})
 
     async def handler(request: Request) -> ServerResponse:
-        return admin.route(request) or json_response(200, {"own": request.path})
+        return await admin.route(request) or json_response(200, {"own": request.path})
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:

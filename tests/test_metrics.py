@@ -6,7 +6,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from supervisor.jobs import WorkerCounts
 from supervisor.metrics import BATCH_BUCKETS, Metrics
+from supervisor.queues.base import Progress
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -180,3 +182,38 @@ def test_process_collector_and_private_registry() -> None:
     labels = {"api_name": "api", "job_id": "only-first"}
     assert REGISTRY.get_sample_value("cortex_batch_succeeded_total", labels) is None
     assert first.registry.get_sample_value("cortex_batch_succeeded_total", labels) == 1
+
+
+def test_job_figures_and_counts_kept_elsewhere_expire_with_the_job() -> None:
+    clock = Clock()
+    metrics = Metrics(retention=120, now=clock)
+    progress = Progress(
+        total=10,
+        succeeded=6,
+        dead=1,
+        failed_attempts=3,
+        in_flight=2,
+        in_queue=1,
+        average_time_per_batch=0.5,
+    )
+    metrics.job_figures("api", "j", progress, WorkerCounts(ready=2, failed=1))
+    metrics.job_counted("api", "j", 6, 3)
+    metrics.job_counted("api", "j", 5, 3)  # a count read before a later one: never back
+    got = samples(metrics.render())
+    assert got["cortex_batch_succeeded_total", job("api", "j")] == 6
+    assert got["cortex_batch_failed_total", job("api", "j")] == 3
+    assert got["supervisor_job_batches", job("api", "j")] == 10
+    assert got["supervisor_job_dead_batches", job("api", "j")] == 1
+    assert got["supervisor_job_workers", job("api", "j", state="ready")] == 2
+    assert got["supervisor_job_workers", job("api", "j", state="failed")] == 1
+    assert got["supervisor_job_workers", job("api", "j", state="pending")] == 0
+    metrics.job_counted("api", "j", 9, 4)
+    got = samples(metrics.render())
+    assert got["cortex_batch_succeeded_total", job("api", "j")] == 9
+    assert got["cortex_batch_failed_total", job("api", "j")] == 4
+
+    metrics.job_ended("api", "j")
+    clock.now += 120
+    assert job_series(metrics.render(), "j") == set()
+    metrics.job_counted("api", "j", 1, 0)  # the same ids again count from zero
+    assert samples(metrics.render())["cortex_batch_succeeded_total", job("api", "j")] == 1

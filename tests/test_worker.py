@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -22,9 +23,11 @@ import anyio
 import msgspec
 import pytest
 import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor import jobs
-from supervisor.jobs import JobSpec
+from supervisor.jobs import JobSpec, WorkerCounts
 from supervisor.proctable import scan_stats
 from supervisor.queues import open_queue
 from supervisor.queues.base import Heartbeat, JobRecord
@@ -32,6 +35,7 @@ from tests.helpers import (
     batches_of,
     child_env,
     free_ports,
+    pid_alive,
     probe_on,
     read_records,
     recorder_container,
@@ -43,6 +47,7 @@ from tests.redis_server import RedisServer
 from tests.test_serve import start_serve
 
 LEASE = "2"
+WORKER_STATES = WorkerCounts.__struct_fields__
 WAIT = 60.0  # seconds: the longest any step here may take
 
 
@@ -127,9 +132,15 @@ def workers(
 ) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start(index: int, *extra: str) -> Worker:
+    def start(index: int, *extra: str, api_file: Path | None = None) -> Worker:
         log = tmp_path / f"worker-{index}-{time.monotonic_ns()}.log"
-        args = [str(api[0]), "--queue", redis_url, "--root", str(tmp_path / f"w{index}")]
+        args = [
+            str(api_file or api[0]),
+            "--queue",
+            redis_url,
+            "--root",
+            str(tmp_path / f"w{index}"),
+        ]
         args += ["--lease", LEASE, "--grace", "5", "--port-offset", str(index), *extra]
         with log.open("w") as out:
             proc = subprocess.Popen(
@@ -441,3 +452,193 @@ def test_worker_refuses_a_queue_it_cannot_share(
     result = run_supervisor("worker", str(api[0]), "--queue", str(tmp_path / "q.db"))
     assert result.returncode == 2
     assert "redis://" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_worker_s_containers_chain_through_serve(
+    tmp_path: Path, workers: Callable[..., Worker], redis_url: str
+) -> None:
+    """With --operator-endpoint, a worker's containers get the chaining environment serve
+    gives its own: a container of API `first` submits jobs to API `second` through serve,
+    with the Python client (cli.yaml) and with plain requests (the endpoint and token)."""
+    rec = tmp_path / "chain-rec"
+    rec.mkdir()
+    port = free_ports(4)
+    second = write_api(
+        tmp_path / "second.yaml",
+        [recorder_container(RECORD_DIR=str(rec))],
+        port=port + 2,
+        name="second",
+    )
+    out = tmp_path / "chained.json"
+    code = (
+        "import json, os, requests\n"
+        "from supervisor.client import Client\n"
+        "spec = Client().submit('second', {'workers': 1, 'item_list': {'items': [1, 2], 'batch_size': 1}})\n"
+        "auth = {'Authorization': 'Bearer ' + os.environ['SUPERVISOR_TOKEN']}\n"
+        "r = requests.post(os.environ['CORTEX_OPERATOR_ENDPOINT'] + '/second', headers=auth,\n"
+        "                  json={'workers': 1, 'item_list': {'items': [3], 'batch_size': 1}})\n"
+        "found = [spec.job_id, r.json()['job_id'], os.environ['CORTEX_OPERATOR_ENDPOINT']]\n"
+        f"open({str(out)!r}, 'w').write(json.dumps(found))\n"
+        "import time; time.sleep(3600)\n"
+    )
+    first = write_api(
+        tmp_path / "first.yaml",
+        [
+            {"name": "chain", "command": [sys.executable, "-c", code]},
+            recorder_container(RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.1"),
+        ],
+        port=port,
+        name="first",
+    )
+    token = tmp_path / "token"
+    token.write_text("chain-token")  # the chain must authenticate, with what the worker gives
+    s = start_serve(
+        tmp_path,
+        [first, second],
+        "--queue",
+        redis_url,
+        "--token-file",
+        str(token),
+        root=tmp_path / "s",
+        token="chain-token",
+    )
+    try:
+        chaining = workers(
+            0, "--operator-endpoint", s.url, "--token-file", str(token), api_file=first
+        )
+        workers(1, api_file=second)  # runs the chained jobs (on port + 2 + 1)
+        job_id = s.submit(
+            "first", {"workers": 1, "item_list": {"items": list(range(400)), "batch_size": 1}}
+        ).json()["job_id"]
+        wait_for(lambda: out.exists() and bool(out.read_text()), "the chained submissions")
+        *chained, endpoint = json.loads(out.read_text())
+        assert endpoint == s.url
+        for chained_id in chained:
+            assert s.wait_end("second", chained_id)["job_status"]["status"] == "succeeded"
+        stop = requests.delete(
+            f"{s.url}/first", params={"jobID": job_id}, headers=s.headers(), timeout=10
+        )
+        assert stop.status_code == 200, stop.text
+        chaining.wait_event("job_left")
+        cli_yaml = tmp_path / "w0" / "cortex" / "client" / "cli.yaml"
+        assert yaml.safe_load(cli_yaml.read_text())["environments"][0]["operator_endpoint"] == s.url
+    finally:
+        assert s.stop() == 128 + signal.SIGTERM
+
+
+def test_worker_refuses_an_operator_endpoint_that_is_no_url(
+    tmp_path: Path, redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    result = run_supervisor(
+        "worker", str(api[0]), "--queue", redis_url, "--operator-endpoint", "supervisor-serve:8888"
+    )
+    assert result.returncode == 2
+    assert "--operator-endpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_one_pod_s_container_crash_ends_the_job_on_every_pod(
+    tmp_path: Path, workers: Callable[..., Worker], redis_url: str
+) -> None:
+    """A container of one pod of three exits on its own mid-job: the job ends worker_error
+    with that pod counted failed, no /on-job-complete, and every pod stops its containers
+    and waits, healthy, for the next job."""
+    port = free_ports(4)
+    rec = tmp_path / "crash-rec"
+    rec.mkdir()
+    crash = tmp_path / "crash-now"
+    container = {
+        **recorder_container(
+            RECORD_DIR=str(rec),
+            SLEEP_PER_BATCH="0.1",
+            CRASH_FILE=str(crash),
+            CRASH_ON_PORT=str(port + 1),
+        ),
+        "readiness_probe": {**probe_on(port), "period_seconds": 1},
+    }
+    api_file = write_api(tmp_path / "crash.yaml", [container], port=port)
+    pods = [workers(i, "--admin", "127.0.0.1:0", api_file=api_file) for i in range(3)]
+    job_id = submit(redis_url, 400, workers=3)
+    # every pod at work, then the container of the second pod exits at its next batch
+    wait_for(lambda: {p for _, p in batch_items(rec)} == {port, port + 1, port + 2}, "3 pods")
+    crash.touch()
+    record = wait_end(redis_url, job_id)
+    assert record.status == jobs.WORKER_ERROR, [p.log.read_text() for p in pods]
+    assert record.succeeded < 400
+    for p in pods:  # each pod leaves the job and stops its containers, but lives on
+        p.wait_event("job_left")
+        wait_for(lambda p=p: not [c for c in descendants(p.proc.pid) if pid_alive(c)], "stopped")
+        admin = p.events("admin_listening")[0]["port"]
+        health = requests.get(f"http://127.0.0.1:{admin}/healthz", timeout=10)
+        assert health.status_code == 200
+        status = requests.get(f"http://127.0.0.1:{admin}/status", timeout=10).json()
+        assert status["state"] == "waiting" and status["job"] is None
+    assert completions(rec) == []  # /on-job-complete follows only a job that completed
+    assert record.worker_counts is not None
+    counts = json.loads(record.worker_counts)
+    assert counts.get("failed") == 1, counts  # the pod whose container crashed
+    assert set(counts) <= {"failed", "killed", "unknown"}, counts
+    crashed = pods[1]
+    assert crashed.events("pod_failed")
+    assert all(not p.events("pod_failed") for p in (pods[0], pods[2]))
+
+
+def job_samples(url: str, job_id: str) -> dict[tuple[str, str], float]:
+    """(sample name, state label) -> value, of ``job_id``'s series on ``url``/metrics."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    return {
+        (sample.name, sample.labels.get("state", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("job_id") == job_id and not sample.name.endswith("_created")
+    }
+
+
+def test_serve_metrics_add_up_every_pod(
+    tmp_path: Path, workers: Callable[..., Worker], redis_url: str
+) -> None:
+    """serve --queue runs no pod, yet its /metrics show each job's figures from the queue,
+    summed over the pods: the same series as run --admin, matching the job's status."""
+    port = free_ports(4)
+    rec = tmp_path / "metrics-rec"
+    rec.mkdir()
+    container = {
+        **recorder_container(
+            RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.05", FAIL_ITEMS='[{"i": 3}, {"i": 7}]'
+        ),
+        "readiness_probe": {**probe_on(port), "period_seconds": 1},
+    }
+    api_file = write_api(tmp_path / "metrics.yaml", [container], port=port)
+    s = start_serve(tmp_path, [api_file], "--queue", redis_url, root=tmp_path / "s")
+    try:
+        pods = [workers(i, api_file=api_file) for i in range(2)]
+        job = {
+            "workers": 2,
+            "item_list": {"items": [{"i": i} for i in range(60)], "batch_size": 1},
+            "sqs_dead_letter_queue": {"arn": "dlq", "max_receive_count": 2},
+        }
+        job_id = s.submit("test-api", job).json()["job_id"]
+        running = job_samples(s.url, job_id)  # seen running: exported from now on
+        assert running[("supervisor_job_batches", "")] == 60, running
+        assert ("supervisor_job_workers", "pending") in running
+        final = s.wait_end("test-api", job_id)
+        assert final["job_status"]["status"] == "completed_with_failures", [
+            p.log.read_text() for p in pods
+        ]
+        counts = final["job_status"]["worker_counts"]
+        want = {
+            ("cortex_batch_succeeded_total", ""): final["metrics"]["succeeded"],
+            ("cortex_batch_failed_total", ""): final["metrics"]["failed"],
+            ("supervisor_job_batches", ""): 60,
+            ("supervisor_job_dead_batches", ""): 2,
+            **{("supervisor_job_workers", k): counts.get(k, 0) for k in WORKER_STATES},
+        }
+        assert final["metrics"]["succeeded"] == 58 and final["metrics"]["failed"] == 4
+        seen: list[dict[tuple[str, str], float]] = []
+
+        def matches() -> bool:
+            seen[:] = [job_samples(s.url, job_id)]
+            return all(seen[0].get(k) == v for k, v in want.items())
+
+        wait_for(matches, f"serve's /metrics to match the status: {want} vs {seen}")
+    finally:
+        assert s.stop() == 128 + signal.SIGTERM

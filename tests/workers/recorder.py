@@ -7,6 +7,8 @@ Environment (all optional):
   FLAKY_ITEMS       JSON list: a batch containing one of these fails its first FLAKY_TIMES tries
   FLAKY_TIMES       default 1
   CRASH_AFTER       exit(3) upon receiving this many batches
+  CRASH_FILE        exit(3) upon receiving a batch while this file exists
+  CRASH_ON_PORT     only the worker on this port crashes (CRASH_AFTER, CRASH_FILE)
   SLEEP_PER_BATCH   seconds to sleep before answering a batch
   ON_COMPLETE_STATUS status for /on-job-complete (default 404, as a worker that ignores it)
   PORT_ENV          name of the env var holding the port (default CORTEX_PORT)
@@ -37,6 +39,9 @@ FAIL = {json.dumps(x) for x in json.loads(os.environ.get("FAIL_ITEMS", "[]"))}
 FLAKY = {json.dumps(x) for x in json.loads(os.environ.get("FLAKY_ITEMS", "[]"))}
 FLAKY_TIMES = int(os.environ.get("FLAKY_TIMES", "1"))
 CRASH_AFTER = int(os.environ.get("CRASH_AFTER", "0"))
+CRASH_FILE = os.environ.get("CRASH_FILE")
+if os.environ.get("CRASH_ON_PORT") and int(os.environ["CRASH_ON_PORT"]) != PORT:
+    CRASH_AFTER, CRASH_FILE = 0, None
 SLEEP = float(os.environ.get("SLEEP_PER_BATCH", "0"))
 ON_COMPLETE = int(os.environ.get("ON_COMPLETE_STATUS", "404"))
 LOCK = threading.Lock()
@@ -126,7 +131,7 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(SLEEP)
         entry["status"] = status
         record(entry)
-        if CRASH_AFTER and n >= CRASH_AFTER:
+        if (CRASH_AFTER and n >= CRASH_AFTER) or (CRASH_FILE and Path(CRASH_FILE).exists()):
             print("crashing on purpose", file=sys.stderr, flush=True)
             os._exit(3)
         if status != 200:

@@ -30,15 +30,28 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_ports(n: int = 1) -> int:
-    """A base port such that base..base+n-1 are free right now: the kernel picks the base
-    (bind port 0), so two tests never guess the same one; the block is checked after it.
-    A pod's port is written into its API file before anything listens, hence a number and not
-    a bound socket (racy only against other programs, and only until the pod binds it)."""
+    """A base port such that base..base+n-1 are free right now, BELOW the kernel's range for
+    outgoing connections: a port in that range can be taken by any connection's local end
+    (a client of Redis, of a container) between now and the moment a container binds it.
+    The kernel still picks (bind port 0, then shifted below the range), so two tests rarely
+    guess the same block; the block is checked after it. A pod's port is written into its
+    API file before anything listens, hence a number and not a bound socket."""
+    low, _high = _ephemeral_range()
+    span = low - 1024 - n  # the ports 1024..low-1 that can hold the block
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            base: int = s.getsockname()[1]
+            picked: int = s.getsockname()[1]
+        base = 1024 + picked % span if span > 0 else picked
         if base + n - 1 <= 65535 and all(port_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block found")

@@ -48,17 +48,27 @@ def start_worker(
 
 
 def write_api(
-    path: Path, worker: str, port: int, stamps: Path | None = None, *, probe: bool = True
+    path: Path,
+    worker: str,
+    port: int,
+    stamps: Path | None = None,
+    *,
+    probe: bool = True,
+    gate: bool = False,
 ) -> Path:
-    """A BatchAPI running ``worker`` on ``$(CORTEX_PORT)``, with a 1 s TCP readiness probe."""
+    """A BatchAPI running ``worker`` on ``$(CORTEX_PORT)``, with a 1 s TCP readiness probe;
+    ``gate``: the worker holds its batches until ``POST /bench-gate`` (``$BENCH_GATE``)."""
     container: dict[str, Any] = {
         "name": "worker",
         "command": pinned(worker_argv(worker, "$(CORTEX_PORT)"), WORKER_CPU),
     }
     if probe:
         container["readiness_probe"] = {"tcp_socket": {"port": port}, "period_seconds": 1}
-    if stamps is not None:
-        container["env"] = {"BENCH_STAMPS": str(stamps)}
+    env = {"BENCH_STAMPS": str(stamps)} if stamps is not None else {}
+    if gate:
+        env["BENCH_GATE"] = "1"
+    if env:
+        container["env"] = env
     api = [{"name": "bench", "kind": "BatchAPI", "pod": {"port": port, "containers": [container]}}]
     path.write_text(yaml.safe_dump(api))
     return path

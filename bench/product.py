@@ -95,7 +95,7 @@ def _log_lines(err: bytes) -> list[dict[str, Any]]:
     return lines
 
 
-def _why(err: bytes) -> str:
+def why(err: bytes) -> str:
     """One line saying why a run failed: the last error log line or plain stderr line."""
     text = err.decode(errors="replace").strip().splitlines()
     for raw in reversed(text):
@@ -150,7 +150,7 @@ def run_job(
     stamps.unlink(missing_ok=True)
     code, out, err = procs.run(argv, cpu=LOAD_CPU, timeout=timeout)
     if code != 0:
-        raise RuntimeError(f"supervisor run exited {code}: {_why(err)}")
+        raise RuntimeError(f"supervisor run exited {code}: {why(err)}")
     status = json.loads(out)
     succeeded = int(status["metrics"]["succeeded"])
     events = _log_lines(err)
@@ -218,7 +218,7 @@ def _server(
             wait_healthz(port, timeout, proc, f"supervisor {command}")
         except (RuntimeError, TimeoutError) as e:
             procs.stop(proc)
-            raise RuntimeError(f"{e}: {_why(log.read_bytes())}") from None
+            raise RuntimeError(f"{e}: {why(log.read_bytes())}") from None
         yield proc
     finally:
         procs.stop(proc)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -47,8 +48,8 @@ from pathlib import Path
 import anyio
 
 from bench import data
-from bench.procs import Procs, free_port
-from bench.product import WORKERS, supervisor_argv, write_api
+from bench.procs import Procs
+from bench.product import WORKERS, supervisor_argv, why, write_api
 from bench.scenarios import Context
 from bench.table import Row, Series
 
@@ -202,7 +203,7 @@ def embedded(ctx: Context, worker: str, job: Path, n: int) -> Window:
     """``supervisor run`` of the item_list job, gated and timed like the Redis jobs."""
     root = ctx.fresh_dir("redis-embedded")
     stamps = root / "stamps.txt"
-    port = free_port()
+    port = port_block(1)
     api = write_api(root / "api.yaml", worker, port, stamps, gate=True)
     argv = supervisor_argv("run", str(api), "--job", str(job), "--root", str(root))
     argv += ["--concurrency", str(CONCURRENCY), "--fresh"]
@@ -261,7 +262,15 @@ class Pods:
     def job(self, bodies: list[bytes], pods: int, redis_port: int) -> Window:
         self.stamps.unlink(missing_ok=True)
         job_id = anyio.run(submit, self.url, iter(bodies), pods)
-        start = open_gates(self.stamps, pods, self.ports, self.procs)
+        try:
+            start = open_gates(self.stamps, pods, self.ports, self.procs)
+        except (RuntimeError, TimeoutError) as e:
+            logs = [log.read_bytes() for log in self.logs]
+            joined = [job_id.encode() in text for text in logs]
+            tails = "; ".join(
+                f"pod {i}: {why(text)}" for i, text in enumerate(logs) if not joined[i]
+            )
+            raise RuntimeError(f"{e}; {sum(joined)} joined the job; {tails}") from None
         before, cpu = redis_counters(redis_port), sum(proc_cpu(p.pid) for p in self.procs)
         end = wait_complete(self.stamps, self.procs, timeout=30 + len(bodies) / 100)
         cpu = sum(proc_cpu(p.pid) for p in self.procs) - cpu
@@ -273,13 +282,17 @@ class Pods:
 
 
 def port_block(count: int) -> int:
-    """A port p such that p .. p+count-1 are free on 127.0.0.1 now."""
-    for _ in range(100):
-        base = free_port()
-        if base + count > 65535:
-            continue
+    """A port p such that p .. p+count-1 are free on 127.0.0.1 now, below the ephemeral
+    range: a pod's port is only written in its API file until its container binds it, and
+    meanwhile the many connections of the run must not take it as their local port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        base = random.randrange(10000, max(10001, low - count))
         try:
-            for port in range(base + 1, base + count):
+            for port in range(base, base + count):
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:

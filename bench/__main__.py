@@ -20,7 +20,16 @@ from types import FrameType
 
 from bench import tools
 from bench.procs import Procs
-from bench.scenarios import SCENARIOS, Context, dispatch, footprint, proxy, serve, split
+from bench.scenarios import (
+    SCENARIOS,
+    Context,
+    dispatch,
+    footprint,
+    proxy,
+    redis_queue,
+    serve,
+    split,
+)
 from bench.table import Row, format_table
 
 RUNNERS = {
@@ -29,6 +38,7 @@ RUNNERS = {
     "split": split.run,
     "footprint": footprint.run,
     "serve": serve.run,
+    "redis": redis_queue.run,
 }
 
 

@@ -48,17 +48,27 @@ def start_worker(
 
 
 def write_api(
-    path: Path, worker: str, port: int, stamps: Path | None = None, *, probe: bool = True
+    path: Path,
+    worker: str,
+    port: int,
+    stamps: Path | None = None,
+    *,
+    probe: bool = True,
+    gate: bool = False,
 ) -> Path:
-    """A BatchAPI running ``worker`` on ``$(CORTEX_PORT)``, with a 1 s TCP readiness probe."""
+    """A BatchAPI running ``worker`` on ``$(CORTEX_PORT)``, with a 1 s TCP readiness probe;
+    ``gate``: the worker holds its batches until ``POST /bench-gate`` (``$BENCH_GATE``)."""
     container: dict[str, Any] = {
         "name": "worker",
         "command": pinned(worker_argv(worker, "$(CORTEX_PORT)"), WORKER_CPU),
     }
     if probe:
         container["readiness_probe"] = {"tcp_socket": {"port": port}, "period_seconds": 1}
-    if stamps is not None:
-        container["env"] = {"BENCH_STAMPS": str(stamps)}
+    env = {"BENCH_STAMPS": str(stamps)} if stamps is not None else {}
+    if gate:
+        env["BENCH_GATE"] = "1"
+    if env:
+        container["env"] = env
     api = [{"name": "bench", "kind": "BatchAPI", "pod": {"port": port, "containers": [container]}}]
     path.write_text(yaml.safe_dump(api))
     return path
@@ -85,7 +95,7 @@ def _log_lines(err: bytes) -> list[dict[str, Any]]:
     return lines
 
 
-def _why(err: bytes) -> str:
+def why(err: bytes) -> str:
     """One line saying why a run failed: the last error log line or plain stderr line."""
     text = err.decode(errors="replace").strip().splitlines()
     for raw in reversed(text):
@@ -140,7 +150,7 @@ def run_job(
     stamps.unlink(missing_ok=True)
     code, out, err = procs.run(argv, cpu=LOAD_CPU, timeout=timeout)
     if code != 0:
-        raise RuntimeError(f"supervisor run exited {code}: {_why(err)}")
+        raise RuntimeError(f"supervisor run exited {code}: {why(err)}")
     status = json.loads(out)
     succeeded = int(status["metrics"]["succeeded"])
     events = _log_lines(err)
@@ -208,7 +218,7 @@ def _server(
             wait_healthz(port, timeout, proc, f"supervisor {command}")
         except (RuntimeError, TimeoutError) as e:
             procs.stop(proc)
-            raise RuntimeError(f"{e}: {_why(log.read_bytes())}") from None
+            raise RuntimeError(f"{e}: {why(log.read_bytes())}") from None
         yield proc
     finally:
         procs.stop(proc)

@@ -39,9 +39,12 @@ class Row:
     baselines: list[Series]
     lower_is_better: bool = False
     params: dict[str, Any] = field(default_factory=dict)
+    ratios: bool = True  # False: the "baselines" are further figures, not comparable to ours
 
     def ratio(self, base: Series) -> float | None:
         a, b = self.ours.median, base.median
+        if not self.ratios:
+            return None
         if a is None or b is None or b <= 0 or a < 0:
             return None  # e.g. an "added latency" that noise made negative: no ratio
         return a / b
@@ -91,8 +94,8 @@ def format_table(rows: list[Row], header: list[str]) -> str:
             line = [r.case, unit, f"{r.ours.label}: {cell(r.ours, notes)}"]
             for b in r.baselines:
                 ratio = r.ratio(b)
-                shown = f"{ratio:.2f}x" if ratio is not None else "-"
-                line.append(f"| {b.label}: {cell(b, notes)} -> {shown}")
+                shown = f" -> {ratio:.2f}x" if ratio is not None else " -> -"
+                line.append(f"| {b.label}: {cell(b, notes)}{shown if r.ratios else ''}")
             lines.append(line)
         widths = [max(len(x[i]) for x in lines if i < len(x)) for i in range(max(map(len, lines)))]
         out.append(f"== {scenario} ==")

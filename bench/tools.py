@@ -25,6 +25,7 @@ NEEDS: dict[str, set[str]] = {
     "split": set(),
     "footprint": {"uvloop", "httptools"},
     "serve": {"wrk", "uvloop", "httptools"},
+    "redis": {"redis-server", "uvloop", "httptools"},
 }
 PYTHON = {"uvloop", "httptools", "uvicorn", "fastapi", "aiohttp", "h11", "matplotlib"}
 
@@ -36,6 +37,8 @@ def _missing(names: Iterable[str]) -> set[str]:
             found = shutil.which("wrk") is not None
         elif name == "nginx":
             found = nginx_path() is not None
+        elif name == "redis-server":
+            found = shutil.which("redis-server") is not None
         else:
             found = importlib.util.find_spec(name) is not None
         if not found:
@@ -74,6 +77,7 @@ def ensure(names: set[str], *, install: bool) -> dict[str, str]:
     hints = {
         "wrk": "wrk is not installed (apt-get install -y wrk)",
         "nginx": "nginx is not installed (apt-get install -y nginx-light)",
+        "redis-server": "redis-server is not installed (apt-get install -y redis-server)",
     }
     return {
         name: hints.get(name, f"{name} is not installed (pip install -e '.[bench]')")

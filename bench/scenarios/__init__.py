@@ -40,4 +40,4 @@ class Context:
         return path
 
 
-SCENARIOS = ("dispatch", "proxy", "split", "footprint", "serve")
+SCENARIOS = ("dispatch", "proxy", "split", "footprint", "serve", "redis")

@@ -5,6 +5,9 @@
 else with 404. ``--delay`` holds each ``POST /`` answer back that long (worker (d)). With
 $BENCH_STAMPS set, appends ``first_batch <time.time()>`` on the first batch and
 ``job_complete <time.time()>`` on /on-job-complete, so the bench can time dispatch exactly.
+With $BENCH_GATE set, every ``POST /`` is held unanswered until ``POST /bench-gate`` arrives
+(then they are answered, ``--delay`` after it), so that several pods start together: the
+bench opens the gates once every pod has its first batches (the redis scenario).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ OK_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 STAMPS = os.environ.get("BENCH_STAMPS")
+GATED = bool(os.environ.get("BENCH_GATE"))
 
 
 def stamp(what: str) -> None:
@@ -32,6 +36,8 @@ def stamp(what: str) -> None:
 
 class Worker(asyncio.Protocol):
     first = True
+    gate_open = not GATED
+    held: list[Worker] = []  # POSTs waiting for the gate
 
     def __init__(self, delay: float) -> None:
         self.delay = delay
@@ -63,11 +69,18 @@ class Worker(asyncio.Protocol):
             if Worker.first:
                 Worker.first = False
                 stamp("first_batch")
-            if self.delay:
-                self.loop.call_later(self.delay, self.reply, OK)
-                return
-            answer = OK
+            if Worker.gate_open:
+                self.answer_batch()
+            else:
+                Worker.held.append(self)
+            return
         elif path == b"/healthz":
+            answer = OK
+        elif path == b"/bench-gate":
+            Worker.gate_open = True
+            held, Worker.held = Worker.held, []
+            for w in held:
+                w.answer_batch()
             answer = OK
         elif path == b"/on-job-complete":
             stamp("job_complete")
@@ -75,6 +88,12 @@ class Worker(asyncio.Protocol):
         else:
             answer = NOT_FOUND
         self.reply(answer)
+
+    def answer_batch(self) -> None:
+        if self.delay:
+            self.loop.call_later(self.delay, self.reply, OK)
+        else:
+            self.reply(OK)
 
     def reply(self, answer: bytes) -> None:
         if self.transport.is_closing():

@@ -322,3 +322,48 @@ async def test_coredis_log_records_become_json_lines() -> None:
     line = msgspec.json.decode(out.getvalue())
     assert (line["event"], line["level"], line["message"]) == ("redis_client", "warning", "lost it")
     assert line["api_name"] == "api"
+
+
+# coredis 6.9 leaves the memory streams of each connection that failed to open unclosed,
+# and a watch tries to connect while Redis is away: their warnings are not ours.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_watchers_in_other_processes_all_wake_and_a_watch_outlives_redis(
+    tmp_path: Path,
+) -> None:
+    # Each worker has its own client: one job started wakes every one of them (a list and
+    # BLPOP would wake one). While Redis is away a wait reports it and times out; once Redis
+    # is back the same watch wakes on the next event.
+    server = RedisServer(tmp_path)
+    server.start()
+    out = io.StringIO()
+    try:
+        async with (
+            open_queue(server.url()) as serve,
+            open_queue(server.url(), log=Logger(out)) as first,
+            open_queue(server.url()) as second,
+        ):
+            await new_job(serve, 1)  # type: ignore[arg-type]
+            watches = [await q.watch_jobs("api") for q in (first, second)]
+            woken: list[bool] = []
+
+            async def wait(i: int) -> None:
+                woken.append(await watches[i].wait(30))
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for i in range(2):
+                        tg.start_soon(wait, i)
+                    await anyio.wait_all_tasks_blocked()
+                    await serve.set_status(JOB, "running")
+                assert woken == [True, True]
+                server.kill()
+                assert not await watches[0].wait(0.5)
+                assert '"doing":"waiting for jobs"' in out.getvalue()
+                server.start()
+                assert await serve.try_join(JOB, "a", 1, LEASE)
+                await serve.leave(JOB, "a")
+                assert await watches[0].wait(30)
+                assert await watches[1].wait(30)
+    finally:
+        server.kill()
+    _collect_coredis_leftovers()  # the connections tried while Redis was away

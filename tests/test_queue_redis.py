@@ -367,3 +367,38 @@ async def test_watchers_in_other_processes_all_wake_and_a_watch_outlives_redis(
     finally:
         server.kill()
     _collect_coredis_leftovers()  # the connections tried while Redis was away
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # as above: coredis's, not ours
+async def test_an_idle_worker_s_look_for_jobs_waits_for_redis(tmp_path: Path) -> None:
+    # running_jobs is what an idle worker asks between waits: Redis away, it retries (and
+    # says so) instead of raising out of the worker.
+    server = RedisServer(tmp_path)
+    server.start()
+    retrying = anyio.Event()
+
+    class Out(io.StringIO):
+        def write(self, s: str) -> int:
+            if '"doing":"looking for running jobs"' in s:
+                retrying.set()
+            return super().write(s)
+
+    try:
+        async with open_queue(server.url(), log=Logger(Out())) as q:
+            await new_job(q, 1)  # type: ignore[arg-type]
+            await q.set_status(JOB, "running")
+            server.kill()
+            found: list[str] = []
+
+            async def look() -> None:
+                found.extend(j.job_id for j in await q.running_jobs("api"))
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(look)
+                    await retrying.wait()
+                    server.start()
+            assert found == [JOB]
+    finally:
+        server.kill()
+    _collect_coredis_leftovers()

@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         "as unknown in the job's worker_counts (default 30)",
     )
     worker.add_argument(
+        "--poll",
+        type=positive_float,
+        default=2.0,
+        metavar="S",
+        help="while idle, look for a job at least every S seconds (a job starting or a pod "
+        "leaving one wakes the worker at once; this catches pods that went silent) "
+        "(default 2)",
+    )
+    worker.add_argument(
         "--admin",
         type=host_port,
         metavar="HOST:PORT",
@@ -420,6 +429,7 @@ def _worker(args: argparse.Namespace) -> int:
         lease=args.lease,
         port_offset=args.port_offset,
         admin=args.admin,
+        poll=args.poll,
         cwd=Path.cwd(),
         operator_endpoint=_operator_endpoint(args.operator_endpoint),
         token=_token(args),

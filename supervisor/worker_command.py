@@ -4,10 +4,15 @@ Theory of operation
 -------------------
 Many workers (one per machine, or per Kubernetes pod) and any number of ``serve --queue``
 instances share one Redis queue. ``serve`` enqueues a job and marks it ``running``; each
-worker, while idle, looks every few seconds for the oldest running job of its API (reading
-the running jobs only: :meth:`~supervisor.queues.base.JobQueue.running_jobs`) that has
-fewer live pods than its ``workers`` and joins it (:meth:`~supervisor.queues.base.JobQueue.
-try_join`, atomic: never more than ``workers`` pods at once; a pod that joins late helps).
+worker, while idle, looks for the oldest running job of its API (reading the running jobs
+only: :meth:`~supervisor.queues.base.JobQueue.running_jobs`) that has fewer live pods than
+its ``workers`` and joins it (:meth:`~supervisor.queues.base.JobQueue.try_join`, atomic:
+never more than ``workers`` pods at once; a pod that joins late helps). Between looks it
+waits on the queue's watch (:meth:`~supervisor.queues.base.JobQueue.watch_jobs`, opened
+before the first look so nothing in between is missed): it looks again as soon as a job of
+its API starts running or a pod leaves one, and every ``--poll`` seconds (2) anyway, for
+the places freed by pods that went silent. A pod whose containers could not start waits
+the poll out before it tries again (its own leaving must not wake it into a loop).
 Then it does what a pod of ``run`` does (:class:`~supervisor.execution.JobExecution` with
 :class:`~supervisor.execution.Sharing`): writes ``job.json``, starts the API's containers,
 gates on readiness, dispatches ``--concurrency`` batches at a time from the shared feed,
@@ -20,7 +25,8 @@ token), so a job's container may submit other jobs.
 
 The first SIGTERM/SIGINT/SIGHUP: take no new batch, let those in flight finish within
 ``--grace``, stop the containers, leave the job (its other pods go on; what this one held is
-given back) and exit 128+N. A second one kills the containers at once.
+given back) and exit 128+N. A second one kills the containers at once. An idle worker
+exits at once, whatever it was waiting for (the watch, or Redis coming back).
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -53,8 +60,10 @@ from supervisor.status import spec_of
 
 __all__ = ["POLL", "Worker", "WorkerOptions", "new_pod_id", "run_worker"]
 
-POLL = 2.0  # seconds between looks for a job to join, while idle
+POLL = 2.0  # seconds between looks for a job to join while idle, when nothing wakes it
 LEASE = 30.0  # seconds: a batch's lease, and the heartbeat's
+
+T = TypeVar("T")
 
 
 def new_pod_id() -> str:
@@ -139,20 +148,36 @@ class Worker:
 
     async def run(self) -> None:
         """Join jobs and work on them, one at a time, until a stop signal."""
-        while not self.stopping:
+        watch = await self._until_stopped(lambda: self.queue.watch_jobs(self.api.name))
+        while watch is not None and not self.stopping:
             record = await self._find_job()
             if record is None:
-                await self._idle()
+                await self._until_stopped(lambda: watch.wait(self._poll()))
                 continue
             await self._work(record)
 
-    async def _idle(self) -> None:
-        with anyio.move_on_after(min(self.opts.poll, self.opts.lease)):
-            await self._wakeup.wait()
+    def _poll(self) -> float:
+        return min(self.opts.poll, self.opts.lease)
+
+    async def _until_stopped(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()``'s result, or ``None`` if a stop signal comes first (``call`` is then
+        cancelled): an idle worker waits for nothing once told to stop."""
+        result: list[T] = []
+        async with anyio.create_task_group() as tg:
+
+            async def stop() -> None:
+                await self._wakeup.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop)
+            result.append(await call())
+            tg.cancel_scope.cancel()
+        return result[0] if result else None
 
     async def _find_job(self) -> JobRecord | None:
         """The oldest running job of the API that admits this pod (now joined), or None."""
-        for record in reversed(await self.queue.running_jobs(self.api.name)):
+        running = await self._until_stopped(lambda: self.queue.running_jobs(self.api.name))
+        for record in reversed(running or []):
             if record.total_batches is None:
                 continue
             workers = spec_of(record).workers
@@ -199,7 +224,8 @@ class Worker:
         if result.outcome.cause is Cause.START_FAILED:
             # Not the job's fault (a port taken, a command missing): wait, then try again.
             self.log.error("job_not_started", job_id=job_id, reason=result.outcome.reason)
-            await self._idle()
+            with anyio.move_on_after(self._poll()):
+                await self._wakeup.wait()
 
 
 async def run_worker(

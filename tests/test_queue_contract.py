@@ -431,3 +431,44 @@ async def test_a_silent_pod_leaves_its_place(queue: JobQueue) -> None:
         assert not await queue.try_join(JOB, "b", 1, LEASE)
         await anyio.sleep(0.3)  # a's lease of 0.2 s runs out (no event to await: time is it)
         assert await queue.try_join(JOB, "b", 1, LEASE)
+
+
+async def test_a_job_that_starts_or_a_pod_that_leaves_wakes_its_api_s_watchers(
+    queue: JobQueue,
+) -> None:
+    # What wakes an idle worker at once instead of at its next look: every watcher of the API
+    # (several idle workers all wake), none of another API; the timeouts of 30 s are never
+    # reached (fail_after(10)): a wait that returns True returned because of the event.
+    other_job = "7e5c6d1f00000002"
+    await new_job(queue, 1)
+    await queue.create_job(other_job, "other", "d", b"{}", "t0")
+    await queue.enqueue(other_job, iter([body(0)]))
+    with anyio.fail_after(10):
+        watches = [await queue.watch_jobs("api") for _ in range(2)]
+        other = await queue.watch_jobs("other")
+        woken: list[bool] = []
+
+        async def wait(i: int) -> None:
+            woken.append(await watches[i].wait(30))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(2):
+                tg.start_soon(wait, i)
+            await anyio.wait_all_tasks_blocked()
+            await queue.set_status(JOB, "running", start_time="t1")
+        assert woken == [True, True]
+        assert not await other.wait(0.1)
+        # Already running: a pod joining marks it running again, which wakes nobody.
+        await queue.set_status(JOB, "running", start_time="t2")
+        assert not await watches[0].wait(0.1)
+        # A pod leaving frees its place: announced, even to a watcher not waiting yet.
+        assert await queue.try_join(JOB, "a", 1, LEASE)
+        await queue.leave(JOB, "a")
+        assert await watches[0].wait(30)
+        assert await watches[1].wait(30)
+        assert not await watches[0].wait(0.1)  # each announcement wakes a watcher once
+        await queue.leave(JOB, "a")  # gone already: nothing freed
+        assert not await watches[0].wait(0.1)
+        await queue.set_status(other_job, "running")
+        assert await other.wait(30)
+        assert not await watches[0].wait(0.1)

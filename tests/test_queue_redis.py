@@ -322,3 +322,83 @@ async def test_coredis_log_records_become_json_lines() -> None:
     line = msgspec.json.decode(out.getvalue())
     assert (line["event"], line["level"], line["message"]) == ("redis_client", "warning", "lost it")
     assert line["api_name"] == "api"
+
+
+# coredis 6.9 leaves the memory streams of each connection that failed to open unclosed,
+# and a watch tries to connect while Redis is away: their warnings are not ours.
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_watchers_in_other_processes_all_wake_and_a_watch_outlives_redis(
+    tmp_path: Path,
+) -> None:
+    # Each worker has its own client: one job started wakes every one of them (a list and
+    # BLPOP would wake one). While Redis is away a wait reports it and times out; once Redis
+    # is back the same watch wakes on the next event.
+    server = RedisServer(tmp_path)
+    server.start()
+    out = io.StringIO()
+    try:
+        async with (
+            open_queue(server.url()) as serve,
+            open_queue(server.url(), log=Logger(out)) as first,
+            open_queue(server.url()) as second,
+        ):
+            await new_job(serve, 1)  # type: ignore[arg-type]
+            watches = [await q.watch_jobs("api") for q in (first, second)]
+            woken: list[bool] = []
+
+            async def wait(i: int) -> None:
+                woken.append(await watches[i].wait(30))
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for i in range(2):
+                        tg.start_soon(wait, i)
+                    await anyio.wait_all_tasks_blocked()
+                    await serve.set_status(JOB, "running")
+                assert woken == [True, True]
+                server.kill()
+                assert not await watches[0].wait(0.5)
+                assert '"doing":"waiting for jobs"' in out.getvalue()
+                server.start()
+                assert await serve.try_join(JOB, "a", 1, LEASE)
+                await serve.leave(JOB, "a")
+                assert await watches[0].wait(30)
+                assert await watches[1].wait(30)
+    finally:
+        server.kill()
+    _collect_coredis_leftovers()  # the connections tried while Redis was away
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # as above: coredis's, not ours
+async def test_an_idle_worker_s_look_for_jobs_waits_for_redis(tmp_path: Path) -> None:
+    # running_jobs is what an idle worker asks between waits: Redis away, it retries (and
+    # says so) instead of raising out of the worker.
+    server = RedisServer(tmp_path)
+    server.start()
+    retrying = anyio.Event()
+
+    class Out(io.StringIO):
+        def write(self, s: str) -> int:
+            if '"doing":"looking for running jobs"' in s:
+                retrying.set()
+            return super().write(s)
+
+    try:
+        async with open_queue(server.url(), log=Logger(Out())) as q:
+            await new_job(q, 1)  # type: ignore[arg-type]
+            await q.set_status(JOB, "running")
+            server.kill()
+            found: list[str] = []
+
+            async def look() -> None:
+                found.extend(j.job_id for j in await q.running_jobs("api"))
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(look)
+                    await retrying.wait()
+                    server.start()
+            assert found == [JOB]
+    finally:
+        server.kill()
+    _collect_coredis_leftovers()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import coredis
 import msgspec
 import pytest
 import requests
@@ -59,7 +60,8 @@ class Worker:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
-        for line in self.log.read_text().splitlines():
+        # a last line without its newline is still being written: not read yet
+        for line in self.log.read_text().split("\n")[:-1]:
             if line.startswith("{"):
                 record = json.loads(line)
                 if record.get("event") == name:
@@ -222,6 +224,17 @@ def set_status(url: str, job_id: str, status: str) -> None:
     anyio.run(go)
 
 
+def blocked_readers(url: str) -> int:
+    """Clients of Redis blocked in ``XREAD``: idle workers waiting on the joinable stream."""
+
+    async def go() -> int:
+        async with coredis.Redis.from_url(url, decode_responses=True) as r:
+            clients = await r.client_list()
+        return sum(1 for c in clients if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+
+    return anyio.run(go)
+
+
 def wait_end(url: str, job_id: str) -> JobRecord:
     holder: list[JobRecord] = []
 
@@ -353,6 +366,29 @@ def test_a_stop_or_timeout_reaches_every_pod(
     after = len(batch_items(rec))
     # nothing is sent once every pod has left the job
     assert len(batch_items(rec)) == after
+
+
+def test_idle_workers_wake_at_once_for_a_job_and_for_a_place_left(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    # --poll 30 (and a lease as long, which also bounds it): on their own the workers would
+    # look for a job every 30 s. A job started, and a place its pod left, wake them at once
+    # (within `prompt`), and a signal stops an idle one at once.
+    prompt = 15.0
+    pods = [workers(i, "--poll", "30", "--lease", "60") for i in range(3)]
+    wait_for(lambda: blocked_readers(redis_url) == 3, "three idle workers", prompt)
+    pods[2].proc.send_signal(signal.SIGTERM)
+    assert pods[2].proc.wait(timeout=prompt) == 128 + signal.SIGTERM
+    job_id = submit(redis_url, 400, workers=1)
+    wait_for(lambda: any(p.events("job_joined") for p in pods[:2]), "a pod joining", prompt)
+    pod, idle = pods[:2] if pods[0].events("job_joined") else pods[1::-1]
+    wait_for(lambda: blocked_readers(redis_url) == 1, "the other one idle again", prompt)
+    assert not idle.events("job_joined")  # one place: taken
+    pod.proc.send_signal(signal.SIGTERM)  # it leaves the job: its place is free
+    pod.wait_event("job_left")
+    wait_for(lambda: bool(idle.events("job_joined")), "the idle pod taking the place", prompt)
+    assert idle.events("job_joined")[0]["job_id"] == job_id
+    assert pod.proc.wait(timeout=WAIT) == 128 + signal.SIGTERM
 
 
 def test_serve_and_workers(

@@ -25,6 +25,8 @@ __all__ = [
     "HEARTBEAT",
     "JOBS",
     "JOIN",
+    "JOINABLE",
+    "LEAVE",
     "PODS",
     "READ_COUNTERS",
     "RENEW",
@@ -40,6 +42,10 @@ __all__ = [
 GROUP = b"dispatch"  # the one consumer group of every job stream
 JOBS = "supervisor:jobs"  # the set of job ids
 RUNNING = "supervisor:running"  # hash: job_id -> api_name, of the jobs whose status is running
+# stream: one entry (api, job) each time a job may have become joinable (it started running,
+# a pod left it); idle workers block on it (XREAD BLOCK from the last id each has seen).
+JOINABLE = "supervisor:joinable"
+JOINABLE_MAXLEN = 100  # entries kept (about): a waiter only needs those after its last id
 RETURNED = "returned"  # the consumer that holds batches given back on close (free to claim)
 
 # The counters every script returns, in this order, after its changes.
@@ -74,6 +80,12 @@ def entry_id(seq: int) -> bytes:
 def seq_of(entry: bytes) -> int:
     return int(entry.partition(b"-")[2]) - 1
 
+
+_JOINABLE_LUA = f"""
+local function joinable(key, api, job_id)
+  redis.call('XADD', key, 'MAXLEN', '~', {JOINABLE_MAXLEN}, '*', 'api', api, 'job', job_id)
+end
+"""
 
 _COUNTERS_LUA = """
 local function counters(job)
@@ -118,24 +130,32 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: job, running. ARGV: status, start_time, end_time, worker_counts ('' = keep), job_id,
-# running (the status that puts a job in the running index). 0 if no job.
+# KEYS: job, running, joinable. ARGV: status, start_time, end_time, worker_counts ('' =
+# keep), job_id, running (the status that puts a job in the running index). 0 if no job.
 # The start time is set once: every pod that joins a shared job marks it running, and the
 # job started with the first. The running index (job_id -> api_name) changes with the
-# status, so an idle worker reads the running jobs only.
-SET_STATUS = """
+# status, so an idle worker reads the running jobs only. A job that starts running (it was
+# not) is announced on the joinable stream; the pods joining it later, which mark it
+# running again, are not (they would wake every idle worker for nothing).
+SET_STATUS = (
+    _JOINABLE_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local was = redis.call('HGET', KEYS[1], 'status')
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'start_time', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'end_time', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'worker_counts', ARGV[4]) end
 if ARGV[1] == ARGV[6] then
-  redis.call('HSET', KEYS[2], ARGV[5], redis.call('HGET', KEYS[1], 'api_name'))
+  local api = redis.call('HGET', KEYS[1], 'api_name')
+  redis.call('HSET', KEYS[2], ARGV[5], api)
+  if was ~= ARGV[6] then joinable(KEYS[3], api, ARGV[5]) end
 else
   redis.call('HDEL', KEYS[2], ARGV[5])
 end
 return 1
 """
+)
 
 # The committer's one round trip: failures and acks reported since the last commit.
 # KEYS: job, stream, attempts, dead.
@@ -385,6 +405,19 @@ for i = 1, #all, 2 do
 end
 if live >= tonumber(ARGV[2]) then return 0 end
 beat(KEYS[1], ARGV[1], 'creating', tonumber(ARGV[3]), gone)
+return 1
+"""
+)
+
+# A pod leaves a job: its place is free at once, which is announced on the joinable stream
+# while the job runs. KEYS: pods, job, joinable. ARGV: pod_id, job_id, running. Returns 1 if
+# the pod was there.
+LEAVE = (
+    _JOINABLE_LUA
+    + """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local job = redis.call('HMGET', KEYS[2], 'status', 'api_name')
+if job[1] == ARGV[3] and job[2] then joinable(KEYS[3], job[2], ARGV[2]) end
 return 1
 """
 )

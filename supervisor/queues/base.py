@@ -53,6 +53,7 @@ __all__ = [
     "Heartbeat",
     "JobQueue",
     "JobRecord",
+    "JobWatch",
     "LostDelivery",
     "Progress",
     "QueueConnectError",
@@ -240,6 +241,23 @@ class Feed(Protocol):
         ...
 
 
+class JobWatch(Protocol):
+    """Wakes an idle worker when a job of its API may have become joinable
+    (:meth:`JobQueue.watch_jobs`)."""
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - see JobWatch.wait
+        """``True`` as soon as a job of the API may have become joinable -- it started
+        running, or a pod left it -- since the watch was opened or since the last ``wait``
+        that returned ``True`` (so nothing that happens between two waits is missed);
+        ``False`` after ``timeout`` seconds without one. A hint, not a promise: the job may
+        be full again by the time the caller looks, and a place freed by a pod that went
+        silent is not announced (a caller looks again after ``timeout``).
+
+        ``timeout`` rather than the caller's cancel scope: Redis blocks for it
+        (``XREAD BLOCK``), and a blocking read cut by a cancellation costs its connection."""
+        ...
+
+
 class JobQueue(Protocol):
     """Jobs and their batches. Closed with :meth:`aclose` (or ``async with``)."""
 
@@ -269,7 +287,8 @@ class JobQueue(Protocol):
         """Set the job's status (and the times and final worker counts that are given).
 
         ``start_time`` is kept only if the job has none yet: the job started when its first
-        pod did, and later pods joining it do not move that.
+        pod did, and later pods joining it do not move that. A job that was not running and
+        now is wakes the :meth:`watch_jobs` watchers of its API.
         """
         ...
 
@@ -332,12 +351,19 @@ class JobQueue(Protocol):
         ``creating`` with ``lease`` until its first :meth:`heartbeat`."""
         ...
 
+    async def watch_jobs(self, api_name: str) -> JobWatch:
+        """Start watching for jobs of ``api_name`` that may have become joinable: open it
+        before the first look at :meth:`running_jobs`, then :meth:`JobWatch.wait` between
+        looks."""
+        ...
+
     async def heartbeat(self, job_id: str, pod_id: str, state: str, lease: float) -> None:
         """``pod_id`` is in ``state`` and promises its next heartbeat within ``lease``."""
         ...
 
     async def leave(self, job_id: str, pod_id: str) -> None:
-        """``pod_id`` no longer works on the job (its place is free at once)."""
+        """``pod_id`` no longer works on the job (its place is free at once, and the job's
+        watchers are woken)."""
         ...
 
     async def pods(self, job_id: str) -> list[Heartbeat]:

@@ -65,6 +65,11 @@ delivery without a dead-letter setting (``base.after_lost_delivery``), which the
 queue shares; here it holds with a dead-letter setting too, and there is no cap on lost
 deliveries: only the process itself loses a delivery, and only a person re-running the
 command delivers it again, so nothing loops by itself.
+
+Pods sharing a job (heartbeats, joining, leaving) and the watch for joinable jobs
+(:meth:`EmbeddedQueue.watch_jobs`) live in memory: this process is the only one that uses
+the file, so a job starting or a pod leaving is announced by this queue object itself
+(:class:`_Joinable`).
 """
 
 from __future__ import annotations
@@ -107,9 +112,49 @@ from supervisor.queues.base import (
 )
 from supervisor.queues.embedded_feed import EmbeddedFeed
 
-__all__ = ["EmbeddedFeed", "EmbeddedQueue", "read_jobs"]
+__all__ = ["EmbeddedFeed", "EmbeddedJobWatch", "EmbeddedQueue", "read_jobs"]
 
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+class _Joinable:
+    """In-process announcements that a job of an API may have become joinable: a count per
+    API, and an event set (then replaced) at each one."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._changed = anyio.Event()
+
+    def announce(self, api_name: str) -> None:
+        self._counts[api_name] = self._counts.get(api_name, 0) + 1
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def count(self, api_name: str) -> int:
+        return self._counts.get(api_name, 0)
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+
+class EmbeddedJobWatch:
+    """The :class:`~supervisor.queues.base.JobWatch` of the embedded queue (in memory)."""
+
+    def __init__(self, joinable: _Joinable, api_name: str) -> None:
+        self._joinable = joinable
+        self._api = api_name
+        self._seen = joinable.count(api_name)
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - see JobWatch.wait
+        """``True`` once the API had an announcement since the last seen; else ``False``
+        after ``timeout``."""
+        await anyio.lowlevel.checkpoint()
+        with anyio.move_on_after(timeout):
+            while (count := self._joinable.count(self._api)) == self._seen:
+                await self._joinable.changed()
+            self._seen = count
+            return True
+        return False
 
 
 def _take(batches: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
@@ -164,6 +209,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         self._completions: set[str] = set()  # jobs whose /on-job-complete was claimed
         # job_id -> pod_id -> (state, monotonic time, lease): in memory, this process only
         self._beats: dict[str, dict[str, tuple[str, float, float]]] = {}
+        self._joinable = _Joinable()
 
     @classmethod
     async def open(
@@ -275,18 +321,24 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         """Set the job's status, and its end time and final worker counts when given; the
         start time only if none is stored (the first pod to start the job sets it)."""
 
-        def update(conn: sqlite3.Connection) -> None:
+        def update(conn: sqlite3.Connection) -> tuple[str, str]:
             with transaction(conn):
-                cursor = conn.execute(
+                row = conn.execute(
+                    "SELECT api_name, status FROM jobs WHERE job_id = ?", (job_id,)
+                ).fetchone()
+                if row is None:
+                    raise QueueError(f"there is no job {job_id}.")
+                conn.execute(
                     "UPDATE jobs SET status = ?, start_time = coalesce(start_time, ?), "
                     "end_time = coalesce(?, end_time), "
                     "worker_counts = coalesce(?, worker_counts) WHERE job_id = ?",
                     (status, start_time, end_time, worker_counts, job_id),
                 )
-                if cursor.rowcount == 0:
-                    raise QueueError(f"there is no job {job_id}.")
+                return row[0], row[1]
 
-        await self._storage.run(update)
+        api_name, was = await self._storage.run(update)
+        if status == RUNNING and was != RUNNING:
+            self._joinable.announce(api_name)
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job as stored (counters as of the last commit), or ``None``."""
@@ -394,9 +446,18 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         self._beats.setdefault(job_id, {})[pod_id] = (state, time.monotonic(), lease)
 
     async def leave(self, job_id: str, pod_id: str) -> None:
-        """Forget ``pod_id``'s heartbeat."""
+        """Forget ``pod_id``'s heartbeat; if the job runs, wake the watchers of its API."""
         await anyio.lowlevel.checkpoint()
-        self._beats.get(job_id, {}).pop(pod_id, None)
+        if self._beats.get(job_id, {}).pop(pod_id, None) is None:
+            return
+        job = await self.get_job(job_id)
+        if job is not None and job.status == RUNNING:
+            self._joinable.announce(job.api_name)
+
+    async def watch_jobs(self, api_name: str) -> EmbeddedJobWatch:
+        """Watch for jobs of ``api_name`` that may have become joinable (in memory)."""
+        await anyio.lowlevel.checkpoint()
+        return EmbeddedJobWatch(self._joinable, api_name)
 
     async def pods(self, job_id: str) -> list[Heartbeat]:
         """The last heartbeat of each pod of the job."""

@@ -10,6 +10,17 @@ attempts' records, a dead-letter stream and a completion key; a set lists the jo
 running ones (with their API), kept by the script that sets a status, so an idle worker
 reads those only (:meth:`RedisQueue.running_jobs`).
 
+Waking idle workers: the script that sets a status, when a job starts running, and the one
+that lets a pod leave a running job, add an entry (its API and job) to one small capped
+stream, in the same atomic step. An idle worker blocks on it (:class:`RedisJobWatch`:
+``XREAD BLOCK`` from the last entry id it has seen, on a connection of the client's pool
+that the blocking read holds alone) and looks for a job as soon as an entry of its API
+arrives. A stream rather than a list: every idle worker reads every entry (a ``BLPOP``
+hands each one to one waiter only), and reading from the last id seen misses nothing that
+arrived while the worker was looking. The wait has a timeout, after which the worker looks
+anyway: a place freed by a pod that went silent is not announced, and an entry missed
+(Redis restarted without it) costs no more than the old poll.
+
 Enqueueing deletes whatever the job had, then adds the batches in pipelined chunks, one
 chunk in flight at a time (Redis's replies pace the producer: backpressure), then creates the
 consumer group and sets ``total_batches``, which lets feeds open. If the iterator raises, the
@@ -75,14 +86,16 @@ from supervisor.queues.base import (
     QueueError,
     QueueFullError,
 )
-from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, consumer_name, retrying
+from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, _Backoff, consumer_name, retrying
 
-__all__ = ["RedisFeed", "RedisQueue", "forward_redis_logs"]
+__all__ = ["RedisFeed", "RedisJobWatch", "RedisQueue", "forward_redis_logs"]
 
 LEASE = 30.0  # seconds a batch stays with a consumer that stopped renewing it
 COMPLETION_LEASE = 30.0  # seconds the /on-job-complete claim outlives a dead claimer
 CHUNK = 512  # batches per pipelined XADD round trip
 CONNECT_TIMEOUT = 5.0
+WATCH_COUNT = 64  # joinable entries read per XREAD
+WATCH_SLACK = 2.0  # seconds a blocking read may overrun its own timeout before it is cut
 
 _record_decoder = msgspec.json.Decoder(AttemptRecord)
 _STR_FIELDS = ("api_name", "digest", "status", "created_time", "start_time", "end_time")
@@ -177,6 +190,7 @@ class RedisQueue:
         self._heartbeat = client.register_script(S.HEARTBEAT)
         self._join = client.register_script(S.JOIN)
         self._pods = client.register_script(S.PODS)
+        self._leave = client.register_script(S.LEAVE)
 
     @classmethod
     @asynccontextmanager
@@ -322,7 +336,7 @@ class RedisQueue:
         args += [job_id, RUNNING]
         found = await self._do(
             "setting a job's status",
-            lambda: self._set_status(keys=[k.job, S.RUNNING], args=args),
+            lambda: self._set_status(keys=[k.job, S.RUNNING, S.JOINABLE], args=args),
         )
         if not found:
             raise QueueError(f"there is no job {job_id}.")
@@ -353,10 +367,10 @@ class RedisQueue:
 
     async def running_jobs(self, api_name: str) -> list[JobRecord]:
         """The running jobs of ``api_name``, from the running index (the other jobs are not
-        read), in :meth:`list_jobs`'s order."""
-        index = await self._client.hgetall(S.RUNNING)
+        read), in :meth:`list_jobs`'s order (Redis away: retried, as an idle worker asks)."""
+        index = await self._do("looking for running jobs", lambda: self._client.hgetall(S.RUNNING))
         ids = sorted(k.decode() for k, v in index.items() if v.decode() == api_name)
-        jobs = await self._read_jobs(ids)
+        jobs = await self._do("reading running jobs", lambda: self._read_jobs(ids))
         return [j for j in jobs if j.api_name == api_name and j.status == RUNNING]
 
     async def find_latest(self, api_name: str, digest: str) -> JobRecord | None:
@@ -476,9 +490,20 @@ class RedisQueue:
         await self._do("sending a heartbeat", lambda: self._heartbeat(keys=[key], args=args))
 
     async def leave(self, job_id: str, pod_id: str) -> None:
-        """Forget ``pod_id``'s heartbeat: its place is free at once."""
-        key = S.job_keys(job_id).pods
-        await self._do("leaving a job", lambda: self._client.hdel(key, [pod_id]))
+        """Forget ``pod_id``'s heartbeat: its place is free at once, and idle workers of the
+        API are woken if the job runs."""
+        k = S.job_keys(job_id)
+        keys = [k.pods, k.job, S.JOINABLE]
+        args = [pod_id, job_id, RUNNING]
+        await self._do("leaving a job", lambda: self._leave(keys=keys, args=args))
+
+    async def watch_jobs(self, api_name: str) -> RedisJobWatch:
+        """Watch the joinable stream for jobs of ``api_name``, from its newest entry."""
+        newest: Any = await self._do(
+            "watching for jobs", lambda: self._client.xrevrange(S.JOINABLE, count=1)
+        )
+        last = S.as_bytes(newest[0].identifier) if newest else b"0-0"
+        return RedisJobWatch(self._client, api_name, last, self._log)
 
     async def pods(self, job_id: str) -> list[Heartbeat]:
         """The last heartbeat of each pod of the job (ages by Redis's clock)."""
@@ -549,6 +574,49 @@ class RedisQueue:
             if not mine:
                 self._log.warning("completion_claim_lost", key=key)
                 return
+
+
+class RedisJobWatch:
+    """The :class:`~supervisor.queues.base.JobWatch` on Redis: ``XREAD BLOCK`` on the joinable
+    stream from the last entry id seen (see the module docstring). Made by
+    :meth:`RedisQueue.watch_jobs`."""
+
+    def __init__(self, client: coredis.Redis[bytes], api_name: str, last: bytes, log: Logger):
+        self._client = client
+        self._api = api_name.encode()
+        self._last = last
+        self._backoff = _Backoff(log, "waiting for jobs")
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - see JobWatch.wait
+        """``True`` once an entry of the API is in the stream after the last one seen;
+        ``False`` after ``timeout`` (Redis away: retried with backoff until then)."""
+        deadline = anyio.current_time() + timeout
+        while (left := deadline - anyio.current_time()) > 0:
+            if await self._read(left):
+                return True
+        await anyio.lowlevel.checkpoint()
+        return False
+
+    async def _read(self, left: float) -> bool:
+        """One blocking read of at most ``left`` seconds: whether an entry of the API came."""
+        reply: Any = None
+        try:
+            # A read that Redis never answers (a network cut) is cut here; coredis then drops
+            # the connection it held.
+            with anyio.move_on_after(left + WATCH_SLACK):
+                reply = await self._client.xread(
+                    {S.JOINABLE: self._last}, count=WATCH_COUNT, block=max(1, int(left * 1000))
+                )
+        except TRANSIENT as e:
+            with anyio.move_on_after(left):
+                await self._backoff.failed(e)
+            return False
+        self._backoff.succeeded()
+        if not reply:
+            return False
+        entries = next(iter(reply.values()))
+        self._last = S.as_bytes(entries[-1].identifier)
+        return any(S.as_bytes(e.field_values.get(b"api", b"")) == self._api for e in entries)
 
 
 def _raise_single(group: BaseExceptionGroup[Any]) -> NoReturn:

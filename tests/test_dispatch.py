@@ -336,3 +336,28 @@ async def test_reused_connection_reset_before_the_request_is_retried_uncounted(
     assert p.succeeded == 5 and p.failed_attempts == 0 and p.dead == 0
     assert [s.body for s in server.seen] == sent
     assert server.connections == 5
+
+
+async def test_a_slot_back_from_a_failed_attempt_sends_while_the_others_wait(
+    tmp_path: Path,
+) -> None:
+    """The retry of a failed batch goes out at once, while the other slot's batch is still
+    answered: a slot back from settling is not left idle until the next socket event."""
+    b0, b1 = bodies(2)
+    retried = anyio.Event()
+    tries = 0
+
+    async def handler(seen: Seen) -> Answer:
+        nonlocal tries
+        if seen.body == b1:
+            await retried.wait()  # answered only once b0's retry arrived
+            return 200, [], b"ok", False
+        tries += 1
+        if tries == 1:
+            return 500, [], b"no", False
+        retried.set()
+        return 200, [], b"ok", False
+
+    server, p, _ = await run_job(tmp_path, handler, [b0, b1], concurrency=2)
+    assert (p.succeeded, p.failed_attempts, p.dead) == (2, 1, 0)
+    assert sorted(s.body for s in server.seen) == [b0, b0, b1]

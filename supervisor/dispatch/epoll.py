@@ -126,6 +126,8 @@ class _Engine:
         self._tick = 0  # counts waits, to tell a connection that sat idle across one
         self._epoll = select.epoll()
         self._wakeup: anyio.Event | None = None  # set when a settled slot comes back
+        self._settled = 0  # slots back from settling, so far ...
+        self._settled_seen = 0  # ... as of the last wait (a slot back since then: no waiting)
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -157,6 +159,7 @@ class _Engine:
     # -- waiting --------------------------------------------------------------------------
 
     async def _wait(self) -> None:
+        self._settled_seen = self._settled  # no checkpoint since _fill looked at the slots
         wants_feed = bool(self._idle) and not self._done
         if self._timeout is None and self._busy and not wants_feed and not self._settling:
             await anyio.wait_readable(self._epoll.fileno())  # the hot path
@@ -215,10 +218,13 @@ class _Engine:
             race.cancel()
 
     async def _wait_settled(self, race: anyio.CancelScope | None) -> None:
-        wakeup = self._wakeup
-        if wakeup is None:
-            wakeup = self._wakeup = anyio.Event()
-        await wakeup.wait()
+        # A settle may end before this waiter first runs (the settling task was started
+        # first): then its slot is back already and there is nothing to wait for.
+        while self._settled == self._settled_seen:
+            wakeup = self._wakeup
+            if wakeup is None:
+                wakeup = self._wakeup = anyio.Event()
+            await wakeup.wait()
         if race is not None:
             race.cancel()
 
@@ -467,6 +473,7 @@ class _Engine:
             if slot.conn is not None:
                 slot.conn.idle_since = -1
             self._idle.append(slot)
+            self._settled += 1
             wakeup, self._wakeup = self._wakeup, None
             if wakeup is not None:
                 wakeup.set()

@@ -469,11 +469,12 @@ def test_a_pod_that_stops_being_ready_gives_back_what_it_read_ahead(
     ready_file = tmp_path / "ready"
     ready_file.touch()
     hung = workers(0, "--concurrency", "2", api_file=gated_api(tmp_path, api, ready_file))
-    n = 60
+    n = 200
     job_id = submit(redis_url, n, workers=2)
     wait_for(lambda: any(p == port for _, p in batch_items(rec)), "the first pod's batches")
+    before = len(hung.events("pod_not_ready"))
     ready_file.unlink()  # its probe fails from now on
-    hung.wait_event("pod_not_ready")
+    hung.wait_event("pod_not_ready", before + 1)
     other = workers(1, "--concurrency", "2")
     holder: list[JobRecord] = []
 

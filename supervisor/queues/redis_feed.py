@@ -409,6 +409,7 @@ class RedisFeed(FeedBookkeeping):
                 continue
             backoff.succeeded()
             lost = {S.seq_of(i) for i in held_ids} - {S.seq_of(S.as_bytes(i)) for i in mine}
+            lost &= self._held()  # not those given back meanwhile
             if lost:  # another consumer claimed them (this one was cut off too long)
                 self._log.warning("redis_leases_lost", batches=sorted(lost))
                 self._ready = deque(d for d in self._ready if d.seq not in lost)

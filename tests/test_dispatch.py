@@ -12,6 +12,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -336,3 +337,90 @@ async def test_reused_connection_reset_before_the_request_is_retried_uncounted(
     assert p.succeeded == 5 and p.failed_attempts == 0 and p.dead == 0
     assert [s.body for s in server.seen] == sent
     assert server.connections == 5
+
+
+async def test_a_slot_back_from_a_failed_attempt_sends_while_the_others_wait(
+    tmp_path: Path,
+) -> None:
+    """The retry of a failed batch goes out at once, while the other slot's batch is still
+    answered: a slot back from settling is not left idle until the next socket event."""
+    b0, b1 = bodies(2)
+    retried = anyio.Event()
+    tries = 0
+
+    async def handler(seen: Seen) -> Answer:
+        nonlocal tries
+        if seen.body == b1:
+            await retried.wait()  # answered only once b0's retry arrived
+            return 200, [], b"ok", False
+        tries += 1
+        if tries == 1:
+            return 500, [], b"no", False
+        retried.set()
+        return 200, [], b"ok", False
+
+    server, p, _ = await run_job(tmp_path, handler, [b0, b1], concurrency=2)
+    assert (p.succeeded, p.failed_attempts, p.dead) == (2, 1, 0)
+    assert sorted(s.body for s in server.seen) == [b0, b0, b1]
+
+
+async def test_a_pod_that_stops_serving_stops_taking_batches(tmp_path: Path) -> None:
+    """A pod that stops serving while its slots wait for the feed takes nothing more: a batch
+    that comes in then (here another pod's retry) goes to a pod that serves."""
+    b0, b1, b2 = bodies(3)
+    failing = anyio.Event()
+    finish = anyio.Event()
+    retried = anyio.Event()
+
+    async def second(seen: Seen) -> Answer:
+        if seen.body == b0 and not failing.is_set():
+            await failing.wait()
+            return 500, [], b"no", False
+        if seen.body == b0:
+            retried.set()
+        else:
+            await finish.wait()
+        return 200, [], b"ok", False
+
+    one, two = Server(ok), Server(second)
+    queue = await EmbeddedQueue.open(tmp_path / "q.sqlite3", dead_letter_root=tmp_path / "dl")
+    log = Logger(io.StringIO())
+    async with queue:
+        await queue.create_job(JOB, "api", "digest", b"{}", "t0")
+        await queue.enqueue(JOB, iter([b0, b1, b2]))
+        with anyio.fail_after(20):
+            async with (
+                await anyio.create_tcp_listener(local_host="127.0.0.1") as l1,
+                await anyio.create_tcp_listener(local_host="127.0.0.1") as l2,
+                anyio.create_task_group() as tg,
+            ):
+                one.port = l1.extra(anyio.abc.SocketAttribute.local_port)
+                two.port = l2.extra(anyio.abc.SocketAttribute.local_port)
+                tg.start_soon(one.serve, l1)
+                tg.start_soon(two.serve, l2)
+                p1, p2 = FakePod(one.port), FakePod(two.port)
+                async with queue.open_feed(JOB, max_attempts=3) as feed:
+                    async with anyio.create_task_group() as job:
+                        # pod 2 takes b0 (to fail) and b1 (held); pod 1 sends b2, then its
+                        # two slots wait for the feed
+                        job.start_soon(
+                            partial(dispatch_pod, feed, p2, job_id=JOB, concurrency=2, log=log)
+                        )
+                        while len(two.seen) < 2:
+                            await anyio.wait_all_tasks_blocked()
+                        job.start_soon(
+                            partial(dispatch_pod, feed, p1, job_id=JOB, concurrency=2, log=log)
+                        )
+                        while feed.progress().succeeded < 1:
+                            await anyio.wait_all_tasks_blocked()
+                        p1.set_serving(False)
+                        await anyio.wait_all_tasks_blocked()
+                        failing.set()  # b0's retry is ready while pod 1 is not serving
+                        await retried.wait()  # pod 2 took it
+                        finish.set()
+                        p1.set_serving(True)  # to see that the job is done
+                    progress = feed.progress()
+                tg.cancel_scope.cancel()
+    assert [s.body for s in one.seen] == [b2]
+    assert sorted(s.body for s in two.seen) == [b0, b0, b1]
+    assert (progress.succeeded, progress.failed_attempts, progress.dead) == (3, 1, 0)

@@ -31,6 +31,7 @@ from supervisor.queues.base import (
     QueueFullError,
 )
 from supervisor.queues.redis import RedisQueue, forward_redis_logs
+from supervisor.queues.redis_feed import Demand, RedisFeed, look
 from tests.helpers import child_env
 from tests.redis_server import RedisServer
 
@@ -83,6 +84,87 @@ async def test_a_batch_longer_than_the_lease_is_not_delivered_twice(redis_url: s
         p = await a.progress(JOB)
     assert seen == []
     assert (p.succeeded, p.failed_attempts, p.in_queue) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("before", "asked", "after"),
+    [
+        (Demand.IDLE, False, Demand.IDLE),  # never asked: nothing read
+        (Demand.IDLE, True, Demand.ASKING),
+        (Demand.ASKING, True, Demand.ASKING),
+        (Demand.ASKING, False, Demand.STOPPED),  # a look without an ask: give back
+        (Demand.STOPPED, False, Demand.STOPPED),
+        (Demand.STOPPED, True, Demand.ASKING),  # asked again: read again
+    ],
+)
+def test_demand_after_a_look(before: Demand, asked: bool, after: Demand) -> None:
+    assert look(before, asked=asked) == after
+
+
+async def pending_of(r: coredis.Redis[bytes], consumer: str) -> int | None:
+    """How many batches ``consumer`` holds in the job's group (None: it never read)."""
+    for c in await r.xinfo_consumers(S.job_keys(JOB).stream, S.GROUP):
+        if c[b"name"] == consumer.encode():
+            return int(c[b"pending"])
+    return None
+
+
+async def drain(feed: RedisFeed) -> list[Delivery]:
+    got = []
+    while (d := await feed.receive()) is not None:
+        got.append(d)
+        feed.ack(d, 0.1)
+    return got
+
+
+async def test_a_feed_nobody_asks_reads_nothing(redis_url: str) -> None:
+    n = 6
+    async with (
+        open_queue(redis_url, lease=LEASE) as a,
+        open_queue(redis_url, lease=LEASE) as b,
+        coredis.Redis.from_url(redis_url) as r,
+    ):
+        await new_job(a, n)  # type: ignore[arg-type]
+        with anyio.fail_after(20):  # a feed that read ahead would keep B waiting forever
+            async with a.open_feed(JOB, max_attempts=3, buffer=4) as fa:
+                assert isinstance(fa, RedisFeed)
+                async with b.open_feed(JOB, max_attempts=3, buffer=4) as fb:
+                    assert isinstance(fb, RedisFeed)
+                    got = await drain(fb)
+                assert await pending_of(r, fa.consumer) is None  # never read at all
+        p = await a.progress(JOB)
+    assert sorted(d.seq for d in got) == list(range(n))
+    assert {d.attempt for d in got} == {1}
+    assert (p.succeeded, p.failed_attempts, p.dead) == (n, 0, 0)
+
+
+async def test_a_feed_whose_consumer_stops_asking_gives_back_its_read_ahead(
+    redis_url: str,
+) -> None:
+    n = 8
+    async with (
+        open_queue(redis_url, lease=LEASE) as a,
+        open_queue(redis_url, lease=LEASE) as b,
+        coredis.Redis.from_url(redis_url) as r,
+    ):
+        await new_job(a, n)  # type: ignore[arg-type]
+        with anyio.fail_after(20):
+            async with a.open_feed(JOB, max_attempts=3, buffer=4) as fa:
+                assert isinstance(fa, RedisFeed)
+                first = await fa.receive()  # one ask: A reads ahead, then nobody asks
+                assert first is not None
+                assert await pending_of(r, fa.consumer) == 4
+                fa.ack(first, 0.1)
+                await fa.flush()
+                async with b.open_feed(JOB, max_attempts=3, buffer=4) as fb:
+                    assert isinstance(fb, RedisFeed)
+                    got = await drain(fb)  # A's three unsent batches come back to B
+                assert await pending_of(r, fa.consumer) == 0
+                assert await fa.receive() is None  # asked again, it reads: nothing left
+        p = await a.progress(JOB)
+    assert sorted(d.seq for d in got) == list(range(1, n))
+    assert {d.attempt for d in got} == {1}  # given back uncounted
+    assert (p.succeeded, p.failed_attempts, p.dead) == (n, 0, 0)
 
 
 CONSUMER = """

@@ -128,6 +128,18 @@ def api(tmp_path: Path) -> tuple[Path, Path, int]:
     return write_api(tmp_path / "api.yaml", [container], port=port), rec, port
 
 
+def gated_api(tmp_path: Path, api: tuple[Path, Path, int], ready_file: Path) -> Path:
+    """The same API, its /healthz answering 200 only while ``ready_file`` exists."""
+    _, rec, port = api
+    container = {
+        **recorder_container(
+            RECORD_DIR=str(rec), SLEEP_PER_BATCH="0.1", READY_FILE=str(ready_file)
+        ),
+        "readiness_probe": {**probe_on(port), "period_seconds": 1},
+    }
+    return write_api(tmp_path / "gated-api.yaml", [container], port=port)
+
+
 @pytest.fixture
 def workers(
     tmp_path: Path, redis_url: str, api: tuple[Path, Path, int]
@@ -136,13 +148,8 @@ def workers(
 
     def start(index: int, *extra: str, api_file: Path | None = None) -> Worker:
         log = tmp_path / f"worker-{index}-{time.monotonic_ns()}.log"
-        args = [
-            str(api_file or api[0]),
-            "--queue",
-            redis_url,
-            "--root",
-            str(tmp_path / f"w{index}"),
-        ]
+        api_path = api[0] if api_file is None else api_file
+        args = [str(api_path), "--queue", redis_url, "--root", str(tmp_path / f"w{index}")]
         args += ["--lease", LEASE, "--grace", "5", "--port-offset", str(index), *extra]
         with log.open("w") as out:
             proc = subprocess.Popen(
@@ -678,3 +685,65 @@ def test_serve_metrics_add_up_every_pod(
         wait_for(matches, f"serve's /metrics to match the status: {want} vs {seen}")
     finally:
         assert s.stop() == 128 + signal.SIGTERM
+
+
+def test_a_pod_that_never_gets_ready_holds_no_batch(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    """A pod whose containers never get ready reads nothing ahead: the job finishes through
+    the other pod instead of waiting on batches the stuck pod would renew forever."""
+    _, rec, port = api
+    never = workers(0, "--concurrency", "2", api_file=gated_api(tmp_path, api, tmp_path / "no"))
+    n = 30
+    job_id = submit(redis_url, n, workers=2)
+    never.wait_event("job_joined")
+    never.wait_event("pod_not_ready")  # its feed has been open for a while
+    ready = workers(1, "--concurrency", "2")
+    holder: list[JobRecord] = []
+
+    def ended() -> bool:
+        holder[:] = [job(redis_url, job_id)]
+        return holder[0].status in jobs.END_STATES
+
+    wait_for(ended, f"job {job_id} to end", timeout=30)  # it never ends if batches are held
+    record = holder[0]
+    assert record.status == jobs.SUCCEEDED, ready.log.read_text()
+    assert (record.succeeded, record.dead, record.failed_attempts) == (n, 0, 0)
+    done = batch_items(rec)
+    assert sorted(i for i, _ in done) == list(range(n))
+    assert {p for _, p in done} == {port + 1}
+    assert len(completions(rec)) == 1
+    never.wait_event("job_left")
+
+
+def test_a_pod_that_stops_being_ready_gives_back_what_it_read_ahead(
+    workers: Callable[..., Worker], redis_url: str, api: tuple[Path, Path, int], tmp_path: Path
+) -> None:
+    """A pod that served, then fails its readiness probe for good, keeps no batch it is not
+    sending: what it read ahead goes back uncounted and the other pod finishes the job."""
+    _, rec, port = api
+    ready_file = tmp_path / "ready"
+    ready_file.touch()
+    hung = workers(0, "--concurrency", "2", api_file=gated_api(tmp_path, api, ready_file))
+    n = 200
+    job_id = submit(redis_url, n, workers=2)
+    wait_for(lambda: any(p == port for _, p in batch_items(rec)), "the first pod's batches")
+    before = len(hung.events("pod_not_ready"))
+    ready_file.unlink()  # its probe fails from now on
+    hung.wait_event("pod_not_ready", before + 1)
+    other = workers(1, "--concurrency", "2")
+    holder: list[JobRecord] = []
+
+    def ended() -> bool:
+        holder[:] = [job(redis_url, job_id)]
+        return holder[0].status in jobs.END_STATES
+
+    wait_for(ended, f"job {job_id} to end", timeout=30)
+    record = holder[0]
+    assert record.status == jobs.SUCCEEDED, other.log.read_text()
+    assert (record.succeeded, record.dead, record.failed_attempts) == (n, 0, 0)
+    done = batch_items(rec)
+    assert {i for i, _ in done} == set(range(n))
+    assert {p for _, p in done} == {port, port + 1}
+    assert len(completions(rec)) == 1
+    hung.wait_event("job_left")

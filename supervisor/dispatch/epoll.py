@@ -22,6 +22,11 @@ Waiting for anything but sockets is rare (start, the job's tail, retries, a pod 
 serving, a failed attempt being settled): only then the epoll fd is raced, in a small task
 group, against the feed, the pod's readiness or the settling failure. A failed attempt is
 settled (:mod:`supervisor.dispatch.settle`) in a task of its own while its slot sits out.
+
+A pod that is not serving does not ask the feed for batches (a feed that is not asked reads
+nothing ahead, see :class:`~supervisor.queues.base.Feed`): a wait for the feed ends when the
+pod stops serving, and a batch such a wait took is released at once, for another pod or for
+this one when it serves again.
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ class _Engine:
         self._tick = 0  # counts waits, to tell a connection that sat idle across one
         self._epoll = select.epoll()
         self._wakeup: anyio.Event | None = None  # set when a settled slot comes back
+        self._settled = 0  # slots back from settling, so far ...
+        self._settled_seen = 0  # ... as of the last wait (a slot back since then: no waiting)
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def run(self) -> None:
@@ -143,6 +150,8 @@ class _Engine:
     async def _loop(self) -> None:
         target = self._target
         while True:
+            if self._stash and not target.serving:
+                self._release_stash()
             if self._idle and not self._done and target.serving:
                 self._fill()
             if not self._busy and not self._settling and self._done:
@@ -157,6 +166,7 @@ class _Engine:
     # -- waiting --------------------------------------------------------------------------
 
     async def _wait(self) -> None:
+        self._settled_seen = self._settled  # no checkpoint since _fill looked at the slots
         wants_feed = bool(self._idle) and not self._done
         if self._timeout is None and self._busy and not wants_feed and not self._settling:
             await anyio.wait_readable(self._epoll.fileno())  # the hot path
@@ -165,8 +175,9 @@ class _Engine:
         if self._busy:
             waiters.append(self._wait_sockets)
         if wants_feed:
-            if self._target.serving:
+            if self._target.serving:  # and stop asking if the pod stops serving
                 waiters.append(self._wait_feed)
+                waiters.append(self._wait_not_serving)
             else:  # a pod that is not ready: wait for it, or for the feed to be closed
                 waiters.append(self._wait_serving)
                 waiters.append(self._wait_closed)
@@ -203,22 +214,37 @@ class _Engine:
         if race is not None:
             race.cancel()
 
-    async def _wait_closed(self, race: anyio.CancelScope | None) -> None:
-        await self._feed.wait_closed()
-        self._done = True  # nothing more will be taken; what was taken goes back
-        feed = self._feed
-        for d in self._stash:
-            if d is not None:
-                feed.release(d)
-        self._stash.clear()
+    async def _wait_not_serving(self, race: anyio.CancelScope | None) -> None:
+        await self._target.wait_serving(False)
         if race is not None:
             race.cancel()
 
+    async def _wait_closed(self, race: anyio.CancelScope | None) -> None:
+        await self._feed.wait_closed()
+        self._done = True  # nothing more will be taken; what was taken goes back
+        self._release_stash()
+        if race is not None:
+            race.cancel()
+
+    def _release_stash(self) -> None:
+        """Give back what a wait took from the feed and no slot sent (the pod stopped serving,
+        or the feed closed): the feed hands it out again, here or to another pod."""
+        feed = self._feed
+        for d in self._stash:
+            if d is None:
+                self._done = True
+            else:
+                feed.release(d)
+        self._stash.clear()
+
     async def _wait_settled(self, race: anyio.CancelScope | None) -> None:
-        wakeup = self._wakeup
-        if wakeup is None:
-            wakeup = self._wakeup = anyio.Event()
-        await wakeup.wait()
+        # A settle may end before this waiter first runs (the settling task was started
+        # first): then its slot is back already and there is nothing to wait for.
+        while self._settled == self._settled_seen:
+            wakeup = self._wakeup
+            if wakeup is None:
+                wakeup = self._wakeup = anyio.Event()
+            await wakeup.wait()
         if race is not None:
             race.cancel()
 
@@ -467,6 +493,7 @@ class _Engine:
             if slot.conn is not None:
                 slot.conn.idle_since = -1
             self._idle.append(slot)
+            self._settled += 1
             wakeup, self._wakeup = self._wakeup, None
             if wakeup is not None:
                 wakeup.set()

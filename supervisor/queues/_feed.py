@@ -35,6 +35,7 @@ class FeedBookkeeping:
         "_n_committed",
         "_ready",
         "_receivers_wakeup",
+        "_receiving",
         "_stopped",
     )
 
@@ -45,6 +46,7 @@ class FeedBookkeeping:
         self._closed = False
         self._closed_event: anyio.Event | None = None  # created by the first wait_closed()
         self._receivers_wakeup: anyio.Event | None = None
+        self._receiving = 0  # receive() calls waiting now (a consumer that asks and waits)
         self._n_buffered = 0  # acks and failures buffered so far ...
         self._n_committed = 0  # ... of which committed
         self._committer_wakeup: anyio.Event | None = None
@@ -76,7 +78,11 @@ class FeedBookkeeping:
             wakeup = self._receivers_wakeup
             if wakeup is None:
                 wakeup = self._receivers_wakeup = anyio.Event()
-            await wakeup.wait()
+            self._receiving += 1
+            try:
+                await wakeup.wait()
+            finally:
+                self._receiving -= 1
 
     def release(self, d: Delivery) -> None:
         """Give ``d`` back without counting an attempt (its container was restarted under it):

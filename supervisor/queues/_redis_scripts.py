@@ -21,6 +21,7 @@ __all__ = [
     "COUNTERS",
     "CREATE",
     "GIVE_BACK",
+    "GIVE_BACK_SOME",
     "GROUP",
     "HEARTBEAT",
     "JOBS",
@@ -322,6 +323,28 @@ for _, p in ipairs(mine) do
 end
 redis.call('XGROUP', 'DELCONSUMER', stream, group, me)
 return #mine
+"""
+)
+
+# Give back some batches a feed read ahead and did not hand out (its consumer stopped
+# asking): as GIVE_BACK does on leaving, claimable at once and uncounted, but only the ids
+# given that are still this consumer's, and the consumer stays. KEYS: stream, returned.
+# ARGV: group, consumer, then the ids. Returns how many were given back.
+GIVE_BACK_SOME = (
+    """
+local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', stream, group, ARGV[i], ARGV[i], 1)
+  if #p == 1 and p[1][2] == me then
+    redis.call('XCLAIM', stream, group, '"""
+    + RETURNED
+    + """', 0, ARGV[i], 'IDLE', 1000000000, 'JUSTID')
+    redis.call('SADD', KEYS[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
 """
 )
 

@@ -1,13 +1,28 @@
-"""The dispatch side of the Redis queue: :class:`RedisFeed` (see ``redis.py``)."""
+"""The dispatch side of the Redis queue: :class:`RedisFeed` (see ``redis.py``).
+
+Reading on demand
+-----------------
+A batch a feed has read is its consumer's in Redis (pending, its lease renewed) even before
+it is handed out, so a feed reads ahead only for a consumer that asks. Its reader takes a
+*look* at the demand every third of the lease (and whenever an ask wakes it): the consumer
+asked if it called ``receive_nowait`` since the previous look or waits in ``receive``.
+:func:`look` turns that into a :class:`Demand`: ``IDLE`` until the first ask (a pod that never
+gets ready reads nothing), ``ASKING`` while asks come (``ready`` is kept filled), ``STOPPED``
+after a look without one (its pod stopped serving, or every slot is busy): then what was read
+and not handed out is given back at once, claimable by any pod and uncounted (the
+``returned`` set, as on leaving), and nothing more is read until the next ask.
+"""
 
 from __future__ import annotations
 
+import enum
 import os
 import secrets
 import socket
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -27,7 +42,7 @@ from supervisor.queues.base import (
     Progress,
 )
 
-__all__ = ["RedisFeed", "consumer_name", "retrying"]
+__all__ = ["Demand", "RedisFeed", "consumer_name", "look", "retrying"]
 
 COMMIT_WINDOW = 0.005  # seconds acks gather before one commit, while busy
 POLL = 1.0  # seconds between looks for lost batches while others hold the rest
@@ -84,14 +99,37 @@ async def retrying(log: Logger, what: str, call: Any) -> Any:
         return result
 
 
+class Demand(enum.Enum):
+    """What the feed's consumer wants, as its reader last looked (see the module docstring)."""
+
+    IDLE = "IDLE"  # it has not asked yet: nothing is read
+    ASKING = "ASKING"  # it asked since the previous look: ``ready`` is kept filled
+    STOPPED = "STOPPED"  # a look without an ask: give back what is unsent, read nothing
+
+    def __repr__(self) -> str:
+        return self.value
+
+
+def look(state: Demand, *, asked: bool) -> Demand:
+    """The demand after a look, from the one before and whether the consumer ``asked`` in
+    between (called ``receive_nowait``, or is waiting in ``receive``). While it is
+    ``STOPPED``, whatever the feed holds unsent goes back."""
+    if asked:
+        return Demand.ASKING
+    if state is Demand.IDLE:
+        return Demand.IDLE
+    return Demand.STOPPED
+
+
 class RedisFeed(FeedBookkeeping):
     """The consuming side of one job on Redis (:class:`~supervisor.queues.base.Feed`).
 
     Made by :meth:`RedisQueue.open_feed`. Three tasks serve it: the *reader* keeps ``ready``
-    filled (``XREADGROUP``, then claims of expired leases), the *committer* sends buffered
-    acks and failures in one script call per group, the *renewer* renews the lease of every
-    batch held every third of the lease. ``receive_nowait``, ``ack`` and ``fail`` never do
-    I/O.
+    filled while the consumer asks (``XREADGROUP``, then claims of expired leases) and gives
+    back what it read ahead when the consumer stops asking (the module docstring), the
+    *committer* sends buffered acks and failures in one script call per group, the *renewer*
+    renews the lease of every batch held every third of the lease. ``receive_nowait``,
+    ``ack`` and ``fail`` never do I/O.
     """
 
     def __init__(
@@ -119,6 +157,7 @@ class RedisFeed(FeedBookkeeping):
         self._claim = client.register_script(S.CLAIM)
         self._renew = client.register_script(S.RENEW)
         self._give_back = client.register_script(S.GIVE_BACK)
+        self._give_back_some = client.register_script(S.GIVE_BACK_SOME)
         # Counters as Redis last said, plus what is buffered here and not committed yet.
         self._remote = (job.total_batches or 0, job.succeeded, job.dead, job.failed_attempts)
         self._remote_time = job.time_per_batch_sum
@@ -129,6 +168,8 @@ class RedisFeed(FeedBookkeeping):
         # Delivery state.
         self._done = False  # the job's stream is empty: nothing anywhere left to do
         self._reader_wakeup: anyio.Event | None = None
+        self._asks = 0  # receive_nowait calls so far: the reader's measure of demand
+        self._demand = Demand.IDLE  # as the reader last looked
         # Commit buffers.
         self._acks: list[tuple[int, float]] = []
         self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, record
@@ -145,6 +186,7 @@ class RedisFeed(FeedBookkeeping):
         """Like :meth:`receive` without waiting (``anyio.WouldBlock`` if nothing is ready)."""
         if self._closed:
             return None
+        self._asks += 1
         ready = self._ready
         if ready:
             d = ready.popleft()
@@ -154,6 +196,8 @@ class RedisFeed(FeedBookkeeping):
             return d
         if self._done and not self._in_flight:
             return None
+        if self._demand is not Demand.ASKING:
+            self._wake_reader()  # a reader that is not reading looks at once
         raise anyio.WouldBlock
 
     def ack(self, d: Delivery, elapsed: float) -> None:
@@ -263,10 +307,22 @@ class RedisFeed(FeedBookkeeping):
         keys = self._keys
         claim_keys = [keys.job, keys.stream, keys.attempts, keys.dead, keys.returned, keys.lost]
         new = True  # XREADGROUP may still have entries never delivered
+        patience = self._lease / 3
+        asks = 0  # self._asks at the previous look
+        next_look = 0.0
         while not self._closed and not self._done:
+            now = anyio.current_time()
+            if self._demand is not Demand.ASKING or now >= next_look:
+                asked = self._asks != asks or self._receiving > 0
+                demand = self._demand = look(self._demand, asked=asked)
+                asks, next_look = self._asks, now + patience
+                if demand is Demand.STOPPED:
+                    await self._give_back_unsent()
+                if demand is not Demand.ASKING:  # until an ask wakes it (or the next look)
+                    await self._reader_sleep(None if demand is Demand.IDLE else patience)
+                    continue
             if len(self._ready) > self._low_water:
-                wakeup = self._reader_wakeup = anyio.Event()
-                await wakeup.wait()
+                await self._reader_sleep(next_look - now)
                 continue
             want = max(1, min(READ_COUNT, self._buffer - len(self._ready)))
             try:
@@ -314,9 +370,36 @@ class RedisFeed(FeedBookkeeping):
             else:
                 # Others hold the rest: look again for expired leases after a while, or
                 # sooner when a commit here may have finished the job.
-                wakeup = self._reader_wakeup = anyio.Event()
-                with anyio.move_on_after(min(POLL, self._lease / 3)):
-                    await wakeup.wait()
+                await self._reader_sleep(min(POLL, patience))
+
+    async def _reader_sleep(self, delay: float | None) -> None:
+        """Wait for :meth:`_wake_reader`, at most ``delay`` seconds (``None``: no limit)."""
+        wakeup = self._reader_wakeup = anyio.Event()
+        with anyio.move_on_after(float("inf") if delay is None else delay):
+            await wakeup.wait()
+
+    async def _give_back_unsent(self) -> None:
+        """Give back what ``ready`` holds (the consumer stopped asking), claimable at once and
+        uncounted. A retry whose failure is not committed yet stays until it is: a failure
+        commits only while its batch is still this consumer's."""
+        failing = {seq for seq, _, _ in self._failed}
+        back = [d.seq for d in self._ready if d.seq not in failing]
+        if not back:
+            return
+        self._ready = deque(d for d in self._ready if d.seq in failing)
+        keys, ids = self._keys, [S.entry_id(seq) for seq in back]
+        # The script gives back only what is still ours: a retry after a lost reply is harmless.
+        n = await retrying(
+            self._log,
+            "giving back batches",
+            partial(
+                self._run_script,
+                self._give_back_some,
+                [keys.stream, keys.returned],
+                [S.GROUP, self._consumer, *ids],
+            ),
+        )
+        self._log.info("batches_given_back", batches=int(n), reason="no demand")
 
     # -- the renewer ----------------------------------------------------------------------
 
@@ -336,6 +419,7 @@ class RedisFeed(FeedBookkeeping):
                 continue
             backoff.succeeded()
             lost = {S.seq_of(i) for i in held_ids} - {S.seq_of(S.as_bytes(i)) for i in mine}
+            lost &= self._held()  # not those given back meanwhile
             if lost:  # another consumer claimed them (this one was cut off too long)
                 self._log.warning("redis_leases_lost", batches=sorted(lost))
                 self._ready = deque(d for d in self._ready if d.seq not in lost)

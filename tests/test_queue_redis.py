@@ -117,6 +117,26 @@ async def drain(feed: RedisFeed) -> list[Delivery]:
     return got
 
 
+async def test_after_a_flush_a_feed_counts_what_the_other_pods_settled(redis_url: str) -> None:
+    # What the pod that wins the completion sends in /on-job-complete and records as the end.
+    n = 10
+    async with open_queue(redis_url, lease=LEASE) as a, open_queue(redis_url, lease=LEASE) as b:
+        await new_job(a, n)  # type: ignore[arg-type]
+        with anyio.fail_after(20):
+            async with a.open_feed(JOB, max_attempts=1, buffer=2) as fa:
+                async with b.open_feed(JOB, max_attempts=1, buffer=2) as fb:
+                    first = await fa.receive()
+                    assert first is not None
+                    fa.ack(first, 0.1)
+                    await fa.flush()  # A's counters now: 1 succeeded
+                    got = await drain(fb)  # B settles all the rest
+                    await fb.flush()
+                await fa.flush()
+                p = fa.progress()
+    assert len(got) == n - 1
+    assert (p.succeeded, p.dead, p.in_flight, p.in_queue) == (n, 0, 0, 0), p
+
+
 async def test_a_feed_nobody_asks_reads_nothing(redis_url: str) -> None:
     n = 6
     async with (

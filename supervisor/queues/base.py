@@ -244,7 +244,9 @@ class Feed(Protocol):
         ...
 
     async def flush(self) -> None:
-        """Wait until every ack and failure reported so far is durable."""
+        """Wait until every ack and failure reported so far is durable; then
+        :meth:`progress` counts every batch the job's consumers settled, this one's and (on
+        a shared queue) the other pods'."""
         ...
 
 

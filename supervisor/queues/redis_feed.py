@@ -158,6 +158,7 @@ class RedisFeed(FeedBookkeeping):
         self._renew = client.register_script(S.RENEW)
         self._give_back = client.register_script(S.GIVE_BACK)
         self._give_back_some = client.register_script(S.GIVE_BACK_SOME)
+        self._read_counters = client.register_script(S.READ_COUNTERS)
         # Counters as Redis last said, plus what is buffered here and not committed yet.
         self._remote = (job.total_batches or 0, job.succeeded, job.dead, job.failed_attempts)
         self._remote_time = job.time_per_batch_sum
@@ -238,6 +239,18 @@ class RedisFeed(FeedBookkeeping):
             in_queue=max(0, total - ok - dead - in_flight),
             average_time_per_batch=time_sum / ok if ok else None,
         )
+
+    async def flush(self) -> None:
+        """Commit every ack and failure reported so far, then read the job's counters, so
+        that :meth:`progress` also holds what the job's other pods committed (what a pod
+        sends in ``/on-job-complete`` and records as the job's end)."""
+        await super().flush()
+        values = await retrying(
+            self._log,
+            "reading the job's counters",
+            partial(self._run_script, self._read_counters, [self._keys.job], []),
+        )
+        self._set_counters(values)
 
     # -- bookkeeping ----------------------------------------------------------------------
 

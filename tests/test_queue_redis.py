@@ -31,7 +31,7 @@ from supervisor.queues.base import (
     QueueFullError,
 )
 from supervisor.queues.redis import RedisQueue, forward_redis_logs
-from supervisor.queues.redis_feed import Demand, RedisFeed, look
+from supervisor.queues.redis_feed import Demand, RedisFeed, look, read_ahead
 from tests.helpers import child_env
 from tests.redis_server import RedisServer
 
@@ -99,6 +99,20 @@ async def test_a_batch_longer_than_the_lease_is_not_delivered_twice(redis_url: s
 )
 def test_demand_after_a_look(before: Demand, asked: bool, after: Demand) -> None:
     assert look(before, asked=asked) == after
+
+
+@pytest.mark.parametrize(
+    ("buffer", "rate", "want"),
+    [
+        (32, 0.0, 32),  # nothing settled yet: the least
+        (32, 100.0, 32),  # a slow worker: the least (5 batches would do)
+        (32, 1400.0, 70),  # the 10 ms sleeper at c=16: 50 ms of batches
+        (32, 7000.0, 256),  # a fast worker: capped at 8x
+        (2, 1e6, 16),
+    ],
+)
+def test_read_ahead_holds_about_50_ms_of_batches(buffer: int, rate: float, want: int) -> None:
+    assert read_ahead(buffer, rate) == want
 
 
 async def pending_of(r: coredis.Redis[bytes], consumer: str) -> int | None:

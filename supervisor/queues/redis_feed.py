@@ -11,6 +11,16 @@ gets ready reads nothing), ``ASKING`` while asks come (``ready`` is kept filled)
 after a look without one (its pod stopped serving, or every slot is busy): then what was read
 and not handed out is given back at once, claimable by any pod and uncounted (the
 ``returned`` set, as on leaving), and nothing more is read until the next ask.
+
+How much to read ahead
+----------------------
+``buffer`` (twice the pod's concurrency) is the least a feed keeps ready. A pod that settles
+batches fast would then read a few entries per round trip, and coredis costs about half a
+millisecond of Python per call: :func:`read_ahead` lets the buffer grow to hold about
+:data:`HOLD` seconds of batches at the rate this feed settles them, up to
+:data:`MAX_READ_AHEAD` times ``buffer``. A slow worker's pod keeps ``buffer``; a fast one's
+holds more, for at most about :data:`HOLD` seconds, so at the end of a job the other pods wait
+that long at most for what it read.
 """
 
 from __future__ import annotations
@@ -42,13 +52,16 @@ from supervisor.queues.base import (
     Progress,
 )
 
-__all__ = ["Demand", "RedisFeed", "consumer_name", "look", "retrying"]
+__all__ = ["Demand", "RedisFeed", "consumer_name", "look", "read_ahead", "retrying"]
 
 COMMIT_WINDOW = 0.005  # seconds acks gather before one commit, while busy
 POLL = 1.0  # seconds between looks for lost batches while others hold the rest
 BACKOFF_MAX = 5.0  # seconds, the longest wait between tries while Redis is away
 READ_COUNT = 256  # entries per XREADGROUP / claim
 GIVE_BACK_TIMEOUT = 10.0  # seconds to commit and give back on leaving
+HOLD = 0.05  # seconds of batches, at the rate they are settled, a feed may hold ready
+MAX_READ_AHEAD = 8  # times the least read-ahead (``buffer``)
+RATE_WINDOW = 0.25  # seconds over which the settle rate is measured
 
 _record_encoder = msgspec.json.Encoder()
 
@@ -121,6 +134,12 @@ def look(state: Demand, *, asked: bool) -> Demand:
     return Demand.STOPPED
 
 
+def read_ahead(buffer: int, settled_per_s: float) -> int:
+    """How many batches to keep ready: :data:`HOLD` seconds of them at the rate they are
+    settled, at least ``buffer``, at most :data:`MAX_READ_AHEAD` times it."""
+    return max(buffer, min(buffer * MAX_READ_AHEAD, int(settled_per_s * HOLD)))
+
+
 class RedisFeed(FeedBookkeeping):
     """The consuming side of one job on Redis (:class:`~supervisor.queues.base.Feed`).
 
@@ -148,6 +167,7 @@ class RedisFeed(FeedBookkeeping):
         self._keys = S.job_keys(job.job_id)
         self._max_attempts = max_attempts
         self._count_lost = count_lost
+        self._least = buffer  # what read_ahead grows from
         self._buffer = buffer
         self._low_water = buffer // 2
         self._lease = lease
@@ -323,8 +343,14 @@ class RedisFeed(FeedBookkeeping):
         patience = self._lease / 3
         asks = 0  # self._asks at the previous look
         next_look = 0.0
+        rate_since, settled_then = anyio.current_time(), 0
         while not self._closed and not self._done:
             now = anyio.current_time()
+            if now - rate_since >= RATE_WINDOW:
+                rate = (self._n_buffered - settled_then) / (now - rate_since)
+                self._buffer = read_ahead(self._least, rate)
+                self._low_water = self._buffer // 2
+                rate_since, settled_then = now, self._n_buffered
             if self._demand is not Demand.ASKING or now >= next_look:
                 asked = self._asks != asks or self._receiving > 0
                 demand = self._demand = look(self._demand, asked=asked)

@@ -160,6 +160,15 @@ class Metrics:
         self._succeeded.labels(api_name, job_id).inc()
         self._time.labels(api_name, job_id).observe(seconds)
 
+    def batch_series(self, api_name: str, job_id: str) -> tuple[Counter, Histogram, Counter]:
+        """The job's succeeded, time and failed series, for a caller that counts every batch
+        (:class:`ObservedFeed`): what :meth:`batch_succeeded` and :meth:`batch_failed` do."""
+        return (
+            self._succeeded.labels(api_name, job_id),
+            self._time.labels(api_name, job_id),
+            self._failed.labels(api_name, job_id),
+        )
+
     def batch_failed(self, api_name: str, job_id: str) -> None:
         """One failed attempt at a batch (a batch retried twice and lost counts three)."""
         self._failed.labels(api_name, job_id).inc()
@@ -271,12 +280,14 @@ class _SetCounter(Collector):
 
 
 class ObservedFeed:
-    """A feed that also counts each ack and failed attempt in the metrics."""
+    """A feed that also counts each ack and failed attempt in the metrics.
+
+    The job's series are looked up once: ``labels()`` costs microseconds a call, which a fast
+    worker's pod paid three times per batch."""
 
     def __init__(self, feed: Feed, metrics: Metrics, api_name: str, job_id: str) -> None:
         self._feed = feed
-        self._metrics = metrics
-        self._labels = (api_name, job_id)
+        self._succeeded, self._time, self._failed = metrics.batch_series(api_name, job_id)
         self.receive = feed.receive
         self.receive_nowait = feed.receive_nowait
         self.release = feed.release
@@ -287,8 +298,9 @@ class ObservedFeed:
 
     def ack(self, d: Delivery, elapsed: float) -> None:
         self._feed.ack(d, elapsed)
-        self._metrics.batch_succeeded(*self._labels, elapsed)
+        self._succeeded.inc()  # as Metrics.batch_succeeded
+        self._time.observe(elapsed)
 
     def fail(self, d: Delivery, record: AttemptRecord) -> None:
         self._feed.fail(d, record)
-        self._metrics.batch_failed(*self._labels)
+        self._failed.inc()  # as Metrics.batch_failed

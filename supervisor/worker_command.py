@@ -91,7 +91,12 @@ class Worker:
     """The loop of one worker pod on ``queue`` (see the module docstring)."""
 
     def __init__(
-        self, api: BatchAPI, queue: JobQueue, opts: WorkerOptions, log: Logger, metrics: Metrics
+        self,
+        api: BatchAPI,
+        queue: JobQueue,
+        opts: WorkerOptions,
+        log: Logger,
+        metrics: Metrics | None,
     ) -> None:
         self.api = api
         self.queue = queue
@@ -239,11 +244,11 @@ async def run_worker(
     await end_leftovers(opts.layout.state_dir, log)  # what a killed worker left running
     if opts.operator_endpoint is not None:
         write_cli_config(opts.layout.cli_config_dir, opts.operator_endpoint)
-    metrics = Metrics()
+    metrics = None if opts.admin is None else Metrics()  # counting costs every batch something
     async with open_queue(opts.queue_url, log=log, lease=opts.lease) as queue:
         worker = Worker(api, queue, opts, log, metrics)
         async with anyio.create_task_group() as tg:
-            if opts.admin is not None:
+            if opts.admin is not None and metrics is not None:
                 admin = Admin(
                     ready=worker.ready,
                     status=worker.status,

@@ -27,7 +27,8 @@ consumer group and sets ``total_batches``, which lets feeds open. If the iterato
 job is deleted; so it is if Redis, at its ``maxmemory``, refuses a write, and then
 :class:`QueueFullError` says so in one sentence. At-least-once with leases:
 
-* A :class:`RedisFeed` is one consumer. It reads ``XREADGROUP COUNT n`` into a buffer; every
+* A :class:`RedisFeed` is one consumer. It reads ``XREADGROUP COUNT n`` into a buffer, only
+  while its consumer asks and only about what it will send soon (``redis_feed.py``); every
   entry read is *pending* for it, with an idle time and a delivery count kept by Redis.
 * Its lease on everything it holds is renewed every third of the lease time
   (``XCLAIM ... JUSTID``: idle time reset, delivery not counted), so a batch that takes

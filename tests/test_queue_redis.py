@@ -435,6 +435,9 @@ async def test_a_wrong_password_is_one_sentence(tmp_path: Path) -> None:
                 async with open_queue(server.url(password="wrong")):
                     pass
             assert "wrong" not in str(e.value)
+            with pytest.raises(QueueConnectError, match="needs a password: put it in the queue"):
+                async with open_queue(server.url()):
+                    pass
             _collect_coredis_leftovers()
             async with open_queue(server.url(password="right")) as q:
                 assert q.url == server.url().replace("redis://", "redis://:***@")

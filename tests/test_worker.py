@@ -747,3 +747,28 @@ def test_a_pod_that_stops_being_ready_gives_back_what_it_read_ahead(
     assert {p for _, p in done} == {port, port + 1}
     assert len(completions(rec)) == 1
     hung.wait_event("job_left")
+
+
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_a_redis_that_cannot_be_used_is_one_sentence_and_exit_2(
+    tmp_path: Path, api: tuple[Path, Path, int], command: str
+) -> None:
+    server = RedisServer(tmp_path, "--requirepass", "right")
+
+    def refused(url: str, message: str) -> None:
+        args = [str(api[0]), "--queue", url, "--root", str(tmp_path / command)]
+        if command == "serve":
+            args += ["--listen", "127.0.0.1:0"]
+        result = run_supervisor(command, *args)
+        assert result.returncode == 2, (url, result.stdout, result.stderr)
+        assert message in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr  # one sentence, no traceback
+        assert "wrong" not in result.stderr
+
+    refused(server.url(), "cannot reach Redis at")  # not started: nothing listens
+    server.start()
+    try:
+        refused(server.url(password="wrong"), "refused the password")
+        refused(server.url(), "needs a password: put it in the queue URL")
+    finally:
+        server.kill()

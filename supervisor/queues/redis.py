@@ -217,6 +217,11 @@ class RedisQueue:
                         with anyio.fail_after(CONNECT_TIMEOUT * 2):
                             await client.ping()
                     except coredis.exceptions.AuthenticationError as e:
+                        if urllib.parse.urlsplit(url).password is None:
+                            raise QueueConnectError(
+                                f"Redis at {where} needs a password: put it in the queue URL"
+                                " (redis://:PASSWORD@host:port/db)"
+                            ) from None
                         raise QueueConnectError(
                             f"Redis at {where} refused the password: {e}"
                         ) from None

@@ -115,8 +115,7 @@ class JobService:
         write_cli_config(self.settings.layout.cli_config_dir, self.settings.endpoint)
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            if self.settings.local_pods:
-                await self._resume_all()
+            await self._resume_all()
             task_status.started()
             await anyio.sleep_forever()
 
@@ -141,16 +140,15 @@ class JobService:
             await self._idle.wait()
 
     async def _resume_all(self) -> None:
+        """Jobs whose submitter died while enqueuing them end ``enqueue_failed``; with local
+        pods, unfinished jobs start again (on workers, the workers carry on by themselves)."""
         for record in reversed(await self.queue.list_jobs()):  # oldest first
             api = self.apis.get(record.api_name)
             if api is None or record.status in jobs.END_STATES:
                 continue
-            if record.status == jobs.ENQUEUING or record.total_batches is None:
-                # Its submission was never answered: the client does not know the job.
-                await self.queue.set_status(
-                    record.job_id, jobs.ENQUEUE_FAILED, end_time=jobs.rfc3339()
-                )
-                self.log.warning("job_enqueue_failed", job_id=record.job_id, reason="restarted")
+            if (await self._abandoned(record)).status == jobs.ENQUEUE_FAILED:
+                continue
+            if not self.settings.local_pods or record.status == jobs.ENQUEUING:
                 continue
             spec = spec_of(record)
             self.log.info("job_resumed", api_name=api.name, job_id=spec.job_id)
@@ -350,7 +348,8 @@ class JobService:
         """Every job of the API, newest first."""
         api = self.api(api_name)
         out = []
-        for record in await self.queue.list_jobs(api_name):
+        for listed in await self.queue.list_jobs(api_name):
+            record = await self._abandoned(listed)
             execution = self.running.get(record.job_id)
             progress = execution.progress() if execution is not None else None
             if execution is not None and progress is not None:
@@ -379,7 +378,27 @@ class JobService:
         record = await self.queue.get_job(job_id)
         if record is None or record.api_name != api_name:
             raise NotFound(f"there is no job {job_id} of BatchAPI `{api_name}`")
-        return record
+        return await self._abandoned(record)
+
+    async def _abandoned(self, record: JobRecord) -> JobRecord:
+        """``record``, ended ``enqueue_failed`` if it is still being enqueued by nobody: its
+        submitter died on the way (its client never got an answer, so never knew the job)."""
+
+        def unfinished(r: JobRecord) -> bool:
+            return r.status == jobs.ENQUEUING or (
+                r.total_batches is None and r.status not in jobs.END_STATES
+            )
+
+        if not unfinished(record) or await self.queue.enqueue_in_progress(record.job_id):
+            return record
+        # Read again: the submitter may have finished between the first read and the check.
+        again = await self.queue.get_job(record.job_id)
+        if again is None or not unfinished(again):
+            return record if again is None else again
+        end_time = jobs.rfc3339()
+        await self.queue.set_status(record.job_id, jobs.ENQUEUE_FAILED, end_time=end_time)
+        self.log.warning("job_enqueue_failed", job_id=record.job_id, reason="its submitter died")
+        return msgspec.structs.replace(record, status=jobs.ENQUEUE_FAILED, end_time=end_time)
 
     async def _stored_status(self, api: BatchAPI, record: JobRecord) -> JobStatusResponse:
         """The status of a job not running here: the record says it all (no feed is open,

@@ -285,6 +285,15 @@ async def test_bad_input_leaves_nothing_enqueued(queue: JobQueue) -> None:
     assert await queue.get_job(JOB) is None
 
 
+async def test_a_job_being_enqueued_is_in_progress_until_deleted(queue: JobQueue) -> None:
+    # What a serve that starts looks at before it calls an `enqueuing` job abandoned.
+    assert not await queue.enqueue_in_progress(JOB)
+    await new_job(queue, 3)
+    assert await queue.enqueue_in_progress(JOB)  # its submitter has not given it a status
+    await queue.delete_job(JOB)
+    assert not await queue.enqueue_in_progress(JOB)
+
+
 async def test_jobs_are_listed_found_and_deleted(queue: JobQueue) -> None:
     a, b = "7e5c6d1f00000001", "7e5c6d1f00000002"
     await new_job(queue, 2, a, digest="one")

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor import jobs
 from supervisor.jobs import JobSpec, WorkerCounts
 from supervisor.proctable import scan_stats
+from supervisor.queues import _redis_scripts as S
 from supervisor.queues import open_queue
 from supervisor.queues.base import Heartbeat, JobRecord
 from tests.helpers import (
@@ -487,6 +488,49 @@ def test_serve_answers_a_full_redis_with_one_sentence(
         if serve is not None:
             assert serve.stop() == 128 + signal.SIGTERM
         server.kill()
+
+
+def test_a_job_whose_submitter_died_mid_enqueue_ends_enqueue_failed(
+    tmp_path: Path, redis_url: str, api: tuple[Path, Path, int]
+) -> None:
+    """One serve enqueues (its lease is live): a second serve starting on the same Redis
+    leaves the job alone. Once the enqueuer's lease is gone (it was killed), the job is
+    reported, and recorded, ``enqueue_failed`` instead of ``enqueuing`` for ever."""
+    job_id = jobs.new_job_id()
+
+    async def half_enqueued() -> None:  # what serve does first, then it was killed
+        async with open_queue(redis_url) as q:
+            spec = JobSpec(
+                job_id=job_id,
+                api_name="test-api",
+                workers=1,
+                config=None,
+                api_id="test",
+                sqs_url=q.url,
+                created_time=jobs.rfc3339(),
+            )
+            await q.create_job(
+                job_id, "test-api", job_id, msgspec.json.encode(spec), spec.created_time
+            )
+
+    anyio.run(half_enqueued)
+    s = start_serve(tmp_path, [api[0]], "--queue", redis_url, root=tmp_path / "s")
+    try:
+        assert s.get("test-api", job_id)["job_status"]["status"] == "enqueuing"
+        assert job(redis_url, job_id).status == "enqueuing"
+
+        async def lease_gone() -> None:  # what ENQUEUE_LEASE seconds after a kill leave
+            async with coredis.Redis.from_url(redis_url) as r:
+                assert await r.delete([S.job_keys(job_id).enqueuer]) == 1
+
+        anyio.run(lease_gone)
+        listed = requests.get(f"{s.url}/test-api", timeout=10).json()["batch_job_statuses"]
+        assert [(j["job_id"], j["status"]) for j in listed] == [(job_id, "enqueue_failed")]
+        assert s.get("test-api", job_id)["job_status"]["status"] == "enqueue_failed"
+        record = job(redis_url, job_id)
+        assert (record.status, record.end_time is not None) == ("enqueue_failed", True)
+    finally:
+        assert s.stop() == 128 + signal.SIGTERM
 
 
 def test_worker_refuses_a_queue_it_cannot_share(

@@ -62,6 +62,7 @@ class JobKeys(NamedTuple):
     returned: str  # set: ids given back by a feed that left, claimable uncounted
     pods: str  # hash: pod_id -> "<state> <ms of Redis TIME> <lease ms>", the last heartbeat
     lost: str  # hash: seq -> how many of the batch's deliveries were lost with their consumer
+    enqueuer: str  # set while a process enqueues the job, with a lease it renews per chunk
 
 
 def job_keys(job_id: str) -> JobKeys:
@@ -120,7 +121,8 @@ return counters(KEYS[1])
 """
 )
 
-# KEYS: job, index. ARGV: job_id, api_name, digest, spec_json, created_time.
+# KEYS: job, index, enqueuer. ARGV: job_id, api_name, digest, spec_json, created_time,
+# enqueue lease (ms): the job is never seen enqueuing without its enqueuer's lease.
 # Returns 0 if the job exists already.
 CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -128,6 +130,7 @@ redis.call('HSET', KEYS[1], 'api_name', ARGV[2], 'digest', ARGV[3], 'spec_json',
            'status', 'enqueuing', 'created_time', ARGV[5], 'succeeded', 0, 'dead', 0,
            'failed_attempts', 0, 'time_per_batch_sum', 0)
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[6])
 return 1
 """
 

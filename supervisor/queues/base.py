@@ -284,6 +284,11 @@ class JobQueue(Protocol):
         """
         ...
 
+    async def enqueue_in_progress(self, job_id: str) -> bool:
+        """Whether a live process is creating or enqueuing the job now: a job found
+        ``enqueuing`` without one was abandoned (its submitter died)."""
+        ...
+
     async def set_status(
         self,
         job_id: str,

@@ -210,6 +210,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         # job_id -> pod_id -> (state, monotonic time, lease): in memory, this process only
         self._beats: dict[str, dict[str, tuple[str, float, float]]] = {}
         self._joinable = _Joinable()
+        self._enqueuing: set[str] = set()  # created here, not given a status yet
 
     @classmethod
     async def open(
@@ -259,6 +260,12 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                 )
 
         await self._storage.run(create)
+        self._enqueuing.add(job_id)
+
+    async def enqueue_in_progress(self, job_id: str) -> bool:
+        """Whether this process is creating or enqueuing the job (one process per file)."""
+        await anyio.lowlevel.checkpoint()
+        return job_id in self._enqueuing
 
     async def enqueue(self, job_id: str, batches: Iterator[bytes], *, chunk: int = 2048) -> int:
         """Store ``batches`` as seq 0, 1, ... and return how many (see the module docstring)."""
@@ -290,6 +297,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
             finally:
                 os.close(fd)
         except Exception:
+            self._enqueuing.discard(job_id)
             with anyio.CancelScope(shield=True):
                 await storage.run(partial(self._delete_rows, jid))
             raise
@@ -320,6 +328,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
     ) -> None:
         """Set the job's status, and its end time and final worker counts when given; the
         start time only if none is stored (the first pod to start the job sets it)."""
+        self._enqueuing.discard(job_id)
 
         def update(conn: sqlite3.Connection) -> tuple[str, str]:
             with transaction(conn):
@@ -394,6 +403,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
     async def delete_job(self, job_id: str) -> None:
         """Forget the job and its batches; its dead-letter files stay. Unknown ids are ignored."""
         self._not_feeding(job_id, "delete")
+        self._enqueuing.discard(job_id)
 
         def delete(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT jid FROM jobs WHERE job_id = ?", (job_id,)).fetchone()

@@ -65,6 +65,7 @@ import secrets
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, NoReturn
 
 import anyio
@@ -94,6 +95,7 @@ __all__ = ["RedisFeed", "RedisJobWatch", "RedisQueue", "forward_redis_logs"]
 LEASE = 30.0  # seconds a batch stays with a consumer that stopped renewing it
 COMPLETION_LEASE = 30.0  # seconds the /on-job-complete claim outlives a dead claimer
 CHUNK = 512  # batches per pipelined XADD round trip
+ENQUEUE_LEASE = 30.0  # seconds an enqueuer that stopped (killed) still counts as enqueuing
 CONNECT_TIMEOUT = 5.0
 WATCH_COUNT = 64  # joinable entries read per XREAD
 WATCH_SLACK = 2.0  # seconds a blocking read may overrun its own timeout before it is cut
@@ -260,7 +262,15 @@ class RedisQueue:
         k = S.job_keys(job_id)
         try:
             created: int = await self._create(
-                keys=[k.job, S.JOBS], args=[job_id, api_name, digest, spec_json, created_time]
+                keys=[k.job, S.JOBS, k.enqueuer],
+                args=[
+                    job_id,
+                    api_name,
+                    digest,
+                    spec_json,
+                    created_time,
+                    int(ENQUEUE_LEASE * 1000),
+                ],
             )
         except coredis.exceptions.ResponseError as e:
             if _is_oom(e):
@@ -268,6 +278,12 @@ class RedisQueue:
             raise
         if not created:
             raise QueueError(f"job {job_id} already exists.")
+
+    async def enqueue_in_progress(self, job_id: str) -> bool:
+        """Whether a process is enqueuing the job now (its lease renewed within
+        :data:`ENQUEUE_LEASE`): another ``serve`` on the same Redis, say."""
+        k = S.job_keys(job_id)
+        return bool(await self._do("reading a job", partial(self._client.exists, [k.enqueuer])))
 
     async def enqueue(self, job_id: str, batches: Iterator[bytes], *, chunk: int = CHUNK) -> int:
         """Store ``batches`` as seq 0, 1, ... and return how many; all or nothing."""
@@ -298,6 +314,7 @@ class RedisQueue:
                     async with client.pipeline(transaction=False) as pipe:
                         for i, body in enumerate(bodies):
                             pipe.xadd(k.stream, {b"body": body}, identifier=S.entry_id(count + i))
+                        pipe.set(k.enqueuer, b"1", px=int(ENQUEUE_LEASE * 1000))
                     count += len(bodies)
                     await anyio.lowlevel.checkpoint()
             await client.xgroup_create(k.stream, S.GROUP, b"0", mkstream=True)
@@ -321,7 +338,7 @@ class RedisQueue:
     async def _delete(self, job_id: str) -> None:
         k = S.job_keys(job_id)
         await self._client.delete(
-            [k.job, k.stream, k.attempts, k.complete, k.returned, k.pods, k.lost]
+            [k.job, k.stream, k.attempts, k.complete, k.returned, k.pods, k.lost, k.enqueuer]
         )
         await self._client.srem(S.JOBS, [job_id])
         await self._client.hdel(S.RUNNING, [job_id])

@@ -54,7 +54,7 @@ from supervisor.lifecycle import Cause, Outcome, PodState, heartbeat_counts, wor
 from supervisor.logs import Logger
 from supervisor.pod import Pod
 from supervisor.progress import ProgressReporter
-from supervisor.queues.base import Feed, JobQueue, Progress
+from supervisor.queues.base import Feed, JobQueue, Progress, progress_of
 from supervisor.status import build_status, write_spec
 
 if TYPE_CHECKING:  # prometheus_client is imported only where metrics are served
@@ -250,7 +250,8 @@ class JobExecution:
         spec, queue, log = self.spec, self.queue, self.log
         if spec.start_time is None:
             spec.start_time = jobs.rfc3339()
-        await queue.set_status(spec.job_id, jobs.RUNNING, start_time=spec.start_time)
+        if not await queue.set_status(spec.job_id, jobs.RUNNING, start_time=spec.start_time):
+            return await self._ended_before_start()
         if self.sharing is not None:  # the job started when its first pod did
             record = await queue.get_job(spec.job_id)
             if record is not None and record.start_time is not None:
@@ -305,17 +306,42 @@ class JobExecution:
         return heartbeat_counts(beats, self.spec.workers, final)
 
     async def _record(self, final: str, end_time: str, counts: WorkerCounts) -> None:
-        """Record the job's end state, unless (shared) another pod recorded one first."""
-        job_id = self.spec.job_id
+        """Record the job's end state, unless another pod (or the job API) recorded one
+        first: an end state is final in the queue."""
+        counted = msgspec.json.encode(counts)
+        if await self.queue.set_status(
+            self.spec.job_id, final, end_time=end_time, worker_counts=counted
+        ):
+            self._recorded = True
+            self._end_time = end_time
+
+    async def _ended_before_start(self) -> ExecutionResult:
+        """The job ended (stopped, or completed by its other pods) before this pod could
+        mark it running: nothing is started, nothing recorded; its stored status is it."""
+        record = await self.queue.get_job(self.spec.job_id)
+        status = jobs.STOPPED if record is None else record.status  # None: deleted meanwhile
+        self.end(Cause.ENDED_ELSEWHERE, f"the job ended elsewhere ({status})", status=status)
+        self.log.warning("job_ended_elsewhere", status=status, started=False)
         if self.sharing is not None:
-            stored = await self.queue.get_job(job_id)
-            if stored is None or stored.status in jobs.END_STATES:
-                return
-        self._recorded = True
-        self._end_time = end_time
-        await self.queue.set_status(
-            job_id, final, end_time=end_time, worker_counts=msgspec.json.encode(counts)
+            await self._heartbeat(self.sharing, final=True)
+        progress = Progress(
+            total=None,
+            succeeded=0,
+            dead=0,
+            failed_attempts=0,
+            in_flight=0,
+            in_queue=0,
+            average_time_per_batch=None,
         )
+        counts, end_time = WorkerCounts(), None
+        if record is not None:
+            progress, end_time = progress_of(record), record.end_time
+            if record.worker_counts is not None:
+                counts = msgspec.json.decode(record.worker_counts, type=WorkerCounts)
+        result = build_status(
+            self.api, self.spec, status, progress, counts, end_time, self.placement.endpoint
+        )
+        return ExecutionResult(result, self.outcome, self.outcome.exit_code(progress.dead))
 
     async def _heartbeat(self, sharing: Sharing, *, final: bool = False) -> None:
         """Tell the other pods this pod's state (``final``: the job is over for it)."""

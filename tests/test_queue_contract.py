@@ -285,6 +285,19 @@ async def test_bad_input_leaves_nothing_enqueued(queue: JobQueue) -> None:
     assert await queue.get_job(JOB) is None
 
 
+async def test_an_end_state_is_final(queue: JobQueue) -> None:
+    # A pod that joined just before the job was stopped (or completed by its other pods)
+    # marks it running late: the job stays ended, and stays out of the running jobs.
+    await new_job(queue, 1)
+    assert await queue.set_status(JOB, "running", start_time="t1")
+    assert await queue.set_status(JOB, "stopped", end_time="t2")
+    assert not await queue.set_status(JOB, "running", start_time="t3")
+    assert not await queue.set_status(JOB, "succeeded", end_time="t4")
+    job = await queue.get_job(JOB)
+    assert job is not None and (job.status, job.start_time, job.end_time) == ("stopped", "t1", "t2")
+    assert await queue.running_jobs("api") == []
+
+
 async def test_a_job_being_enqueued_is_in_progress_until_deleted(queue: JobQueue) -> None:
     # What a serve that starts looks at before it calls an `enqueuing` job abandoned.
     assert not await queue.enqueue_in_progress(JOB)

@@ -33,11 +33,6 @@ async def new_job(q: RedisQueue, n: int) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="SET_STATUS overwrites an end state: a pod's late set_status(running) brings a "
-    "stopped (or succeeded) job back into the running index and wakes every idle worker",
-)
 async def test_a_late_pod_does_not_make_an_ended_job_run_again(redis_url: str) -> None:
     # A worker reads the job as running and joins it; before its JobExecution.run marks it
     # running (with its start time), the job is stopped through the API (or its last pod
@@ -48,7 +43,8 @@ async def test_a_late_pod_does_not_make_an_ended_job_run_again(redis_url: str) -
         await q.set_status(JOB, jobs.RUNNING)
         watch = await q.watch_jobs("api")
         await q.set_status(JOB, jobs.STOPPED, end_time="t2")
-        await q.set_status(JOB, jobs.RUNNING, start_time="t1")  # the late pod's execution.run
+        # the late pod's execution.run: refused
+        assert not await q.set_status(JOB, jobs.RUNNING, start_time="t1")
         record = await q.get_job(JOB)
         assert record is not None
         assert record.status == jobs.STOPPED

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from supervisor.jobs import END_STATES
+
 __all__ = [
     "CLAIM",
     "COMMIT",
@@ -135,7 +137,9 @@ return 1
 """
 
 # KEYS: job, running, joinable. ARGV: status, start_time, end_time, worker_counts ('' =
-# keep), job_id, running (the status that puts a job in the running index). 0 if no job.
+# keep), job_id, running (the status that puts a job in the running index). 0 if no job,
+# -1 if it has ended already: an end state is final (a pod that joined just before a stop,
+# or before the last pod recorded `succeeded`, must not make the job run again), else 1.
 # The start time is set once: every pod that joins a shared job marks it running, and the
 # job started with the first. The running index (job_id -> api_name) changes with the
 # status, so an idle worker reads the running jobs only. A job that starts running (it was
@@ -146,6 +150,10 @@ SET_STATUS = (
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local was = redis.call('HGET', KEYS[1], 'status')
+local ended = {"""
+    + ", ".join(f"['{s}'] = true" for s in sorted(END_STATES))
+    + """}
+if ended[was] then return -1 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[1], 'start_time', ARGV[2]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'end_time', ARGV[3]) end

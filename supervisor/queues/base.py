@@ -297,12 +297,14 @@ class JobQueue(Protocol):
         start_time: str | None = None,
         end_time: str | None = None,
         worker_counts: bytes | None = None,
-    ) -> None:
+    ) -> bool:
         """Set the job's status (and the times and final worker counts that are given).
 
         ``start_time`` is kept only if the job has none yet: the job started when its first
         pod did, and later pods joining it do not move that. A job that was not running and
-        now is wakes the :meth:`watch_jobs` watchers of its API.
+        now is wakes the :meth:`watch_jobs` watchers of its API. An end state is final:
+        a job that has ended is left as it is and the call returns False (a pod that
+        joined just before the job was stopped or completed must not make it run again).
         """
         ...
 

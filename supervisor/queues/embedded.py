@@ -88,6 +88,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from supervisor.jobs import END_STATES
 from supervisor.lifecycle import may_join
 from supervisor.queues._sqlite import (
     CHUNK_BYTES,
@@ -325,18 +326,21 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         start_time: str | None = None,
         end_time: str | None = None,
         worker_counts: bytes | None = None,
-    ) -> None:
+    ) -> bool:
         """Set the job's status, and its end time and final worker counts when given; the
-        start time only if none is stored (the first pod to start the job sets it)."""
+        start time only if none is stored (the first pod to start the job sets it). False,
+        and nothing changed, if the job has ended already."""
         self._enqueuing.discard(job_id)
 
-        def update(conn: sqlite3.Connection) -> tuple[str, str]:
+        def update(conn: sqlite3.Connection) -> tuple[str, str] | None:
             with transaction(conn):
                 row = conn.execute(
                     "SELECT api_name, status FROM jobs WHERE job_id = ?", (job_id,)
                 ).fetchone()
                 if row is None:
                     raise QueueError(f"there is no job {job_id}.")
+                if row[1] in END_STATES:
+                    return None
                 conn.execute(
                     "UPDATE jobs SET status = ?, start_time = coalesce(start_time, ?), "
                     "end_time = coalesce(?, end_time), "
@@ -345,9 +349,13 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                 )
                 return row[0], row[1]
 
-        api_name, was = await self._storage.run(update)
+        changed = await self._storage.run(update)
+        if changed is None:
+            return False
+        api_name, was = changed
         if status == RUNNING and was != RUNNING:
             self._joinable.announce(api_name)
+        return True
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job as stored (counters as of the last commit), or ``None``."""

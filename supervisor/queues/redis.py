@@ -351,9 +351,10 @@ class RedisQueue:
         start_time: str | None = None,
         end_time: str | None = None,
         worker_counts: bytes | None = None,
-    ) -> None:
+    ) -> bool:
         """Set the job's status, and its end time and final worker counts when given; the
-        start time only if none is stored (the first pod to start the job sets it)."""
+        start time only if none is stored (the first pod to start the job sets it). False,
+        and nothing changed, if the job has ended already."""
         k = S.job_keys(job_id)
         args: list[str | bytes] = [status, start_time or "", end_time or "", worker_counts or b""]
         args += [job_id, RUNNING]
@@ -363,6 +364,7 @@ class RedisQueue:
         )
         if not found:
             raise QueueError(f"there is no job {job_id}.")
+        return int(found) > 0
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job (counters as Redis has them), or ``None``."""

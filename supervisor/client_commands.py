@@ -281,7 +281,7 @@ def status_of_record(record: JobRecord) -> JobStatus:
 
 def _list_root(args: argparse.Namespace) -> int:
     from supervisor.queues.base import progress_of
-    from supervisor.queues.embedded import read_jobs
+    from supervisor.queues.embedded_readonly import read_jobs
 
     layout = Layout.at(args.root)
     if args.url is not None or args.token_file is not None:

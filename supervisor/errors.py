@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 __all__ = [
     "BadInput",
@@ -22,6 +22,7 @@ __all__ = [
     "SupervisorError",
     "first_leaf",
     "printable",
+    "raise_single",
 ]
 
 E = TypeVar("E", bound=BaseException)
@@ -71,6 +72,20 @@ def first_leaf(group: BaseExceptionGroup[BaseException], kind: type[E]) -> E:
         if isinstance(exc, kind):
             return exc
     raise LookupError(kind.__name__)
+
+
+def raise_single(group: BaseExceptionGroup[Any]) -> NoReturn:
+    """Raise a group of one exception (from a task group) as that exception, with its own
+    context; a group of several as itself."""
+    if len(group.exceptions) != 1:
+        raise group
+    exc = group.exceptions[0]
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
+        del exc, group
 
 
 def printable(text: str) -> str:

@@ -23,6 +23,7 @@ import pytest
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
 from supervisor.queues import open_queue
+from supervisor.queues._redis_client import forward_redis_logs
 from supervisor.queues.base import (
     LOST_DELIVERY_CAP,
     AttemptRecord,
@@ -30,7 +31,7 @@ from supervisor.queues.base import (
     QueueConnectError,
     QueueFullError,
 )
-from supervisor.queues.redis import RedisQueue, forward_redis_logs
+from supervisor.queues.redis import RedisQueue
 from supervisor.queues.redis_feed import Demand, RedisFeed, look, read_ahead
 from tests.helpers import child_env
 from tests.redis_server import RedisServer

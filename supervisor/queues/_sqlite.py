@@ -1,8 +1,10 @@
 """Storage of the embedded queue: :class:`Storage` (the connection, its lock, the worker-thread
 calls), SQLite schema and settings, body files, row mapping.
 
-Shared by :mod:`supervisor.queues.embedded` (jobs, enqueueing) and
-:mod:`supervisor.queues.embedded_feed` (dispatch); see the former for the theory.
+Shared by :mod:`supervisor.queues.embedded` (jobs, enqueueing),
+:mod:`supervisor.queues.embedded_feed` (dispatch) and, for the row mapping only,
+:mod:`supervisor.queues.embedded_readonly` (reading a file without opening the queue); see the
+first for the theory.
 """
 
 from __future__ import annotations

@@ -69,7 +69,10 @@ command delivers it again, so nothing loops by itself.
 Pods sharing a job (heartbeats, joining, leaving) and the watch for joinable jobs
 (:meth:`EmbeddedQueue.watch_jobs`) live in memory: this process is the only one that uses
 the file, so a job starting or a pod leaving is announced by this queue object itself
-(:class:`_Joinable`).
+(``embedded_watch.py``).
+
+Reading the jobs of a queue file without opening the queue, while a supervisor may be
+writing to it (``list --root``), is ``embedded_readonly.py``.
 """
 
 from __future__ import annotations
@@ -77,7 +80,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from functools import partial
@@ -88,6 +90,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from supervisor.errors import raise_single
 from supervisor.jobs import END_STATES
 from supervisor.lifecycle import may_join
 from supervisor.queues._sqlite import (
@@ -112,50 +115,11 @@ from supervisor.queues.base import (
     progress_of,
 )
 from supervisor.queues.embedded_feed import EmbeddedFeed
+from supervisor.queues.embedded_watch import EmbeddedJobWatch, Joinable
 
-__all__ = ["EmbeddedFeed", "EmbeddedJobWatch", "EmbeddedQueue", "read_jobs"]
+__all__ = ["EmbeddedFeed", "EmbeddedQueue"]
 
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
-
-
-class _Joinable:
-    """In-process announcements that a job of an API may have become joinable: a count per
-    API, and an event set (then replaced) at each one."""
-
-    def __init__(self) -> None:
-        self._counts: dict[str, int] = {}
-        self._changed = anyio.Event()
-
-    def announce(self, api_name: str) -> None:
-        self._counts[api_name] = self._counts.get(api_name, 0) + 1
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
-
-    def count(self, api_name: str) -> int:
-        return self._counts.get(api_name, 0)
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-
-
-class EmbeddedJobWatch:
-    """The :class:`~supervisor.queues.base.JobWatch` of the embedded queue (in memory)."""
-
-    def __init__(self, joinable: _Joinable, api_name: str) -> None:
-        self._joinable = joinable
-        self._api = api_name
-        self._seen = joinable.count(api_name)
-
-    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - see JobWatch.wait
-        """``True`` once the API had an announcement since the last seen; else ``False``
-        after ``timeout``."""
-        await anyio.lowlevel.checkpoint()
-        with anyio.move_on_after(timeout):
-            while (count := self._joinable.count(self._api)) == self._seen:
-                await self._joinable.changed()
-            self._seen = count
-            return True
-        return False
 
 
 def _take(batches: Iterator[bytes], chunk: int) -> tuple[list[bytes], bool]:
@@ -210,7 +174,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
         self._completions: set[str] = set()  # jobs whose /on-job-complete was claimed
         # job_id -> pod_id -> (state, monotonic time, lease): in memory, this process only
         self._beats: dict[str, dict[str, tuple[str, float, float]]] = {}
-        self._joinable = _Joinable()
+        self._joinable = Joinable()
         self._enqueuing: set[str] = set()  # created here, not given a status yet
 
     @classmethod
@@ -561,73 +525,8 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     yield feed
             except BaseExceptionGroup as group:
                 # One failure (the caller's, or a database error) is raised as itself.
-                if len(group.exceptions) != 1:
-                    raise
-                exc = group.exceptions[0]
-                context = exc.__context__
-                try:
-                    raise exc
-                finally:
-                    exc.__context__ = context
-                    del exc, group
+                raise_single(group)
             finally:
                 os.close(fd)  # the feeder's reads are over: its thread calls are not abandoned
         finally:
             del self._feeds[job_id]
-
-
-# -- reading a queue file another process may be using ---------------------------------------
-
-
-def read_jobs(path: Path, api_name: str | None = None) -> list[JobRecord]:
-    """The jobs in the queue file ``path`` (of ``api_name``, or all), newest first, read
-    without creating or changing anything, while a supervisor may be writing to it.
-
-    With a ``-wal`` file beside it (a supervisor has it open, or was killed with it open) the
-    file is read read-only through the WAL, taking part in SQLite's locking as any reader
-    does. Without one, the file is complete in itself and is read as immutable (a read-only
-    open would create the ``-wal`` and ``-shm`` files and leave them); if the file changed
-    meanwhile (a supervisor opened it), it is read again.
-    """
-    wal = path.with_name(path.name + "-wal")
-    uri = "file:" + urllib.parse.quote(str(path.absolute()))
-    for _ in range(10):
-        if wal.exists():
-            return _select_jobs(path, uri + "?mode=ro", api_name)
-        before = _identity(path)
-        jobs = _select_jobs(path, uri + "?mode=ro&immutable=1", api_name)
-        if not wal.exists() and _identity(path) == before:
-            return jobs
-    raise QueueError(f"the queue file {path} kept changing while being read; try again.")
-
-
-def _identity(path: Path) -> tuple[int, int, int]:
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise QueueError(f"cannot read the queue file {path}: {e.strerror or e}") from None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _select_jobs(path: Path, uri: str, api_name: str | None) -> list[JobRecord]:
-    try:
-        conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None)
-    except sqlite3.Error as e:
-        raise QueueError(f"cannot open the queue file {path}: {e}") from None
-    try:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == 3:
-            columns = JOB_COLUMNS
-        elif version == 2:  # before jobs.worker_counts
-            columns = JOB_COLUMNS.replace("worker_counts", "NULL")
-        else:
-            raise QueueError(
-                f"{path} is not a queue file this supervisor reads (queue format {version})."
-            )
-        where, args = ("", ()) if api_name is None else (" WHERE api_name = ?", (api_name,))
-        rows = conn.execute(f"SELECT {columns} FROM jobs{where} ORDER BY job_id", args)
-        return [job_from_row(row) for row in rows]
-    except sqlite3.Error as e:
-        raise QueueError(f"cannot read the queue file {path}: {e}") from None
-    finally:
-        conn.close()

@@ -12,14 +12,8 @@ reads those only (:meth:`RedisQueue.running_jobs`).
 
 Waking idle workers: the script that sets a status, when a job starts running, and the one
 that lets a pod leave a running job, add an entry (its API and job) to one small capped
-stream, in the same atomic step. An idle worker blocks on it (:class:`RedisJobWatch`:
-``XREAD BLOCK`` from the last entry id it has seen, on a connection of the client's pool
-that the blocking read holds alone) and looks for a job as soon as an entry of its API
-arrives. A stream rather than a list: every idle worker reads every entry (a ``BLPOP``
-hands each one to one waiter only), and reading from the last id seen misses nothing that
-arrived while the worker was looking. The wait has a timeout, after which the worker looks
-anyway: a place freed by a pod that went silent is not announced, and an entry missed
-(Redis restarted without it) costs no more than the old poll.
+stream, in the same atomic step; an idle worker blocks on it (:class:`RedisJobWatch`, in
+``redis_watch.py``, which says why a stream and why the wait has a timeout).
 
 Enqueueing deletes whatever the job had, then adds the batches in pipelined chunks, one
 chunk in flight at a time (Redis's replies pace the producer: backpressure), then creates the
@@ -55,18 +49,17 @@ empty; then one pod claims the ``/on-job-complete`` (:meth:`RedisQueue.completio
 
 Redis away: every loop retries with capped backoff and keeps what it holds; nothing is lost
 that Redis acknowledged (with ``appendonly yes``). At start-up, an unreachable Redis or a
-wrong password is a :class:`QueueConnectError`.
+wrong password is a :class:`QueueConnectError` (``_redis_client.py``: connecting, and
+coredis's log records forwarded into the pod's).
 """
 
 from __future__ import annotations
 
-import logging
 import secrets
-import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -74,9 +67,11 @@ import coredis
 import coredis.exceptions
 import msgspec
 
+from supervisor.errors import raise_single
 from supervisor.lifecycle import GONE_AFTER
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
+from supervisor.queues._redis_client import CONNECT_TIMEOUT, connect, is_oom, redacted
 from supervisor.queues.base import (
     RUNNING,
     AttemptRecord,
@@ -84,33 +79,20 @@ from supervisor.queues.base import (
     Heartbeat,
     JobRecord,
     Progress,
-    QueueConnectError,
     QueueError,
     QueueFullError,
 )
-from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, _Backoff, consumer_name, retrying
+from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, consumer_name, retrying
+from supervisor.queues.redis_watch import RedisJobWatch
 
-__all__ = ["RedisFeed", "RedisJobWatch", "RedisQueue", "forward_redis_logs"]
+__all__ = ["RedisFeed", "RedisQueue"]
 
 LEASE = 30.0  # seconds a batch stays with a consumer that stopped renewing it
 COMPLETION_LEASE = 30.0  # seconds the /on-job-complete claim outlives a dead claimer
 CHUNK = 512  # batches per pipelined XADD round trip
 ENQUEUE_LEASE = 30.0  # seconds an enqueuer that stopped (killed) still counts as enqueuing
-CONNECT_TIMEOUT = 5.0
-WATCH_COUNT = 64  # joinable entries read per XREAD
-WATCH_SLACK = 2.0  # seconds a blocking read may overrun its own timeout before it is cut
 
 _record_decoder = msgspec.json.Decoder(AttemptRecord)
-_STR_FIELDS = ("api_name", "digest", "status", "created_time", "start_time", "end_time")
-
-
-def _redacted(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f":***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _job_from_hash(job_id: str, h: dict[bytes, bytes]) -> JobRecord:
@@ -137,41 +119,6 @@ def _job_from_hash(job_id: str, h: dict[bytes, bytes]) -> JobRecord:
     )
 
 
-def _is_oom(e: coredis.exceptions.ResponseError) -> bool:
-    """Redis refused a write at its ``maxmemory`` (policy ``noeviction``)."""
-    return "OOM command not allowed" in str(e)
-
-
-class _Forward(logging.Handler):
-    def __init__(self, log: Logger) -> None:
-        super().__init__(logging.DEBUG)
-        self._log = log
-
-    def emit(self, record: logging.LogRecord) -> None:
-        level = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning"}.get(
-            record.levelno, "error"
-        )
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string must not break the pod
-            message = str(record.msg)
-        self._log.log(level, "redis_client", logger=record.name, message=message)
-
-
-@asynccontextmanager
-async def forward_redis_logs(log: Logger, level: int = logging.WARNING) -> AsyncIterator[None]:
-    """Forward coredis's stdlib ``logging`` records (at ``level`` and above) into ``log``'s
-    JSON lines for the block."""
-    logger = logging.getLogger("coredis")
-    handler = _Forward(log)
-    handler.setLevel(level)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-
-
 class RedisQueue:
     """The :class:`~supervisor.queues.base.JobQueue` in Redis (see the module docstring).
 
@@ -180,7 +127,7 @@ class RedisQueue:
 
     def __init__(self, client: coredis.Redis[bytes], url: str, lease: float, log: Logger) -> None:
         self._client = client
-        self._url = _redacted(url)
+        self._url = redacted(url)
         self._lease = lease
         self._log = log
         self._feeds: dict[str, RedisFeed | None] = {}
@@ -205,35 +152,8 @@ class RedisQueue:
         if lease <= 0:
             raise ValueError("lease must be positive")
         log = log if log is not None else Logger()
-        where = _redacted(url)
-        try:
-            client: coredis.Redis[bytes] = coredis.Redis.from_url(
-                url, connect_timeout=CONNECT_TIMEOUT, decode_responses=False
-            )
-        except (ValueError, coredis.exceptions.RedisError) as e:
-            raise QueueConnectError(f"the queue URL {where} is not usable: {e}") from None
-        async with forward_redis_logs(log):
-            try:
-                async with client:
-                    try:
-                        with anyio.fail_after(CONNECT_TIMEOUT * 2):
-                            await client.ping()
-                    except coredis.exceptions.AuthenticationError as e:
-                        if urllib.parse.urlsplit(url).password is None:
-                            raise QueueConnectError(
-                                f"Redis at {where} needs a password: put it in the queue URL"
-                                " (redis://:PASSWORD@host:port/db)"
-                            ) from None
-                        raise QueueConnectError(
-                            f"Redis at {where} refused the password: {e}"
-                        ) from None
-                    except (*TRANSIENT, coredis.exceptions.RedisError) as e:
-                        raise QueueConnectError(
-                            f"cannot reach Redis at {where}: {e or type(e).__name__}"
-                        ) from None
-                    yield cls(client, url, lease, log)
-            except BaseExceptionGroup as group:
-                _raise_single(group)
+        async with connect(url, log) as client:
+            yield cls(client, url, lease, log)
 
     @property
     def url(self) -> str:
@@ -273,7 +193,7 @@ class RedisQueue:
                 ],
             )
         except coredis.exceptions.ResponseError as e:
-            if _is_oom(e):
+            if is_oom(e):
                 raise self._full(job_id) from None
             raise
         if not created:
@@ -323,7 +243,7 @@ class RedisQueue:
             with anyio.CancelScope(shield=True):
                 await self._delete(job_id)
             # coredis's message quotes the refused command, batch body and all: not that.
-            if isinstance(e, coredis.exceptions.ResponseError) and _is_oom(e):
+            if isinstance(e, coredis.exceptions.ResponseError) and is_oom(e):
                 raise self._full(job_id, count) from None
             raise
         return count
@@ -494,7 +414,7 @@ class RedisQueue:
                 async with feed.running():
                     yield feed
             except BaseExceptionGroup as group:
-                _raise_single(group)
+                raise_single(group)
         finally:
             del self._feeds[job_id]
 
@@ -576,7 +496,7 @@ class RedisQueue:
                 finally:
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            _raise_single(group)
+            raise_single(group)
         finally:
             script = self._done_completion if ok else self._release_completion
             with anyio.CancelScope(shield=True), anyio.move_on_after(CONNECT_TIMEOUT * 2):
@@ -599,59 +519,3 @@ class RedisQueue:
             if not mine:
                 self._log.warning("completion_claim_lost", key=key)
                 return
-
-
-class RedisJobWatch:
-    """The :class:`~supervisor.queues.base.JobWatch` on Redis: ``XREAD BLOCK`` on the joinable
-    stream from the last entry id seen (see the module docstring). Made by
-    :meth:`RedisQueue.watch_jobs`."""
-
-    def __init__(self, client: coredis.Redis[bytes], api_name: str, last: bytes, log: Logger):
-        self._client = client
-        self._api = api_name.encode()
-        self._last = last
-        self._backoff = _Backoff(log, "waiting for jobs")
-
-    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - see JobWatch.wait
-        """``True`` once an entry of the API is in the stream after the last one seen;
-        ``False`` after ``timeout`` (Redis away: retried with backoff until then)."""
-        deadline = anyio.current_time() + timeout
-        while (left := deadline - anyio.current_time()) > 0:
-            if await self._read(left):
-                return True
-        await anyio.lowlevel.checkpoint()
-        return False
-
-    async def _read(self, left: float) -> bool:
-        """One blocking read of at most ``left`` seconds: whether an entry of the API came."""
-        reply: Any = None
-        try:
-            # A read that Redis never answers (a network cut) is cut here; coredis then drops
-            # the connection it held.
-            with anyio.move_on_after(left + WATCH_SLACK):
-                reply = await self._client.xread(
-                    {S.JOINABLE: self._last}, count=WATCH_COUNT, block=max(1, int(left * 1000))
-                )
-        except TRANSIENT as e:
-            with anyio.move_on_after(left):
-                await self._backoff.failed(e)
-            return False
-        self._backoff.succeeded()
-        if not reply:
-            return False
-        entries = next(iter(reply.values()))
-        self._last = S.as_bytes(entries[-1].identifier)
-        return any(S.as_bytes(e.field_values.get(b"api", b"")) == self._api for e in entries)
-
-
-def _raise_single(group: BaseExceptionGroup[Any]) -> NoReturn:
-    """Raise a group of one exception as that exception (the caller's, or ours)."""
-    if len(group.exceptions) != 1:
-        raise group
-    exc = group.exceptions[0]
-    context = exc.__context__
-    try:
-        raise exc
-    finally:
-        exc.__context__ = context
-        del exc, group

@@ -60,6 +60,7 @@ from supervisor.status import build_status, spec_of
 __all__ = ["SHARED_METRICS_TTL", "JobService", "NotFound", "ServiceSettings"]
 
 SHARED_METRICS_TTL = 2.0  # seconds: /metrics reads a shared queue at most this often
+SHARED_METRICS_READ = 1.0  # seconds that read may take before /metrics answers without it
 
 
 class NotFound(LookupError):
@@ -466,9 +467,25 @@ class JobService:
         if metrics is None or now < self._shared_due:
             return
         self._shared_due = now + SHARED_METRICS_TTL
+        # Bounded: the queue retries while Redis is away, and /metrics must answer all the
+        # same (a liveness probe asks it), with the figures it had.
+        running: set[tuple[str, str]] | None = None
+        with anyio.move_on_after(SHARED_METRICS_READ) as scope:
+            running = await self._read_shared(metrics)
+        if scope.cancelled_caught:
+            self.log.warning("metrics_not_refreshed", error="the queue did not answer in time")
+            return
+        if running is None:
+            return
+        for key in self._shared_jobs - running:  # ended (or deleted) since the last look
+            metrics.job_ended(*key)
+        self._shared_jobs = running
+
+    async def _read_shared(self, metrics: Metrics) -> set[tuple[str, str]] | None:
+        """Export the shared queue's jobs; the running ones, or None if the queue failed."""
+        running: set[tuple[str, str]] = set()
         try:
             records = await self.queue.list_jobs()
-            running = set()
             for record in records:
                 key = (record.api_name, record.job_id)
                 if record.api_name not in self.apis:
@@ -483,7 +500,5 @@ class JobService:
                     running.add(key)
         except QueueError as e:  # /metrics still answers (a liveness probe asks it)
             self.log.warning("metrics_not_refreshed", error=str(e))
-            return
-        for key in self._shared_jobs - running:  # ended (or deleted) since the last look
-            metrics.job_ended(*key)
-        self._shared_jobs = running
+            return None
+        return running

@@ -92,11 +92,6 @@ async def test_a_returned_batch_behind_many_live_ones_is_claimed(redis_url: str)
     assert got is not None and got.seq == n - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve --queue's /metrics reads Redis unguarded: Redis away, list_jobs raises "
-    "coredis's ConnectionError (only QueueError is caught) and the liveness probe fails",
-)
 def test_serve_metrics_answer_while_redis_is_away(tmp_path: Path) -> None:
     # docs/deploy.md: serve is "alive while /metrics answers", which "answers whenever the
     # supervisor does"; a Redis outage must not get serve restarted by its liveness probe.

@@ -288,13 +288,15 @@ class RedisQueue:
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         """The job (counters as Redis has them), or ``None``."""
-        h = await self._client.hgetall(S.job_keys(job_id).job)
+        key = S.job_keys(job_id).job
+        h = await self._do("reading a job", lambda: self._client.hgetall(key))
         return _job_from_hash(job_id, dict(h)) if h else None
 
     async def list_jobs(self, api_name: str | None = None) -> list[JobRecord]:
         """Jobs of ``api_name`` (or all), in the embedded queue's order (by job id)."""
-        ids = sorted(m.decode() for m in await self._client.smembers(S.JOBS))
-        jobs = await self._read_jobs(ids)
+        members = await self._do("listing jobs", lambda: self._client.smembers(S.JOBS))
+        ids = sorted(m.decode() for m in members)
+        jobs = await self._do("reading jobs", lambda: self._read_jobs(ids))
         return [j for j in jobs if api_name is None or j.api_name == api_name]
 
     async def _read_jobs(self, ids: list[str]) -> list[JobRecord]:
@@ -343,7 +345,10 @@ class RedisQueue:
         k = S.job_keys(job_id)
         in_flight = 0
         if total:
-            pending = await self._client.xpending(k.stream, S.GROUP)
+            pending = await self._do(
+                "reading a job's batches in flight",
+                lambda: self._client.xpending(k.stream, S.GROUP),
+            )
             in_flight = getattr(pending, "pending", 0)
         done = job.succeeded + job.dead
         return Progress(
@@ -360,7 +365,8 @@ class RedisQueue:
 
     async def dead_letters(self, job_id: str) -> list[DeadLetter]:
         """The job's dead letters, by batch number."""
-        entries = await self._client.xrange(S.job_keys(job_id).dead)
+        key = S.job_keys(job_id).dead
+        entries = await self._do("reading dead letters", lambda: self._client.xrange(key))
         letters = []
         for e in entries:
             f = e.field_values

@@ -54,12 +54,6 @@ async def test_a_late_pod_does_not_make_an_ended_job_run_again(redis_url: str) -
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="CLAIM starts XAUTOCLAIM at 0-0 each time and drops its cursor: Redis scans at "
-    "most COUNT*10 pending entries, so a given-back or expired batch behind more live ones "
-    "than that is not found until those are acked",
-)
 async def test_a_returned_batch_behind_many_live_ones_is_claimed(redis_url: str) -> None:
     n = 41  # 40 held by a live consumer, then one given back
     async with (

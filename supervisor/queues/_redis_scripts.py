@@ -247,8 +247,15 @@ local job, stream, attempts, dead, returned, lostk = KEYS[1], KEYS[2], KEYS[3], 
   KEYS[5], KEYS[6]
 local group, me, max = ARGV[1], ARGV[2], tonumber(ARGV[5])
 local count_lost, cap = ARGV[7] == '1', tonumber(ARGV[8])
-local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[3], '0-0', 'COUNT', ARGV[4])
+local want = tonumber(ARGV[4])
 local got = {}
+-- XAUTOCLAIM looks at no more than COUNT * 10 pending entries per call: follow its cursor,
+-- or a batch given back (or whose lease ran out) behind many held ones is not found.
+local cursor = '0-0'
+repeat
+local r = redis.call('XAUTOCLAIM', stream, group, me, ARGV[3], cursor, 'COUNT',
+                     want - math.floor(#got / 3))
+cursor = r[1]
 for _, e in ipairs(r[2]) do
   local id = e[1]
   local p = redis.call('XPENDING', stream, group, id, id, 1)
@@ -291,6 +298,7 @@ for _, e in ipairs(r[2]) do
     table.insert(got, count)
   end
 end
+until cursor == '0-0' or math.floor(#got / 3) >= want
 local out = {#got / 3}
 for _, v in ipairs(got) do table.insert(out, v) end
 for _, v in ipairs(counters(job)) do table.insert(out, v) end

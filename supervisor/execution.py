@@ -68,6 +68,9 @@ __all__ = [
 ]
 
 
+FLUSH_TIMEOUT = 10.0  # seconds a pod's last acks may take to commit once its dispatch ended
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """Where a job's pods live: its files (``job.json``, ``mnt``), the ledger of container
@@ -412,7 +415,10 @@ class JobExecution:
                     services.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await feed.flush()
+                    # Bounded: with its queue away (Redis down) a stopping pod must still
+                    # stop; what is not committed here the feed tries again as it closes.
+                    with anyio.move_on_after(FLUSH_TIMEOUT):
+                        await feed.flush()
                     if reporter is not None:
                         reporter.final()
             progress = feed.progress()

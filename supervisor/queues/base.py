@@ -30,8 +30,9 @@ dead-letter setting, with the person as the cap.
 A feed reads batches ahead of what its consumer takes. Where other processes consume the same
 job (Redis), what one feed read ahead is kept from them, so that feed reads only for a
 consumer that asks (:meth:`Feed.receive`, :meth:`Feed.receive_nowait`): nothing before the
-first ask, and what it read and did not hand out goes back when the asks stop for a third of
-the lease. A consumer that cannot send (its pod is not serving) therefore does not ask, and
+first ask, and what it read and did not hand out goes back once a look (every third of the
+lease) finds no ask since the one before: one to two thirds of the lease after the last ask.
+A consumer that cannot send (its pod is not serving) therefore does not ask, and
 releases (:meth:`Feed.release`) what it took and did not send.
 
 The embedded backend (``embedded.py``, one SQLite file) implements this for one machine; the

@@ -261,7 +261,7 @@ class EmbeddedQueue(anyio.abc.AsyncResource):
                     await storage.run_io(sync_body_file, fd, path)
             finally:
                 os.close(fd)
-        except Exception:
+        except BaseException:  # cancelled too: its client never got an answer
             self._enqueuing.discard(job_id)
             with anyio.CancelScope(shield=True):
                 await storage.run(partial(self._delete_rows, jid))

@@ -190,6 +190,7 @@ class RedisFeed(FeedBookkeeping):
         self._done = False  # the job's stream is empty: nothing anywhere left to do
         self._reader_wakeup: anyio.Event | None = None
         self._asks = 0  # receive_nowait calls so far: the reader's measure of demand
+        self._give_backs = 0  # times the reader gave back unsent batches (for the renewer)
         self._demand = Demand.IDLE  # as the reader last looked
         # Commit buffers.
         self._acks: list[tuple[int, float]] = []
@@ -357,6 +358,8 @@ class RedisFeed(FeedBookkeeping):
                 asks, next_look = self._asks, now + patience
                 if demand is Demand.STOPPED:
                     await self._give_back_unsent()
+                    if self._asks != asks or self._receiving > 0:
+                        continue  # asked while giving back: look again now, not in a while
                 if demand is not Demand.ASKING:  # until an ask wakes it (or the next look)
                     await self._reader_sleep(None if demand is Demand.IDLE else patience)
                     continue
@@ -426,6 +429,7 @@ class RedisFeed(FeedBookkeeping):
         if not back:
             return
         self._ready = deque(d for d in self._ready if d.seq in failing)
+        self._give_backs += 1
         keys, ids = self._keys, [S.entry_id(seq) for seq in back]
         # The script gives back only what is still ours: a retry after a lost reply is harmless.
         n = await retrying(
@@ -450,6 +454,7 @@ class RedisFeed(FeedBookkeeping):
                 held_ids = [S.entry_id(seq) for seq in sorted(self._held())]
                 if not held_ids:
                     continue
+                give_backs = self._give_backs
                 mine: list[bytes] = await self._renew(
                     keys=[self._keys.stream], args=[S.GROUP, self._consumer, *held_ids]
                 )
@@ -457,8 +462,12 @@ class RedisFeed(FeedBookkeeping):
                 await backoff.failed(e)
                 continue
             backoff.succeeded()
+            if give_backs != self._give_backs:
+                # Batches went back (and may have been claimed again) while the renewal was
+                # on its way: its answer is out of date; the next renewal judges.
+                continue
             lost = {S.seq_of(i) for i in held_ids} - {S.seq_of(S.as_bytes(i)) for i in mine}
-            lost &= self._held()  # not those given back meanwhile
+            lost &= self._held()  # not those acked and committed meanwhile
             if lost:  # another consumer claimed them (this one was cut off too long)
                 self._log.warning("redis_leases_lost", batches=sorted(lost))
                 self._ready = deque(d for d in self._ready if d.seq not in lost)

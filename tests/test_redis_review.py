@@ -1,5 +1,5 @@
-"""Review findings on the Redis queue, each shown by a test. Those marked xfail(strict) show
-a defect still in the code: each one passes once the defect is fixed (then drop the mark)."""
+"""Defects a review of the Redis queue found, each shown by a test that failed before its fix:
+a late `running` reviving an ended job, CLAIM's scan window, serve's /metrics without Redis."""
 
 from __future__ import annotations
 

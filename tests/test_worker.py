@@ -443,6 +443,7 @@ def test_serve_and_workers(
         assert sorted(i for i, _ in batch_items(rec)) == list(range(30))
         metrics = requests.get(f"http://127.0.0.1:{admin}/metrics", timeout=10).text
         assert "cortex_batch_succeeded_total" in metrics
+        pods[0].wait_event("job_left")  # until then it may be stopping its containers: 503
         assert requests.get(f"http://127.0.0.1:{admin}/healthz", timeout=10).status_code == 200
         # a stop through either serve reaches the pods
         r = first.submit(

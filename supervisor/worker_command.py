@@ -185,16 +185,28 @@ class Worker:
         for record in reversed(running or []):
             if record.total_batches is None:
                 continue
-            workers = spec_of(record).workers
-            if await self.queue.try_join(record.job_id, self.pod_id, workers, self.opts.lease):
+            # A stop cuts this too (Redis away: it retries); a join it cut short, if Redis
+            # made it, lapses with its heartbeat's lease.
+            join = partial(
+                self.queue.try_join,
+                record.job_id,
+                self.pod_id,
+                spec_of(record).workers,
+                self.opts.lease,
+            )
+            joined = await self._until_stopped(join)
+            if joined:
                 return record
+            if self.stopping:
+                break
         return None
 
     async def _work(self, record: JobRecord) -> None:
         opts, job_id = self.opts, record.job_id
         spec = spec_of(record)
         if self.stopping:
-            await self.queue.leave(job_id, self.pod_id)
+            with anyio.move_on_after(opts.grace + 5):  # Redis away: do not wait for ever
+                await self.queue.leave(job_id, self.pod_id)
             return
         layout = opts.layout
         execution = JobExecution(

@@ -366,9 +366,11 @@ class JobService:
             execution.end(Cause.STOPPED, "stopped through the job API")
             self.log.info("job_stop_requested", api_name=api_name, job_id=job_id)
             return
-        if record.status in jobs.END_STATES:
-            raise BadInput(f"job {job_id} has already ended ({record.status})")
-        await self.queue.set_status(job_id, jobs.STOPPED, end_time=jobs.rfc3339())
+        if record.status in jobs.END_STATES or not await self.queue.set_status(
+            job_id, jobs.STOPPED, end_time=jobs.rfc3339()
+        ):  # the second: it ended (its pods completed it) since it was read
+            ended = await self._record(api_name, job_id)
+            raise BadInput(f"job {job_id} has already ended ({ended.status})")
 
     async def dead_letters(self, api_name: str, job_id: str) -> list[DeadLetter]:
         await self._record(api_name, job_id)

@@ -45,12 +45,8 @@ def reap_leftovers() -> None:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One ``redis-server`` for the session (skips if it is not installed)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with RedisServer(tmp_path_factory.mktemp("redis")).running() as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

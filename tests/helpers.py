@@ -107,9 +107,12 @@ def run_supervisor(
 
 
 def read_records(record_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record the recording workers wrote (a line still being written, with
+    no newline yet, is left for the next read)."""
     out: list[dict[str, Any]] = []
     for f in sorted(record_dir.glob("requests-*.ndjson")):
-        out.extend(json.loads(line) for line in f.read_text().splitlines() if line)
+        complete = f.read_text().rpartition("\n")[0]
+        out.extend(json.loads(line) for line in complete.splitlines() if line)
     out.sort(key=lambda r: r["t"])  # in the order the workers answered, across pods
     return out
 

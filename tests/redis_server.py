@@ -7,6 +7,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +60,15 @@ class RedisServer:
         # Drain the rest of its log in the background so it never blocks on a full pipe.
         self._drain = threading.Thread(target=self.proc.stdout.read, daemon=True)
         self._drain.start()
+
+    @contextmanager
+    def running(self) -> Iterator[RedisServer]:
+        """Started for the block, killed after it (also when the block fails)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.kill()
 
     def kill(self) -> None:
         if self.proc is not None:

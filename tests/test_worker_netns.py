@@ -129,12 +129,8 @@ def redis_on_veths(tmp_path: Path, namespaces: list[Netns]) -> Iterator[RedisSer
     directory.mkdir()
     # no password: the pods' addresses are not loopback, which protected mode would refuse
     binds = ["127.0.0.1", *(ns.host_ip for ns in namespaces)]
-    server = RedisServer(directory, "--bind", *binds, "--protected-mode", "no")
-    server.start()
-    try:
+    with RedisServer(directory, "--bind", *binds, "--protected-mode", "no").running() as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

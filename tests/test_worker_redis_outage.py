@@ -31,12 +31,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of this test's own (the session's one is shared): killed and started again."""
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
-    try:
+    with RedisServer(directory).running() as server:
         yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture

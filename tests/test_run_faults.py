@@ -441,7 +441,7 @@ def test_admin_endpoints_while_running(tmp_path: Path) -> None:
         wait_for_log(log, "admin_listening", proc)
         admin_port = next(
             json.loads(line)["port"]
-            for line in log.read_text().splitlines()
+            for line in log.read_text().split("\n")[:-1]  # complete lines only
             if '"admin_listening"' in line
         )
         wait_for_batches(rec, 3, proc)

@@ -48,7 +48,8 @@ class Serve:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
-        for line in self.log.read_text().splitlines():
+        # a last line without its newline is still being written: not read yet
+        for line in self.log.read_text().split("\n")[:-1]:
             if line.startswith("{"):
                 record = json.loads(line)
                 if record.get("event") == name:

@@ -106,6 +106,18 @@ def run_supervisor(
     )
 
 
+def log_events(log: Path, name: str) -> list[dict[str, Any]]:
+    """The JSON log lines of event ``name`` in ``log``, complete lines only (a last line
+    without its newline is still being written)."""
+    out = []
+    for line in log.read_text().split("\n")[:-1]:
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("event") == name:
+                out.append(record)
+    return out
+
+
 def read_records(record_dir: Path) -> list[dict[str, Any]]:
     """Every complete record the recording workers wrote (a line still being written, with
     no newline yet, is left for the next read)."""

@@ -23,6 +23,7 @@ from tests.helpers import (
     batches_of,
     child_env,
     free_ports,
+    log_events,
     probe_on,
     read_records,
     recorder_container,
@@ -47,14 +48,7 @@ class Serve:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        # a last line without its newline is still being written: not read yet
-        for line in self.log.read_text().split("\n")[:-1]:
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == name:
-                    out.append(record)
-        return out
+        return log_events(self.log, name)
 
     def wait_listening(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

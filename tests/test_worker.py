@@ -37,6 +37,7 @@ from tests.helpers import (
     batches_of,
     child_env,
     free_ports,
+    log_events,
     pid_alive,
     probe_on,
     read_records,
@@ -59,15 +60,30 @@ class Worker:
     def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
         self.proc, self.log = proc, log
 
+    @classmethod
+    def start(cls, log: Path, args: list[str], wrap: tuple[str, ...] = ()) -> Worker:
+        """``supervisor worker ARGS`` (under ``wrap``, e.g. ``ip netns exec NS``), logging
+        to ``log``, once it said ``worker_started`` (connected to its queue)."""
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*wrap, *supervisor_cmd("worker", *args)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=child_env(),
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
+        worker = cls(proc, log)
+        try:
+            worker.wait_event("worker_started")
+        except BaseException:
+            worker.stop()
+            raise
+        return worker
+
     def events(self, name: str) -> list[dict[str, Any]]:
-        out = []
-        # a last line without its newline is still being written: not read yet
-        for line in self.log.read_text().split("\n")[:-1]:
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("event") == name:
-                    out.append(record)
-        return out
+        return log_events(self.log, name)
 
     def wait_event(self, name: str, count: int = 1) -> list[dict[str, Any]]:
         wait_for(lambda: len(self.events(name)) >= count or self._exited(), f"{name}")
@@ -152,19 +168,8 @@ def workers(
         api_path = api[0] if api_file is None else api_file
         args = [str(api_path), "--queue", redis_url, "--root", str(tmp_path / f"w{index}")]
         args += ["--lease", LEASE, "--grace", "5", "--port-offset", str(index), *extra]
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                supervisor_cmd("worker", *args),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=child_env(),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-            )
-        worker = Worker(proc, log)
+        worker = Worker.start(log, args)
         started.append(worker)
-        worker.wait_event("worker_started")
         return worker
 
     try:

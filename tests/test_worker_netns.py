@@ -24,12 +24,10 @@ import pytest
 from supervisor import jobs
 from tests.helpers import (
     batches_of,
-    child_env,
     free_ports,
     probe_on,
     read_records,
     recorder_container,
-    supervisor_cmd,
     write_api,
 )
 from tests.redis_server import RedisServer
@@ -162,19 +160,9 @@ def pods(
         url = redis_on_veths.url(host=ns.host_ip)
         args = [str(api[0]), "--queue", url, "--root", str(tmp_path / f"w{i}")]
         args += ["--lease", LEASE, "--grace", "5"]
-        with log.open("w") as out:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns.name, *supervisor_cmd("worker", *args)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=child_env(),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-            )
-        worker = Worker(proc, log)
+        # started: connected to Redis across the veth pair
+        worker = Worker.start(log, args, wrap=("ip", "netns", "exec", ns.name))
         started.append(worker)
-        worker.wait_event("worker_started")  # connected to Redis across the veth pair
         return worker
 
     try:

@@ -5,8 +5,9 @@ A feed holds batches in ``_ready`` (filled by a backend's producer task), hands 
 in flight by ``seq -> attempt``, and buffers acks and failures for a committer task. This
 base carries the parts that are the same for the embedded and the Redis feeds: waiting to
 receive, giving a batch back, closing, waiting for the close, checking that a settled batch
-really was in flight, and waiting for the committer to catch up. The subclasses keep their
-hot path (``receive_nowait``, ``ack``, ``fail``) and their I/O.
+really was in flight, what a failed attempt becomes (kept for the commit, retried next
+unless it was the last), and waiting for the committer to catch up. The subclasses keep
+their hot path (``receive_nowait``, ``ack``, ``fail``: their counters) and their I/O.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from collections import deque
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
-from supervisor.queues.base import Delivery, QueueError
+from supervisor.queues.base import AttemptRecord, Delivery, QueueError
 
 __all__ = ["FeedBookkeeping"]
+
+_record_encoder = msgspec.json.Encoder()
 
 
 class FeedBookkeeping:
@@ -29,8 +33,10 @@ class FeedBookkeeping:
         "_closed_event",
         "_commit_done",
         "_committer_wakeup",
+        "_failed",
         "_in_flight",
         "_job_id",
+        "_max_attempts",
         "_n_buffered",
         "_n_committed",
         "_ready",
@@ -39,8 +45,10 @@ class FeedBookkeeping:
         "_stopped",
     )
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, max_attempts: int) -> None:
         self._job_id = job_id
+        self._max_attempts = max_attempts
+        self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, encoded record: to commit
         self._ready: deque[Delivery] = deque()
         self._in_flight: dict[int, int] = {}  # seq -> attempt
         self._closed = False
@@ -132,6 +140,19 @@ class FeedBookkeeping:
             if attempt is not None:
                 self._in_flight[d.seq] = attempt
             raise QueueError(f"batch {d.seq} attempt {d.attempt} is not in flight.")
+
+    def _fail_attempt(self, d: Delivery, record: AttemptRecord) -> bool:
+        """``d``'s attempt failed: its record is kept for the commit and the batch is retried
+        next, unless that was its last attempt (then True: it is dead)."""
+        self._resolve(d)
+        if record.attempt != d.attempt:
+            record = msgspec.structs.replace(record, attempt=d.attempt)
+        self._failed.append((d.seq, d.attempt, _record_encoder.encode(record)))
+        if d.attempt < self._max_attempts:
+            self._ready.append(Delivery(d.seq, d.body, d.attempt + 1))
+            self._wake_receivers()
+            return False
+        return True
 
     def _wake_receivers(self) -> None:
         wakeup = self._receivers_wakeup

@@ -85,7 +85,6 @@ JOB_COLUMNS: Final = (
     "total_batches, succeeded, dead, failed_attempts, time_per_batch_sum, worker_counts"
 )
 
-record_encoder: Final = msgspec.json.Encoder()
 record_decoder: Final = msgspec.json.Decoder(AttemptRecord)
 _dead_letter_encoder: Final = msgspec.json.Encoder()
 

@@ -27,7 +27,6 @@ from supervisor.queues._sqlite import (
     Storage,
     pread,
     record_decoder,
-    record_encoder,
     transaction,
     write_dead_letter,
 )
@@ -76,7 +75,6 @@ class EmbeddedFeed(FeedBookkeeping):
         "_dead_letter_dir",
         "_deads",
         "_exhausted",
-        "_failed",
         "_failed_attempts",
         "_feeder_scope",
         "_feeder_wakeup",
@@ -84,7 +82,6 @@ class EmbeddedFeed(FeedBookkeeping):
         "_jid",
         "_limit",
         "_low_water",
-        "_max_attempts",
         "_stopping",
         "_storage",
         "_succeeded",
@@ -103,14 +100,13 @@ class EmbeddedFeed(FeedBookkeeping):
         body_fd: int,
         dead_letter_dir: Path,
     ) -> None:
-        super().__init__(job.job_id)
+        super().__init__(job.job_id, max_attempts)
         self._storage = storage
         self._jid = jid
         self._body_fd = body_fd  # the job's body file, read-only; owned by open_feed
         self._body_path = storage.body_path(jid)
         self._dead_letter_dir = dead_letter_dir
         self._base = jid << SEQ_BITS
-        self._max_attempts = max_attempts
         self._buffer = buffer
         self._limit = buffer  # rows to hold; lowered for big bodies (see _run_feeder)
         self._low_water = buffer // 2
@@ -127,7 +123,6 @@ class EmbeddedFeed(FeedBookkeeping):
         self._feeder_scope = anyio.CancelScope()
         # Commit buffers.
         self._acks: list[int] = []
-        self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, encoded AttemptRecord
         self._deads: list[tuple[int, bytes]] = []  # seq, body
         self._unsaved_time = 0.0
         self._hurry: anyio.Event | None = None  # set to end a group-commit window early
@@ -162,15 +157,9 @@ class EmbeddedFeed(FeedBookkeeping):
 
     def fail(self, d: Delivery, record: AttemptRecord) -> None:
         """``d``'s attempt failed: retry it later, or dead-letter it if it was the last."""
-        self._resolve(d)
+        dead = self._fail_attempt(d, record)
         self._failed_attempts += 1
-        if record.attempt != d.attempt:
-            record = msgspec.structs.replace(record, attempt=d.attempt)
-        self._failed.append((d.seq, d.attempt, record_encoder.encode(record)))
-        if d.attempt < self._max_attempts:
-            self._ready.append(Delivery(d.seq, d.body, d.attempt + 1))
-            self._wake_receivers()
-        else:
+        if dead:
             self._dead += 1
             self._deads.append((d.seq, d.body))
         self._buffered()

@@ -81,6 +81,7 @@ from supervisor.queues.base import (
     Progress,
     QueueError,
     QueueFullError,
+    progress_of,
 )
 from supervisor.queues.redis_feed import TRANSIENT, RedisFeed, consumer_name, retrying
 from supervisor.queues.redis_watch import RedisJobWatch
@@ -341,27 +342,15 @@ class RedisQueue:
         job = await self.get_job(job_id)
         if job is None:
             raise QueueError(f"there is no job {job_id}.")
-        total = job.total_batches
         k = S.job_keys(job_id)
         in_flight = 0
-        if total:
+        if job.total_batches:
             pending = await self._do(
                 "reading a job's batches in flight",
                 lambda: self._client.xpending(k.stream, S.GROUP),
             )
             in_flight = getattr(pending, "pending", 0)
-        done = job.succeeded + job.dead
-        return Progress(
-            total=total,
-            succeeded=job.succeeded,
-            dead=job.dead,
-            failed_attempts=job.failed_attempts,
-            in_flight=in_flight,
-            in_queue=max(0, (total or 0) - done - in_flight),
-            average_time_per_batch=(
-                job.time_per_batch_sum / job.succeeded if job.succeeded else None
-            ),
-        )
+        return progress_of(job, in_flight)
 
     async def dead_letters(self, job_id: str) -> list[DeadLetter]:
         """The job's dead letters, by batch number."""

@@ -39,7 +39,6 @@ import anyio
 import anyio.lowlevel
 import coredis
 import coredis.exceptions
-import msgspec
 
 from supervisor.logs import Logger
 from supervisor.queues import _redis_scripts as S
@@ -63,7 +62,6 @@ HOLD = 0.05  # seconds of batches, at the rate they are settled, a feed may hold
 MAX_READ_AHEAD = 8  # times the least read-ahead (``buffer``)
 RATE_WINDOW = 0.25  # seconds over which the settle rate is measured
 
-_record_encoder = msgspec.json.Encoder()
 
 # What "Redis is away" looks like through coredis: retried, in-flight batches kept.
 TRANSIENT = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
@@ -162,10 +160,9 @@ class RedisFeed(FeedBookkeeping):
         lease: float,
         log: Logger,
     ) -> None:
-        super().__init__(job.job_id)
+        super().__init__(job.job_id, max_attempts)
         self._client = client
         self._keys = S.job_keys(job.job_id)
-        self._max_attempts = max_attempts
         self._count_lost = count_lost
         self._least = buffer  # what read_ahead grows from
         self._buffer = buffer
@@ -194,7 +191,6 @@ class RedisFeed(FeedBookkeeping):
         self._demand = Demand.IDLE  # as the reader last looked
         # Commit buffers.
         self._acks: list[tuple[int, float]] = []
-        self._failed: list[tuple[int, int, bytes]] = []  # seq, attempt, record
         self._stopping = False
 
     @property
@@ -232,16 +228,9 @@ class RedisFeed(FeedBookkeeping):
 
     def fail(self, d: Delivery, record: AttemptRecord) -> None:
         """``d``'s attempt failed: retry it next, or dead-letter it if it was the last."""
-        self._resolve(d)
+        dead = self._fail_attempt(d, record)
         self._local_failed += 1
-        if record.attempt != d.attempt:
-            record = msgspec.structs.replace(record, attempt=d.attempt)
-        self._failed.append((d.seq, d.attempt, _record_encoder.encode(record)))
-        if d.attempt < self._max_attempts:
-            self._ready.append(Delivery(d.seq, d.body, d.attempt + 1))
-            self._wake_receivers()
-        else:
-            self._local_dead += 1
+        self._local_dead += dead
         self._buffered()
 
     def progress(self) -> Progress:
